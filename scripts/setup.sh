@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what nixery's run and test commands need on a fresh Debian machine
+# and configures the local single-user Nix for an offline machine. Idempotent:
+# a second run installs nothing and rewrites nothing that is already right.
+set -euo pipefail
+
+packages=(nix-bin busybox-static skopeo umoci curl ca-certificates)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Nix: no binary cache (only the package registries are reachable), builds as
+# root (build users are flaky on these VMs, see TOOLCHAIN.md §1), no sandbox.
+conf=/etc/nix/nix.conf
+want=$'sandbox = false\nsubstituters =\nexperimental-features = nix-command\nbuild-users-group ='
+mkdir -p /etc/nix
+if [[ "$(cat "$conf" 2>/dev/null)" != "$want" ]]; then
+  [[ -f "$conf" && ! -f "$conf.before-nixery" ]] && cp "$conf" "$conf.before-nixery"
+  printf '%s\n' "$want" > "$conf"
+  echo "setup: wrote $conf"
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "setup: cargo is missing; install a Rust toolchain (rustup) first" >&2
+  exit 1
+fi

@@ -1,0 +1,253 @@
+//! Image names: the Docker reference grammar for repository names and tags,
+//! the meta-packages (`shell`, `arm64`), and the canonical image request the
+//! rest of nixery works from. Nothing here runs Nix.
+
+use std::fmt;
+use std::sync::LazyLock;
+
+use regex::Regex;
+
+/// Longest repository name clients accept (the Docker reference limit).
+const MAX_NAME_LEN: usize = 255;
+
+/// One path component of a repository name (distribution-spec grammar).
+static COMPONENT: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*$").unwrap());
+
+/// A tag (distribution-spec grammar).
+static TAG: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$").unwrap());
+
+/// Packages every image gets, as in the original since 2019-10.
+const ALWAYS: [&str; 2] = ["cacert", "iana-etc"];
+
+/// What the `shell` meta-package stands for.
+const SHELL: [&str; 4] = ["bashInteractive", "coreutils", "moreutils", "nano"];
+
+/// The package whose presence makes `bash` the image's default command.
+pub const BASH: &str = "bashInteractive";
+
+/// The CPU architecture an image is built for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Arch {
+    Amd64,
+    Arm64,
+}
+
+impl Arch {
+    /// The Nix system double packages are evaluated for.
+    pub fn nix_system(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "x86_64-linux",
+            Arch::Arm64 => "aarch64-linux",
+        }
+    }
+
+    /// The architecture name in OCI image configs and platforms.
+    pub fn oci_name(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "amd64",
+            Arch::Arm64 => "arm64",
+        }
+    }
+}
+
+/// Why an image name or tag cannot be served.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NameError {
+    #[error("invalid repository name {0:?}: components must match [a-z0-9]+ joined by '.', '_', '__' or '-'")]
+    InvalidName(String),
+    #[error("repository name is longer than {MAX_NAME_LEN} characters")]
+    NameTooLong,
+    #[error("invalid tag {0:?}: must match [A-Za-z0-9_][A-Za-z0-9._-]{{0,127}}")]
+    InvalidTag(String),
+}
+
+/// A request for one image: what to put in it and for which architecture.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageRequest {
+    /// The requested components, meta-packages included, sorted and without
+    /// duplicates: `shell/htop/htop` and `htop/shell` are both `htop/shell`.
+    pub name: String,
+    pub tag: String,
+    /// The packages to install, meta-packages expanded and `cacert` and
+    /// `iana-etc` added, sorted and without duplicates.
+    pub packages: Vec<String>,
+    pub arch: Arch,
+}
+
+impl ImageRequest {
+    /// Parses the repository name of a pull (`shell/git/htop`) and its tag.
+    /// Meta-packages count only as a leading run of components; elsewhere
+    /// `shell` and `arm64` are ordinary package names, as in the original.
+    pub fn parse(name: &str, tag: &str) -> Result<Self, NameError> {
+        validate_name(name)?;
+        if !TAG.is_match(tag) {
+            return Err(NameError::InvalidTag(tag.to_owned()));
+        }
+        let components: Vec<&str> = name.split('/').collect();
+        let meta_len = components.iter().take_while(|c| matches!(**c, "shell" | "arm64")).count();
+        let (meta, named) = components.split_at(meta_len);
+
+        let mut packages: Vec<String> = named.iter().map(|s| s.to_string()).collect();
+        if meta.contains(&"shell") {
+            packages.extend(SHELL.iter().map(|s| s.to_string()));
+        }
+        packages.extend(ALWAYS.iter().map(|s| s.to_string()));
+        packages.sort();
+        packages.dedup();
+
+        let mut canonical = components.clone();
+        canonical.sort_unstable();
+        canonical.dedup();
+
+        Ok(ImageRequest {
+            name: canonical.join("/"),
+            tag: tag.to_owned(),
+            packages,
+            arch: if meta.contains(&"arm64") { Arch::Arm64 } else { Arch::Amd64 },
+        })
+    }
+
+    /// Whether the image's default command is `bash`.
+    pub fn has_bash(&self) -> bool {
+        self.packages.iter().any(|p| p == BASH)
+    }
+}
+
+impl fmt::Display for ImageRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.name, self.tag)
+    }
+}
+
+/// Checks a repository name against the distribution-spec grammar.
+pub fn validate_name(name: &str) -> Result<(), NameError> {
+    if name.len() > MAX_NAME_LEN {
+        return Err(NameError::NameTooLong);
+    }
+    if name.split('/').all(|c| COMPONENT.is_match(c)) {
+        Ok(())
+    } else {
+        Err(NameError::InvalidName(name.to_owned()))
+    }
+}
+
+/// Whether `reference` is a valid tag.
+pub fn is_tag(reference: &str) -> bool {
+    TAG.is_match(reference)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(name: &str) -> ImageRequest {
+        ImageRequest::parse(name, "latest").unwrap()
+    }
+
+    fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    // The five cases of the original's builder_test.go.
+    #[test]
+    fn original_single_package() {
+        let r = parse("hello");
+        assert_eq!(r.name, "hello");
+        assert_eq!(r.packages, strings(&["cacert", "hello", "iana-etc"]));
+        assert_eq!(r.arch, Arch::Amd64);
+    }
+
+    #[test]
+    fn original_several_packages_are_sorted() {
+        let r = parse("hello/git/htop");
+        assert_eq!(r.name, "git/hello/htop");
+        assert_eq!(r.packages, strings(&["cacert", "git", "hello", "htop", "iana-etc"]));
+    }
+
+    #[test]
+    fn original_solo_meta_package() {
+        let r = parse("shell");
+        assert_eq!(r.name, "shell");
+        assert_eq!(
+            r.packages,
+            strings(&["bashInteractive", "cacert", "coreutils", "iana-etc", "moreutils", "nano"])
+        );
+        assert!(r.has_bash());
+    }
+
+    #[test]
+    fn original_meta_package_and_package() {
+        let r = parse("shell/htop");
+        assert_eq!(r.name, "htop/shell");
+        assert_eq!(
+            r.packages,
+            strings(&["bashInteractive", "cacert", "coreutils", "htop", "iana-etc", "moreutils", "nano"])
+        );
+    }
+
+    #[test]
+    fn original_arm64() {
+        let r = parse("shell/arm64");
+        assert_eq!(r.name, "arm64/shell");
+        assert_eq!(r.packages, parse("shell").packages);
+        assert_eq!(r.arch, Arch::Arm64);
+        assert_eq!(r.arch.nix_system(), "aarch64-linux");
+    }
+
+    #[test]
+    fn duplicates_are_removed() {
+        let r = parse("shell/shell/hello/hello");
+        assert_eq!(r.name, "hello/shell");
+        assert_eq!(r.packages, parse("shell/hello").packages);
+        let r = parse("hello/hello/shell");
+        assert_eq!(r.packages, strings(&["cacert", "hello", "iana-etc", "shell"]));
+        assert!(!r.has_bash(), "shell after a package is an ordinary package name");
+        assert_eq!(parse("cacert/hello").packages, strings(&["cacert", "hello", "iana-etc"]));
+    }
+
+    #[test]
+    fn meta_packages_only_lead() {
+        let r = parse("arm64/shell/arm64/hello");
+        assert_eq!(r.arch, Arch::Arm64);
+        assert!(r.has_bash());
+        let r = parse("hello/arm64");
+        assert_eq!(r.arch, Arch::Amd64);
+        assert!(r.packages.contains(&"arm64".to_string()));
+    }
+
+    #[test]
+    fn order_does_not_matter() {
+        assert_eq!(parse("shell/htop/git").packages, parse("shell/git/htop").packages);
+        assert_eq!(parse("arm64/shell/htop").name, parse("shell/arm64/htop").name);
+    }
+
+    #[test]
+    fn names_follow_the_reference_grammar() {
+        for good in ["a", "7zip", "python3packages.numpy", "a_b", "a__b", "a---b", "tools.jq/x.y"] {
+            assert!(ImageRequest::parse(good, "latest").is_ok(), "{good}");
+        }
+        for bad in ["", "Hello", "a//b", "/a", "a/", "_a", "a.", "a..b", "a___b", "a+b", "a b", "a/../b"] {
+            assert_eq!(
+                ImageRequest::parse(bad, "latest"),
+                Err(NameError::InvalidName(bad.to_owned())),
+                "{bad:?}"
+            );
+        }
+        let long = vec!["abcdefghij"; 24].join("/");
+        assert!(long.len() > MAX_NAME_LEN);
+        assert_eq!(ImageRequest::parse(&long, "latest"), Err(NameError::NameTooLong));
+    }
+
+    #[test]
+    fn tags_follow_the_reference_grammar() {
+        for good in ["latest", "v1.2.3", "_x", "A-b.c_d", &"a".repeat(128)] {
+            assert!(is_tag(good), "{good}");
+        }
+        for bad in ["", ".INVALID_MANIFEST_NAME", "-x", "a:b", "sha256:abc", &"a".repeat(129)] {
+            assert!(!is_tag(bad), "{bad}");
+            assert_eq!(ImageRequest::parse("hello", bad), Err(NameError::InvalidTag(bad.to_owned())));
+        }
+    }
+}
