@@ -3,6 +3,14 @@
 //! how a request flows through these modules.
 
 pub mod archive;
+pub mod builder;
+pub mod cache;
+pub mod config;
 pub mod digest;
 pub mod image;
 pub mod layers;
+pub mod nix;
+pub mod oci;
+pub mod server;
+pub mod source;
+pub mod storage;

@@ -5,6 +5,8 @@
 
 use std::collections::HashMap;
 
+use crate::digest::Digest;
+
 /// Popularity of paths that are in every image (`cacert`, `iana-etc`), as in
 /// the original, so they always get a layer of their own.
 const IN_EVERY_IMAGE: u64 = 500_000;
@@ -14,6 +16,9 @@ const IN_EVERY_IMAGE_PREFIXES: [&str; 2] = ["nss-cacert", "iana-etc"];
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Popularity {
     counts: HashMap<String, u64>,
+    /// Digest of the data it was read from (`None` for no data), so that
+    /// caches can tell layer plans from different data apart.
+    digest: Option<Digest>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +33,12 @@ pub enum PopularityError {
 
 impl Popularity {
     pub fn from_json(json: &[u8]) -> Result<Self, PopularityError> {
-        Ok(Popularity { counts: serde_json::from_slice(json)? })
+        Ok(Popularity { counts: serde_json::from_slice(json)?, digest: Some(Digest::of(json)) })
+    }
+
+    /// What identifies this data: the digest of its JSON, or `none`.
+    pub fn id(&self) -> &str {
+        self.digest.as_ref().map_or("none", Digest::as_str)
     }
 
     /// Loads popularity data from an http(s) URL, a `file://` URL or a path.

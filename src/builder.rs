@@ -1,0 +1,264 @@
+//! The image pipeline: manifest cache → Nix → layer plan → packed layers →
+//! config and manifest in storage. One build per image at a time (callers
+//! asking for an image that is being built wait for that build), a bounded
+//! number of builds at once, and builds that finish even when the client
+//! that asked has gone. Each stage's duration is logged.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::BufWriter;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::future::{FutureExt, Shared};
+use futures::{StreamExt, TryStreamExt};
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+use crate::archive::{self, LayerDigests, RootFs};
+use crate::cache::{Caches, ManifestRecord};
+use crate::digest::Digest;
+use crate::image::ImageRequest;
+use crate::layers::{self, Popularity};
+use crate::nix::{Nix, NixError};
+use crate::oci::{self, OciError};
+use crate::source::PackageSource;
+use crate::storage::{Storage, StorageError};
+
+/// Bumped when anything that shapes images changes, so old records miss.
+const FORMAT: &str = "nixery-v1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Nix(#[from] NixError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("packing a layer failed: {0}")]
+    Archive(std::io::Error),
+    #[error("identifying the package set failed: {0}")]
+    Source(std::io::Error),
+    #[error(transparent)]
+    Oci(#[from] OciError),
+}
+
+/// What shapes the layers, besides the packages.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub layer_budget: usize,
+    pub gzip_level: u32,
+    /// Builds that may run at once; also the layers packed at once per build.
+    pub parallel: usize,
+}
+
+type BuildResult = Result<ManifestRecord, Arc<BuildError>>;
+type BuildFuture = Shared<Pin<Box<dyn Future<Output = BuildResult> + Send>>>;
+
+/// Builds images and remembers what it built.
+pub struct Builder {
+    source: PackageSource,
+    nix: Nix,
+    storage: Storage,
+    caches: Caches,
+    popularity: Popularity,
+    settings: Settings,
+    build_slots: Semaphore,
+    in_flight: Mutex<HashMap<String, BuildFuture>>,
+}
+
+impl Builder {
+    pub fn new(
+        source: PackageSource,
+        nix: Nix,
+        storage: Storage,
+        popularity: Popularity,
+        settings: Settings,
+    ) -> Arc<Self> {
+        Arc::new(Builder {
+            source,
+            nix,
+            caches: Caches::new(storage.clone()),
+            storage,
+            popularity,
+            build_slots: Semaphore::new(settings.parallel),
+            settings,
+            in_flight: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// The manifest for an image: from the cache, from a build in flight for
+    /// the same image, or from a new build.
+    pub async fn manifest(self: &Arc<Self>, request: &ImageRequest) -> BuildResult {
+        let revision = self.source.revision(&request.tag).await.map_err(|e| Arc::new(BuildError::Source(e)))?;
+        let key = self.manifest_key(request, revision.as_deref());
+        if revision.is_some()
+            && let Some(record) = self.caches.manifest(&key).await.map_err(|e| Arc::new(e.into()))?
+        {
+            tracing::debug!(image = %request, digest = %record.digest, "manifest cache hit");
+            return Ok(record);
+        }
+        let cacheable = revision.is_some();
+        self.join_build(key, request.clone(), cacheable).await
+    }
+
+    /// Waits for the build of `key`, starting it if none is running.
+    async fn join_build(self: &Arc<Self>, key: String, request: ImageRequest, cacheable: bool) -> BuildResult {
+        let build = {
+            let mut in_flight = self.in_flight.lock().expect("not poisoned");
+            in_flight
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    let this = Arc::clone(self);
+                    let task = tokio::spawn(async move {
+                        let result = this.build(&request, cacheable.then_some(key.as_str())).await.map_err(Arc::new);
+                        if let Err(error) = &result {
+                            tracing::warn!(image = %request, %error, "image build failed");
+                        }
+                        this.in_flight.lock().expect("not poisoned").remove(&key);
+                        result
+                    });
+                    let joined: Pin<Box<dyn Future<Output = BuildResult> + Send>> =
+                        Box::pin(task.map(|joined| joined.expect("build tasks do not panic")));
+                    joined.shared()
+                })
+                .clone()
+        };
+        build.await
+    }
+
+    async fn build(&self, request: &ImageRequest, cache_key: Option<&str>) -> Result<ManifestRecord, BuildError> {
+        let _slot = self.build_slots.acquire().await.expect("never closed");
+        let started = Instant::now();
+
+        let realised = self
+            .nix
+            .realise(&self.source.for_tag(&request.tag), request.arch.nix_system(), &request.packages)
+            .await?;
+        let nix_done = Instant::now();
+
+        let plan = layers::group_by_popularity(&realised.graph, &self.popularity, self.settings.layer_budget);
+        let outputs = realised.outputs.clone();
+        let rootfs = tokio::task::spawn_blocking(move || RootFs::plan(&outputs))
+            .await
+            .expect("planning does not panic")
+            .map_err(BuildError::Archive)?;
+        let mut jobs: Vec<LayerJob> = plan.into_iter().map(|layer| LayerJob::Store(layer.paths)).collect();
+        jobs.push(LayerJob::Root(realised.outputs.clone(), rootfs));
+        let layer_count = jobs.len();
+
+        let packed: Vec<(LayerDigests, bool)> = futures::stream::iter(jobs)
+            .map(|job| self.layer(job))
+            .buffered(self.settings.parallel)
+            .try_collect()
+            .await?;
+        let packing_done = Instant::now();
+        let newly_packed = packed.iter().filter(|(_, new)| *new).count();
+        let layers: Vec<LayerDigests> = packed.into_iter().map(|(digests, _)| digests).collect();
+
+        let config = oci::image_config(request.arch, &layers, request.has_bash())?;
+        self.storage.put_blob(&config.digest, Bytes::from(config.bytes.clone())).await?;
+        let manifest = oci::docker_manifest(&config, &layers)?;
+        self.storage.put_blob(&manifest.digest, Bytes::from(manifest.bytes.clone())).await?;
+        let record = ManifestRecord {
+            digest: manifest.digest,
+            media_type: oci::DOCKER_MANIFEST.to_owned(),
+            size: manifest.bytes.len() as u64,
+        };
+        if let Some(key) = cache_key {
+            self.caches.put_manifest(key, record.clone()).await?;
+        }
+
+        tracing::info!(
+            image = %request,
+            digest = %record.digest,
+            nix_ms = (nix_done - started).as_millis() as u64,
+            packing_ms = (packing_done - nix_done).as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            store_paths = realised.graph.paths.len(),
+            layers = layer_count,
+            newly_packed,
+            "built image"
+        );
+        Ok(record)
+    }
+
+    /// A layer's digests, from the layer cache or packed now; `true` if packed now.
+    async fn layer(&self, job: LayerJob) -> Result<(LayerDigests, bool), BuildError> {
+        let key = job.key(self.settings.gzip_level);
+        if let Some(known) = self.caches.layer(&key).await?
+            && self.storage.blob_size(&known.digest).await? == Some(known.size)
+        {
+            return Ok((known, false));
+        }
+        let staged = self.storage.stage().map_err(BuildError::Archive)?;
+        let level = self.settings.gzip_level;
+        let (staged, digests) = tokio::task::spawn_blocking(move || {
+            let out = BufWriter::new(staged);
+            let (out, digests) = job.pack(out, level)?;
+            Ok::<_, std::io::Error>((out.into_inner().map_err(|e| e.into_error())?, digests))
+        })
+        .await
+        .expect("packing does not panic")
+        .map_err(BuildError::Archive)?;
+        self.storage.commit(staged, &digests.digest).await?;
+        self.caches.put_layer(&key, digests.clone()).await?;
+        Ok((digests, true))
+    }
+
+    /// Everything that decides the manifest an image request resolves to.
+    fn manifest_key(&self, request: &ImageRequest, revision: Option<&str>) -> String {
+        #[derive(Serialize)]
+        struct Key<'a> {
+            format: &'a str,
+            arch: &'a str,
+            revision: Option<&'a str>,
+            packages: &'a [String],
+            popularity: &'a str,
+            layer_budget: usize,
+            gzip_level: u32,
+        }
+        let key = Key {
+            format: FORMAT,
+            arch: request.arch.oci_name(),
+            revision,
+            packages: &request.packages,
+            popularity: self.popularity.id(),
+            layer_budget: self.settings.layer_budget,
+            gzip_level: self.settings.gzip_level,
+        };
+        Digest::of(&serde_json::to_vec(&key).expect("keys serialise")).hex().to_owned()
+    }
+}
+
+/// One layer to pack.
+enum LayerJob {
+    /// Whole store paths.
+    Store(Vec<String>),
+    /// The root filesystem of these packages.
+    Root(Vec<String>, RootFs),
+}
+
+impl LayerJob {
+    /// What identifies the layer's bytes: store paths never change contents.
+    fn key(&self, gzip_level: u32) -> String {
+        let (kind, paths) = match self {
+            LayerJob::Store(paths) => ("store", paths),
+            LayerJob::Root(packages, _) => ("rootfs", packages),
+        };
+        let key = serde_json::json!([FORMAT, kind, gzip_level, paths]);
+        Digest::of(key.to_string().as_bytes()).hex().to_owned()
+    }
+
+    fn pack<W: std::io::Write>(self, out: W, gzip_level: u32) -> std::io::Result<(W, LayerDigests)> {
+        match self {
+            LayerJob::Store(paths) => archive::write_store_layer(&paths, out, gzip_level),
+            LayerJob::Root(_, rootfs) => rootfs.write(out, gzip_level),
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Records of what was built, by key: which manifest an image request
+//! resolved to, and which blob a layer's contents were packed into. Kept in
+//! memory (moka, bounded) in front of records in storage, so that a
+//! restarted registry finds them too.
+
+use bytes::Bytes;
+use moka::future::Cache;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::archive::LayerDigests;
+use crate::digest::Digest;
+use crate::storage::{Storage, StorageError};
+
+const MANIFEST_ENTRIES: u64 = 10_000;
+const LAYER_ENTRIES: u64 = 100_000;
+
+/// A built manifest.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ManifestRecord {
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: u64,
+}
+
+/// The manifest and layer caches.
+#[derive(Clone)]
+pub struct Caches {
+    storage: Storage,
+    manifests: Cache<String, ManifestRecord>,
+    layers: Cache<String, LayerDigests>,
+}
+
+impl Caches {
+    pub fn new(storage: Storage) -> Self {
+        Caches { storage, manifests: Cache::new(MANIFEST_ENTRIES), layers: Cache::new(LAYER_ENTRIES) }
+    }
+
+    pub async fn manifest(&self, key: &str) -> Result<Option<ManifestRecord>, StorageError> {
+        lookup(&self.storage, &self.manifests, "manifests", key).await
+    }
+
+    pub async fn put_manifest(&self, key: &str, record: ManifestRecord) -> Result<(), StorageError> {
+        store(&self.storage, &self.manifests, "manifests", key, record).await
+    }
+
+    pub async fn layer(&self, key: &str) -> Result<Option<LayerDigests>, StorageError> {
+        lookup(&self.storage, &self.layers, "layers", key).await
+    }
+
+    pub async fn put_layer(&self, key: &str, record: LayerDigests) -> Result<(), StorageError> {
+        store(&self.storage, &self.layers, "layers", key, record).await
+    }
+}
+
+async fn lookup<T>(storage: &Storage, memory: &Cache<String, T>, kind: &str, key: &str) -> Result<Option<T>, StorageError>
+where
+    T: DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    if let Some(found) = memory.get(key).await {
+        return Ok(Some(found));
+    }
+    let Some(bytes) = storage.get_record(&format!("{kind}/{key}")).await? else {
+        return Ok(None);
+    };
+    match serde_json::from_slice::<T>(&bytes) {
+        Ok(record) => {
+            memory.insert(key.to_owned(), record.clone()).await;
+            Ok(Some(record))
+        }
+        Err(error) => {
+            tracing::warn!(kind, key, %error, "ignoring unreadable cache record");
+            Ok(None)
+        }
+    }
+}
+
+async fn store<T>(storage: &Storage, memory: &Cache<String, T>, kind: &str, key: &str, record: T) -> Result<(), StorageError>
+where
+    T: Serialize + Clone + Send + Sync + 'static,
+{
+    let bytes = serde_json::to_vec(&record).expect("records serialise");
+    storage.put_record(&format!("{kind}/{key}"), Bytes::from(bytes)).await?;
+    memory.insert(key.to_owned(), record).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> ManifestRecord {
+        ManifestRecord { digest: Digest::of(b"m"), media_type: "application/x".into(), size: 1 }
+    }
+
+    #[tokio::test]
+    async fn records_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let caches = Caches::new(Storage::filesystem(dir.path()).await.unwrap());
+        assert_eq!(caches.manifest("k").await.unwrap(), None);
+        caches.put_manifest("k", record()).await.unwrap();
+        assert_eq!(caches.manifest("k").await.unwrap(), Some(record()));
+
+        let fresh = Caches::new(Storage::filesystem(dir.path()).await.unwrap());
+        assert_eq!(fresh.manifest("k").await.unwrap(), Some(record()));
+        assert_eq!(fresh.layer("k").await.unwrap(), None, "kinds do not mix");
+    }
+
+    #[tokio::test]
+    async fn unreadable_records_are_misses() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::filesystem(dir.path()).await.unwrap();
+        storage.put_record("manifests/bad", Bytes::from_static(b"{not json")).await.unwrap();
+        assert_eq!(Caches::new(storage).manifest("bad").await.unwrap(), None);
+    }
+}

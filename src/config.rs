@@ -1,0 +1,217 @@
+//! Configuration: command-line flags and the environment variables the
+//! original Nixery reads (`PORT`, `NIXERY_PKGS_PATH`, `NIXERY_CHANNEL`,
+//! `NIXERY_PKGS_REPO`, `NIXERY_STORAGE_BACKEND`, `STORAGE_PATH`,
+//! `NIX_TIMEOUT`, `NIX_POPULARITY_URL`) plus ours, each with a flag of the
+//! same meaning. The only module that reads the environment. Invalid
+//! settings stop the program at start with a message naming the setting.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::archive::DEFAULT_GZIP_LEVEL;
+use crate::layers::DEFAULT_BUDGET;
+use crate::source::PackageSource;
+
+#[derive(Debug, Parser)]
+#[command(name = "nixery", version, about = "A container registry that builds images from Nix packages on demand")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the registry.
+    Serve(ServeArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StorageBackend {
+    Filesystem,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TCP port to listen on.
+    #[arg(long, env = "PORT", default_value_t = 8080)]
+    port: u16,
+    /// Address to listen on.
+    #[arg(long, env = "NIXERY_LISTEN_ADDRESS", default_value = "0.0.0.0")]
+    listen_address: IpAddr,
+    /// A package set on local disk (a folder with default.nix, or a file).
+    #[arg(long, env = "NIXERY_PKGS_PATH")]
+    pkgs_path: Option<PathBuf>,
+    /// A nixpkgs branch or commit, fetched from GitHub.
+    #[arg(long, env = "NIXERY_CHANNEL")]
+    channel: Option<String>,
+    /// A git repository holding a package set; image tags select revisions.
+    #[arg(long, env = "NIXERY_PKGS_REPO")]
+    pkgs_repo: Option<String>,
+    /// Where blobs and cache records are kept.
+    #[arg(long, env = "NIXERY_STORAGE_BACKEND", value_enum, default_value = "filesystem")]
+    storage_backend: StorageBackend,
+    /// Root folder of the filesystem storage backend.
+    #[arg(long, env = "STORAGE_PATH")]
+    storage_path: Option<PathBuf>,
+    /// Seconds each Nix call (and each Nix builder) may take.
+    #[arg(long, env = "NIX_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    nix_timeout: u64,
+    /// Popularity data for layering: an http(s) URL, a file:// URL or a path.
+    #[arg(long, env = "NIX_POPULARITY_URL")]
+    popularity_url: Option<String>,
+    /// Layers for store paths (one more holds the root filesystem).
+    #[arg(long, env = "NIXERY_LAYER_BUDGET", default_value_t = DEFAULT_BUDGET as u16,
+          value_parser = clap::value_parser!(u16).range(1..=125))]
+    layer_budget: u16,
+    /// gzip level of layers (1 fastest, 9 smallest).
+    #[arg(long, env = "NIXERY_GZIP_LEVEL", default_value_t = DEFAULT_GZIP_LEVEL,
+          value_parser = clap::value_parser!(u32).range(1..=9))]
+    gzip_level: u32,
+    /// Log format.
+    #[arg(long, env = "NIXERY_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// Settings that are wrong together or point at nothing.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("no package source: set one of NIXERY_PKGS_PATH, NIXERY_CHANNEL or NIXERY_PKGS_REPO")]
+    NoSource,
+    #[error("more than one package source is set ({0}): set only one")]
+    SeveralSources(String),
+    #[error("NIXERY_PKGS_PATH {0} does not exist")]
+    MissingPkgsPath(PathBuf),
+    #[error("the filesystem storage backend needs STORAGE_PATH (or --storage-path)")]
+    NoStoragePath,
+}
+
+/// Where to keep data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageConfig {
+    Filesystem(PathBuf),
+}
+
+/// A checked configuration for `serve`.
+#[derive(Debug)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub source: PackageSource,
+    pub storage: StorageConfig,
+    pub nix_timeout: Duration,
+    pub popularity_url: Option<String>,
+    pub layer_budget: usize,
+    pub gzip_level: u32,
+}
+
+impl ServeArgs {
+    /// Checks the settings against each other and the disk.
+    pub fn check(self) -> Result<ServeConfig, ConfigError> {
+        let source = self.source()?;
+        let storage = match self.storage_backend {
+            StorageBackend::Filesystem => StorageConfig::Filesystem(self.storage_path.ok_or(ConfigError::NoStoragePath)?),
+        };
+        Ok(ServeConfig {
+            listen: SocketAddr::new(self.listen_address, self.port),
+            source,
+            storage,
+            nix_timeout: Duration::from_secs(self.nix_timeout),
+            popularity_url: self.popularity_url,
+            layer_budget: self.layer_budget.into(),
+            gzip_level: self.gzip_level,
+        })
+    }
+
+    fn source(&self) -> Result<PackageSource, ConfigError> {
+        let set: Vec<&str> = [
+            self.pkgs_path.as_ref().map(|_| "NIXERY_PKGS_PATH"),
+            self.channel.as_ref().map(|_| "NIXERY_CHANNEL"),
+            self.pkgs_repo.as_ref().map(|_| "NIXERY_PKGS_REPO"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if set.len() > 1 {
+            return Err(ConfigError::SeveralSources(set.join(", ")));
+        }
+        if let Some(path) = &self.pkgs_path {
+            let path = std::path::absolute(path).map_err(|_| ConfigError::MissingPkgsPath(path.clone()))?;
+            if !path.exists() {
+                return Err(ConfigError::MissingPkgsPath(path));
+            }
+            return Ok(PackageSource::path(path));
+        }
+        if let Some(channel) = &self.channel {
+            return Ok(PackageSource::Channel(channel.clone()));
+        }
+        if let Some(repo) = &self.pkgs_repo {
+            return Ok(PackageSource::Git(repo.clone()));
+        }
+        Err(ConfigError::NoSource)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parses flags only (the environment is not read for flags given).
+    fn args(flags: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["nixery", "serve"].iter().chain(flags))?;
+        let Command::Serve(args) = cli.command;
+        Ok(args)
+    }
+
+    #[test]
+    fn a_path_source_with_filesystem_storage() {
+        let dir = tempfile::tempdir().unwrap();
+        let pkgs = dir.path().display().to_string();
+        let config = args(&["--pkgs-path", &pkgs, "--storage-path", "/tmp/x", "--port", "5000", "--listen-address", "127.0.0.1"])
+            .unwrap()
+            .check()
+            .unwrap();
+        assert_eq!(config.listen, "127.0.0.1:5000".parse().unwrap());
+        assert_eq!(config.storage, StorageConfig::Filesystem("/tmp/x".into()));
+        assert_eq!(config.nix_timeout, Duration::from_secs(60));
+        assert_eq!(config.layer_budget, 94);
+        assert!(matches!(config.source, PackageSource::Path { .. }));
+    }
+
+    #[test]
+    fn sources_must_be_exactly_one() {
+        let storage = ["--storage-path", "/tmp/x"];
+        assert_eq!(args(&storage).unwrap().check().unwrap_err(), ConfigError::NoSource);
+        let both = args(&["--channel", "nixos-unstable", "--pkgs-repo", "https://x", "--storage-path", "/tmp/x"]);
+        assert_eq!(
+            both.unwrap().check().unwrap_err(),
+            ConfigError::SeveralSources("NIXERY_CHANNEL, NIXERY_PKGS_REPO".into())
+        );
+        let missing = args(&["--pkgs-path", "/does/not/exist", "--storage-path", "/tmp/x"]);
+        assert!(matches!(missing.unwrap().check(), Err(ConfigError::MissingPkgsPath(_))));
+    }
+
+    #[test]
+    fn bad_values_are_refused_by_name() {
+        for (flags, needle) in [
+            (&["--port", "http"][..], "--port"),
+            (&["--storage-backend", "gcs"][..], "filesystem"),
+            (&["--nix-timeout", "0"][..], "--nix-timeout"),
+            (&["--layer-budget", "500"][..], "--layer-budget"),
+            (&["--gzip-level", "10"][..], "--gzip-level"),
+            (&["--no-such-flag"][..], "--no-such-flag"),
+        ] {
+            let error = args(flags).unwrap_err().to_string();
+            assert!(error.contains(needle), "{flags:?}: {error}");
+        }
+        let error = args(&["--channel", "c"]).unwrap().check().unwrap_err();
+        assert_eq!(error, ConfigError::NoStoragePath);
+    }
+}

@@ -1,0 +1,334 @@
+//! The HTTP side: the registry's pull API under `/v2/`, its error envelope,
+//! GET/HEAD parity, digest headers and byte ranges. It parses requests and
+//! maps results to responses; images are built by the builder.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use bytes::Bytes;
+use serde_json::json;
+
+use crate::builder::{BuildError, Builder};
+use crate::digest::{Digest, DigestError};
+use crate::image::{self, ImageRequest, NameError};
+use crate::nix::NixError;
+use crate::oci;
+use crate::storage::StorageError;
+
+/// Larger blobs are never manifests; they are not read to find out.
+const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
+const API_VERSION: &str = "registry/2.0";
+
+/// The registry's routes.
+pub fn router(builder: Arc<Builder>) -> Router {
+    Router::new()
+        .route("/v2", any(ping))
+        .route("/v2/", any(ping))
+        .route("/v2/{*rest}", any(registry))
+        .layer(axum::middleware::map_response(add_api_version))
+        .route("/", get(index))
+        .with_state(builder)
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+}
+
+async fn add_api_version(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert("Docker-Distribution-API-Version", HeaderValue::from_static(API_VERSION));
+    response
+}
+
+async fn index() -> &'static str {
+    concat!(
+        "nixery: a container registry that builds images from Nix packages named in the image path.\n",
+        "Pull HOST/shell/hello for an image with a shell and hello; meta-packages (shell, arm64) come first.\n"
+    )
+}
+
+async fn ping(method: Method) -> Response {
+    match method {
+        Method::GET | Method::HEAD => (
+            [(header::CONTENT_TYPE, "application/json")],
+            if method == Method::GET { "{}" } else { "" },
+        )
+            .into_response(),
+        _ => RegistryError::unsupported_method().into_response(),
+    }
+}
+
+/// `/v2/<name>/manifests/<reference>` and `/v2/<name>/blobs/<digest>`.
+async fn registry(
+    State(builder): State<Arc<Builder>>,
+    method: Method,
+    Path(rest): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, RegistryError> {
+    if method != Method::GET && method != Method::HEAD {
+        return Err(RegistryError::unsupported_method());
+    }
+    let head = method == Method::HEAD;
+    let mut parts: Vec<&str> = rest.split('/').collect();
+    let (reference, kind) = match (parts.pop(), parts.pop()) {
+        (Some(reference), Some(kind)) if !parts.is_empty() => (reference, kind),
+        _ => return Err(RegistryError::unknown_route()),
+    };
+    let name = parts.join("/");
+    match kind {
+        "manifests" => manifest(&builder, &name, reference, head).await,
+        "blobs" => blob(&builder, &name, reference, &headers, head).await,
+        _ => Err(RegistryError::unknown_route()),
+    }
+}
+
+async fn manifest(builder: &Arc<Builder>, name: &str, reference: &str, head: bool) -> Result<Response, RegistryError> {
+    image::validate_name(name)?;
+    if reference.contains(':') {
+        return manifest_by_digest(builder, reference, head).await;
+    }
+    if !image::is_tag(reference) {
+        return Err(RegistryError::manifest_unknown(format!("{reference:?} is not a valid tag")));
+    }
+    let request = ImageRequest::parse(name, reference)?;
+    let record = builder.manifest(&request).await.map_err(|e| RegistryError::from_build(&e))?;
+    let bytes = builder
+        .storage()
+        .read_blob_bytes(&record.digest)
+        .await?
+        .ok_or_else(|| RegistryError::internal(format!("manifest {} is missing from storage", record.digest)))?;
+    Ok(manifest_response(&record.media_type, &record.digest, bytes, head))
+}
+
+async fn manifest_by_digest(builder: &Arc<Builder>, reference: &str, head: bool) -> Result<Response, RegistryError> {
+    let unknown = || RegistryError::manifest_unknown(format!("manifest {reference} is not known"));
+    let digest = match reference.parse::<Digest>() {
+        Ok(digest) => digest,
+        Err(DigestError::UnsupportedAlgorithm(_)) => return Err(unknown()),
+        Err(e) => return Err(e.into()),
+    };
+    let storage = builder.storage();
+    match storage.blob_size(&digest).await? {
+        Some(size) if size <= MAX_MANIFEST_SIZE => {}
+        _ => return Err(unknown()),
+    }
+    let bytes = storage.read_blob_bytes(&digest).await?.ok_or_else(unknown)?;
+    let media_type = oci::manifest_media_type(&bytes).ok_or_else(unknown)?;
+    Ok(manifest_response(media_type, &digest, bytes, head))
+}
+
+fn manifest_response(media_type: &str, digest: &Digest, bytes: Bytes, head: bool) -> Response {
+    let headers = [
+        (header::CONTENT_TYPE, media_type.to_owned()),
+        (header::CONTENT_LENGTH, bytes.len().to_string()),
+        (header::HeaderName::from_static("docker-content-digest"), digest.to_string()),
+        (header::ETAG, format!("\"{digest}\"")),
+    ];
+    (headers, if head { Body::empty() } else { Body::from(bytes) }).into_response()
+}
+
+async fn blob(
+    builder: &Arc<Builder>,
+    name: &str,
+    reference: &str,
+    headers: &HeaderMap,
+    head: bool,
+) -> Result<Response, RegistryError> {
+    image::validate_name(name)?;
+    let unknown = || RegistryError::blob_unknown(reference);
+    let digest = match reference.parse::<Digest>() {
+        Ok(digest) => digest,
+        Err(DigestError::UnsupportedAlgorithm(_)) => return Err(unknown()),
+        Err(e) => return Err(e.into()),
+    };
+    let storage = builder.storage();
+    let size = storage.blob_size(&digest).await?.ok_or_else(unknown)?;
+    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        Some(value) => byte_range(value, size).map_err(|()| RegistryError::range_not_satisfiable(size))?,
+        None => None,
+    };
+
+    let mut response = Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header("Docker-Content-Digest", digest.to_string())
+        .header(header::ETAG, format!("\"{digest}\""))
+        .header(header::CACHE_CONTROL, "max-age=31536000");
+    let length = match &range {
+        Some(r) => {
+            response = response
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(header::CONTENT_RANGE, format!("bytes {}-{}/{size}", r.start, r.end - 1));
+            r.end - r.start
+        }
+        None => size,
+    };
+    response = response.header(header::CONTENT_LENGTH, length);
+    let body = if head || length == 0 {
+        Body::empty()
+    } else {
+        Body::from_stream(storage.read_blob(&digest, range).await?.ok_or_else(unknown)?)
+    };
+    Ok(response.body(body).expect("headers are valid"))
+}
+
+/// The single byte range a `Range` header asks for, `Ok(None)` to send the
+/// whole blob (no usable range: several ranges, another unit, bad syntax,
+/// as RFC 9110 allows), `Err` when the range lies outside the blob.
+fn byte_range(value: &str, size: u64) -> Result<Option<Range<u64>>, ()> {
+    let Some(spec) = value.trim().strip_prefix("bytes=") else { return Ok(None) };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else { return Ok(None) };
+    let (first, last) = (first.trim(), last.trim());
+    let parse = |s: &str| s.parse::<u64>().map_err(|_| ());
+    let range = match (first.is_empty(), last.is_empty()) {
+        (true, true) => return Ok(None),
+        (true, false) => match parse(last) {
+            Ok(0) | Err(()) => return Err(()),
+            Ok(n) => size.saturating_sub(n)..size,
+        },
+        (false, _) => {
+            let Ok(start) = parse(first) else { return Ok(None) };
+            let end = if last.is_empty() {
+                size
+            } else {
+                match parse(last) {
+                    Ok(end) if end >= start => (end + 1).min(size),
+                    _ => return Ok(None),
+                }
+            };
+            start..end
+        }
+    };
+    if range.start >= size { Err(()) } else { Ok(Some(range)) }
+}
+
+/// A registry error: a status and the spec's JSON envelope.
+#[derive(Debug)]
+pub struct RegistryError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    detail: serde_json::Value,
+    content_range: Option<String>,
+}
+
+impl RegistryError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        RegistryError { status, code, message: message.into(), detail: json!(null), content_range: None }
+    }
+
+    fn unsupported_method() -> Self {
+        Self::new(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", "this registry serves pulls only")
+    }
+
+    fn unknown_route() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "UNSUPPORTED", "this registry does not serve that route")
+    }
+
+    fn manifest_unknown(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", message)
+    }
+
+    fn blob_unknown(digest: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", format!("blob {digest} is not known"))
+    }
+
+    fn range_not_satisfiable(size: u64) -> Self {
+        let mut e = Self::new(StatusCode::RANGE_NOT_SATISFIABLE, "BLOB_UNKNOWN", "the requested range is outside the blob");
+        e.content_range = Some(format!("bytes */{size}"));
+        e
+    }
+
+    fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", message)
+    }
+
+    fn from_build(error: &BuildError) -> Self {
+        match error {
+            BuildError::Nix(NixError::NotFound(packages)) => {
+                let mut e = Self::manifest_unknown(format!("Could not find Nix packages: {}", packages.join(", ")));
+                e.detail = json!({ "packages": packages });
+                e
+            }
+            BuildError::Nix(NixError::NotAPackage(names)) => {
+                let mut e = Self::manifest_unknown(format!(
+                    "Not packages but attribute sets: {}; name a package inside them",
+                    names.join(", ")
+                ));
+                e.detail = json!({ "packages": names });
+                e
+            }
+            other => Self::internal(format!("image build failed: {other}")),
+        }
+    }
+}
+
+impl From<NameError> for RegistryError {
+    fn from(e: NameError) -> Self {
+        match e {
+            NameError::InvalidTag(_) => Self::manifest_unknown(e.to_string()),
+            NameError::InvalidName(_) | NameError::NameTooLong => {
+                Self::new(StatusCode::BAD_REQUEST, "NAME_INVALID", e.to_string())
+            }
+        }
+    }
+}
+
+impl From<DigestError> for RegistryError {
+    fn from(e: DigestError) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", e.to_string())
+    }
+}
+
+impl From<StorageError> for RegistryError {
+    fn from(e: StorageError) -> Self {
+        tracing::error!(error = %e, "storage failed");
+        Self::internal(format!("storage failed: {e}"))
+    }
+}
+
+impl IntoResponse for RegistryError {
+    fn into_response(self) -> Response {
+        let mut error = json!({ "code": self.code, "message": self.message });
+        if !self.detail.is_null() {
+            error["detail"] = self.detail;
+        }
+        let body = json!({ "errors": [error] }).to_string();
+        let mut response = (self.status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+        if self.status == StatusCode::METHOD_NOT_ALLOWED {
+            response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        }
+        if let Some(range) = self.content_range {
+            response.headers_mut().insert(header::CONTENT_RANGE, HeaderValue::from_str(&range).expect("ascii"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_ranges() {
+        assert_eq!(byte_range("bytes=0-0", 10), Ok(Some(0..1)));
+        assert_eq!(byte_range("bytes=2-5", 10), Ok(Some(2..6)));
+        assert_eq!(byte_range("bytes=5-", 10), Ok(Some(5..10)));
+        assert_eq!(byte_range("bytes=5-100", 10), Ok(Some(5..10)));
+        assert_eq!(byte_range("bytes=-3", 10), Ok(Some(7..10)));
+        assert_eq!(byte_range("bytes=-30", 10), Ok(Some(0..10)));
+        assert_eq!(byte_range("bytes=10-", 10), Err(()));
+        assert_eq!(byte_range("bytes=-0", 10), Err(()));
+        assert_eq!(byte_range("bytes=0-", 0), Err(()));
+        for ignored in ["items=0-1", "bytes=0-1,3-4", "bytes=5-2", "bytes=x-1", "bytes=-", "bytes"] {
+            assert_eq!(byte_range(ignored, 10), Ok(None), "{ignored}");
+        }
+    }
+}
