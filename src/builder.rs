@@ -95,7 +95,11 @@ impl Builder {
     /// The manifest for an image: from the cache, from a build in flight for
     /// the same image, or from a new build.
     pub async fn manifest(self: &Arc<Self>, request: &ImageRequest) -> BuildResult {
-        let revision = self.source.revision(&request.tag).await.map_err(|e| Arc::new(BuildError::Source(e)))?;
+        let revision = self
+            .source
+            .revision(&request.tag)
+            .await
+            .map_err(|e| Arc::new(BuildError::Source(e)))?;
         let key = self.manifest_key(request, revision.as_deref());
         if revision.is_some()
             && let Some(record) = self.caches.manifest(&key).await.map_err(|e| Arc::new(e.into()))?
@@ -116,7 +120,10 @@ impl Builder {
                 .or_insert_with(|| {
                     let this = Arc::clone(self);
                     let task = tokio::spawn(async move {
-                        let result = this.build(&request, cacheable.then_some(key.as_str())).await.map_err(Arc::new);
+                        let result = this
+                            .build(&request, cacheable.then_some(key.as_str()))
+                            .await
+                            .map_err(Arc::new);
                         if let Err(error) = &result {
                             tracing::warn!(image = %request, %error, "image build failed");
                         }
@@ -138,7 +145,11 @@ impl Builder {
 
         let realised = self
             .nix
-            .realise(&self.source.for_tag(&request.tag), request.arch.nix_system(), &request.packages)
+            .realise(
+                &self.source.for_tag(&request.tag),
+                request.arch.nix_system(),
+                &request.packages,
+            )
             .await?;
         let nix_done = Instant::now();
 
@@ -162,9 +173,13 @@ impl Builder {
         let layers: Vec<LayerDigests> = packed.into_iter().map(|(digests, _)| digests).collect();
 
         let config = oci::image_config(request.arch, &layers, request.has_bash())?;
-        self.storage.put_blob(&config.digest, Bytes::from(config.bytes.clone())).await?;
+        self.storage
+            .put_blob(&config.digest, Bytes::from(config.bytes.clone()))
+            .await?;
         let manifest = oci::docker_manifest(&config, &layers)?;
-        self.storage.put_blob(&manifest.digest, Bytes::from(manifest.bytes.clone())).await?;
+        self.storage
+            .put_blob(&manifest.digest, Bytes::from(manifest.bytes.clone()))
+            .await?;
         let record = ManifestRecord {
             digest: manifest.digest,
             media_type: oci::DOCKER_MANIFEST.to_owned(),
@@ -232,7 +247,9 @@ impl Builder {
             layer_budget: self.settings.layer_budget,
             gzip_level: self.settings.gzip_level,
         };
-        Digest::of(&serde_json::to_vec(&key).expect("keys serialise")).hex().to_owned()
+        Digest::of(&serde_json::to_vec(&key).expect("keys serialise"))
+            .hex()
+            .to_owned()
     }
 }
 

@@ -33,7 +33,11 @@ pub struct Caches {
 
 impl Caches {
     pub fn new(storage: Storage) -> Self {
-        Caches { storage, manifests: Cache::new(MANIFEST_ENTRIES), layers: Cache::new(LAYER_ENTRIES) }
+        Caches {
+            storage,
+            manifests: Cache::new(MANIFEST_ENTRIES),
+            layers: Cache::new(LAYER_ENTRIES),
+        }
     }
 
     pub async fn manifest(&self, key: &str) -> Result<Option<ManifestRecord>, StorageError> {
@@ -53,7 +57,12 @@ impl Caches {
     }
 }
 
-async fn lookup<T>(storage: &Storage, memory: &Cache<String, T>, kind: &str, key: &str) -> Result<Option<T>, StorageError>
+async fn lookup<T>(
+    storage: &Storage,
+    memory: &Cache<String, T>,
+    kind: &str,
+    key: &str,
+) -> Result<Option<T>, StorageError>
 where
     T: DeserializeOwned + Clone + Send + Sync + 'static,
 {
@@ -75,7 +84,13 @@ where
     }
 }
 
-async fn store<T>(storage: &Storage, memory: &Cache<String, T>, kind: &str, key: &str, record: T) -> Result<(), StorageError>
+async fn store<T>(
+    storage: &Storage,
+    memory: &Cache<String, T>,
+    kind: &str,
+    key: &str,
+    record: T,
+) -> Result<(), StorageError>
 where
     T: Serialize + Clone + Send + Sync + 'static,
 {
@@ -90,7 +105,11 @@ mod tests {
     use super::*;
 
     fn record() -> ManifestRecord {
-        ManifestRecord { digest: Digest::of(b"m"), media_type: "application/x".into(), size: 1 }
+        ManifestRecord {
+            digest: Digest::of(b"m"),
+            media_type: "application/x".into(),
+            size: 1,
+        }
     }
 
     #[tokio::test]
@@ -110,7 +129,10 @@ mod tests {
     async fn unreadable_records_are_misses() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::filesystem(dir.path()).await.unwrap();
-        storage.put_record("manifests/bad", Bytes::from_static(b"{not json")).await.unwrap();
+        storage
+            .put_record("manifests/bad", Bytes::from_static(b"{not json"))
+            .await
+            .unwrap();
         assert_eq!(Caches::new(storage).manifest("bad").await.unwrap(), None);
     }
 }

@@ -16,7 +16,11 @@ use crate::layers::DEFAULT_BUDGET;
 use crate::source::PackageSource;
 
 #[derive(Debug, Parser)]
-#[command(name = "nixery", version, about = "A container registry that builds images from Nix packages on demand")]
+#[command(
+    name = "nixery",
+    version,
+    about = "A container registry that builds images from Nix packages on demand"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -117,7 +121,9 @@ impl ServeArgs {
     pub fn check(self) -> Result<ServeConfig, ConfigError> {
         let source = self.source()?;
         let storage = match self.storage_backend {
-            StorageBackend::Filesystem => StorageConfig::Filesystem(self.storage_path.ok_or(ConfigError::NoStoragePath)?),
+            StorageBackend::Filesystem => {
+                StorageConfig::Filesystem(self.storage_path.ok_or(ConfigError::NoStoragePath)?)
+            }
         };
         Ok(ServeConfig {
             listen: SocketAddr::new(self.listen_address, self.port),
@@ -174,10 +180,19 @@ mod tests {
     fn a_path_source_with_filesystem_storage() {
         let dir = tempfile::tempdir().unwrap();
         let pkgs = dir.path().display().to_string();
-        let config = args(&["--pkgs-path", &pkgs, "--storage-path", "/tmp/x", "--port", "5000", "--listen-address", "127.0.0.1"])
-            .unwrap()
-            .check()
-            .unwrap();
+        let config = args(&[
+            "--pkgs-path",
+            &pkgs,
+            "--storage-path",
+            "/tmp/x",
+            "--port",
+            "5000",
+            "--listen-address",
+            "127.0.0.1",
+        ])
+        .unwrap()
+        .check()
+        .unwrap();
         assert_eq!(config.listen, "127.0.0.1:5000".parse().unwrap());
         assert_eq!(config.storage, StorageConfig::Filesystem("/tmp/x".into()));
         assert_eq!(config.nix_timeout, Duration::from_secs(60));
@@ -189,7 +204,14 @@ mod tests {
     fn sources_must_be_exactly_one() {
         let storage = ["--storage-path", "/tmp/x"];
         assert_eq!(args(&storage).unwrap().check().unwrap_err(), ConfigError::NoSource);
-        let both = args(&["--channel", "nixos-unstable", "--pkgs-repo", "https://x", "--storage-path", "/tmp/x"]);
+        let both = args(&[
+            "--channel",
+            "nixos-unstable",
+            "--pkgs-repo",
+            "https://x",
+            "--storage-path",
+            "/tmp/x",
+        ]);
         assert_eq!(
             both.unwrap().check().unwrap_err(),
             ConfigError::SeveralSources("NIXERY_CHANNEL, NIXERY_PKGS_REPO".into())

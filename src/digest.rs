@@ -103,7 +103,11 @@ pub struct DigestWriter<W> {
 
 impl<W: Write> DigestWriter<W> {
     pub fn new(inner: W) -> Self {
-        DigestWriter { inner, hasher: Sha256::new(), written: 0 }
+        DigestWriter {
+            inner,
+            hasher: Sha256::new(),
+            written: 0,
+        }
     }
 
     pub fn get_mut(&mut self) -> &mut W {
@@ -112,7 +116,11 @@ impl<W: Write> DigestWriter<W> {
 
     /// The inner writer, the digest of everything written and its length.
     pub fn finish(self) -> (W, Digest, u64) {
-        (self.inner, Digest::from_hash(self.hasher.finalize().as_slice()), self.written)
+        (
+            self.inner,
+            Digest::from_hash(self.hasher.finalize().as_slice()),
+            self.written,
+        )
     }
 }
 
@@ -144,9 +152,15 @@ mod tests {
     #[test]
     fn parse_accepts_only_sha256_hex() {
         assert_eq!(EMPTY.parse::<Digest>().unwrap().as_str(), EMPTY);
-        assert!(matches!("sha256:totallywrong".parse::<Digest>(), Err(DigestError::Malformed(_))));
+        assert!(matches!(
+            "sha256:totallywrong".parse::<Digest>(),
+            Err(DigestError::Malformed(_))
+        ));
         assert!(matches!("sha256:ABC".parse::<Digest>(), Err(DigestError::Malformed(_))));
-        assert!(matches!(EMPTY.to_uppercase().parse::<Digest>(), Err(DigestError::Malformed(_))));
+        assert!(matches!(
+            EMPTY.to_uppercase().parse::<Digest>(),
+            Err(DigestError::Malformed(_))
+        ));
         assert!(matches!("nocolon".parse::<Digest>(), Err(DigestError::Malformed(_))));
         assert!(matches!("sha256:".parse::<Digest>(), Err(DigestError::Malformed(_))));
         assert_eq!(

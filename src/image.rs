@@ -11,12 +11,10 @@ use regex::Regex;
 const MAX_NAME_LEN: usize = 255;
 
 /// One path component of a repository name (distribution-spec grammar).
-static COMPONENT: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*$").unwrap());
+static COMPONENT: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*$").unwrap());
 
 /// A tag (distribution-spec grammar).
-static TAG: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$").unwrap());
+static TAG: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$").unwrap());
 
 /// Packages every image gets, as in the original since 2019-10.
 const ALWAYS: [&str; 2] = ["cacert", "iana-etc"];
@@ -86,7 +84,10 @@ impl ImageRequest {
             return Err(NameError::InvalidTag(tag.to_owned()));
         }
         let components: Vec<&str> = name.split('/').collect();
-        let meta_len = components.iter().take_while(|c| matches!(**c, "shell" | "arm64")).count();
+        let meta_len = components
+            .iter()
+            .take_while(|c| matches!(**c, "shell" | "arm64"))
+            .count();
         let (meta, named) = components.split_at(meta_len);
 
         let mut packages: Vec<String> = named.iter().map(|s| s.to_string()).collect();
@@ -105,7 +106,11 @@ impl ImageRequest {
             name: canonical.join("/"),
             tag: tag.to_owned(),
             packages,
-            arch: if meta.contains(&"arm64") { Arch::Arm64 } else { Arch::Amd64 },
+            arch: if meta.contains(&"arm64") {
+                Arch::Arm64
+            } else {
+                Arch::Amd64
+            },
         })
     }
 
@@ -172,7 +177,14 @@ mod tests {
         assert_eq!(r.name, "shell");
         assert_eq!(
             r.packages,
-            strings(&["bashInteractive", "cacert", "coreutils", "iana-etc", "moreutils", "nano"])
+            strings(&[
+                "bashInteractive",
+                "cacert",
+                "coreutils",
+                "iana-etc",
+                "moreutils",
+                "nano"
+            ])
         );
         assert!(r.has_bash());
     }
@@ -183,7 +195,15 @@ mod tests {
         assert_eq!(r.name, "htop/shell");
         assert_eq!(
             r.packages,
-            strings(&["bashInteractive", "cacert", "coreutils", "htop", "iana-etc", "moreutils", "nano"])
+            strings(&[
+                "bashInteractive",
+                "cacert",
+                "coreutils",
+                "htop",
+                "iana-etc",
+                "moreutils",
+                "nano"
+            ])
         );
     }
 
@@ -204,7 +224,10 @@ mod tests {
         let r = parse("hello/hello/shell");
         assert_eq!(r.packages, strings(&["cacert", "hello", "iana-etc", "shell"]));
         assert!(!r.has_bash(), "shell after a package is an ordinary package name");
-        assert_eq!(parse("cacert/hello").packages, strings(&["cacert", "hello", "iana-etc"]));
+        assert_eq!(
+            parse("cacert/hello").packages,
+            strings(&["cacert", "hello", "iana-etc"])
+        );
     }
 
     #[test]
@@ -225,10 +248,20 @@ mod tests {
 
     #[test]
     fn names_follow_the_reference_grammar() {
-        for good in ["a", "7zip", "python3packages.numpy", "a_b", "a__b", "a---b", "tools.jq/x.y"] {
+        for good in [
+            "a",
+            "7zip",
+            "python3packages.numpy",
+            "a_b",
+            "a__b",
+            "a---b",
+            "tools.jq/x.y",
+        ] {
             assert!(ImageRequest::parse(good, "latest").is_ok(), "{good}");
         }
-        for bad in ["", "Hello", "a//b", "/a", "a/", "_a", "a.", "a..b", "a___b", "a+b", "a b", "a/../b"] {
+        for bad in [
+            "", "Hello", "a//b", "/a", "a/", "_a", "a.", "a..b", "a___b", "a+b", "a b", "a/../b",
+        ] {
             assert_eq!(
                 ImageRequest::parse(bad, "latest"),
                 Err(NameError::InvalidName(bad.to_owned())),
@@ -245,9 +278,19 @@ mod tests {
         for good in ["latest", "v1.2.3", "_x", "A-b.c_d", &"a".repeat(128)] {
             assert!(is_tag(good), "{good}");
         }
-        for bad in ["", ".INVALID_MANIFEST_NAME", "-x", "a:b", "sha256:abc", &"a".repeat(129)] {
+        for bad in [
+            "",
+            ".INVALID_MANIFEST_NAME",
+            "-x",
+            "a:b",
+            "sha256:abc",
+            &"a".repeat(129),
+        ] {
             assert!(!is_tag(bad), "{bad}");
-            assert_eq!(ImageRequest::parse("hello", bad), Err(NameError::InvalidTag(bad.to_owned())));
+            assert_eq!(
+                ImageRequest::parse("hello", bad),
+                Err(NameError::InvalidTag(bad.to_owned()))
+            );
         }
     }
 }

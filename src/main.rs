@@ -23,7 +23,9 @@ async fn main() -> anyhow::Result<()> {
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
@@ -41,8 +43,18 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         None => Popularity::default(),
     };
     let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let settings = Settings { layer_budget: config.layer_budget, gzip_level: config.gzip_level, parallel };
-    let builder = Builder::new(config.source, Nix::new(config.nix_timeout), storage, popularity, settings);
+    let settings = Settings {
+        layer_budget: config.layer_budget,
+        gzip_level: config.gzip_level,
+        parallel,
+    };
+    let builder = Builder::new(
+        config.source,
+        Nix::new(config.nix_timeout),
+        storage,
+        popularity,
+        settings,
+    );
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

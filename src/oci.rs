@@ -4,8 +4,8 @@
 //! families live here.
 
 use oci_spec::image::{
-    Arch as OciArch, ConfigBuilder, DescriptorBuilder, ImageConfigurationBuilder, ImageManifestBuilder, MediaType,
-    Os, RootFsBuilder,
+    Arch as OciArch, ConfigBuilder, DescriptorBuilder, ImageConfigurationBuilder, ImageManifestBuilder, MediaType, Os,
+    RootFsBuilder,
 };
 use serde::Deserialize;
 
@@ -36,7 +36,10 @@ pub struct Document {
 
 impl Document {
     fn new(bytes: Vec<u8>) -> Self {
-        Document { digest: Digest::of(&bytes), bytes }
+        Document {
+            digest: Digest::of(&bytes),
+            bytes,
+        }
     }
 }
 
@@ -166,7 +169,10 @@ mod tests {
     fn only_manifests_have_a_manifest_media_type() {
         assert_eq!(manifest_media_type(b"\x1f\x8b\x08\x00"), None);
         assert_eq!(manifest_media_type(br#"{"architecture":"amd64"}"#), None);
-        assert_eq!(manifest_media_type(br#"{"schemaVersion":2,"mediaType":"text/plain"}"#), None);
+        assert_eq!(
+            manifest_media_type(br#"{"schemaVersion":2,"mediaType":"text/plain"}"#),
+            None
+        );
         assert_eq!(
             manifest_media_type(format!(r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}"}}"#).as_bytes()),
             Some(OCI_INDEX)

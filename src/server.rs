@@ -92,10 +92,15 @@ async fn manifest(builder: &Arc<Builder>, name: &str, reference: &str, head: boo
         return manifest_by_digest(builder, reference, head).await;
     }
     if !image::is_tag(reference) {
-        return Err(RegistryError::manifest_unknown(format!("{reference:?} is not a valid tag")));
+        return Err(RegistryError::manifest_unknown(format!(
+            "{reference:?} is not a valid tag"
+        )));
     }
     let request = ImageRequest::parse(name, reference)?;
-    let record = builder.manifest(&request).await.map_err(|e| RegistryError::from_build(&e))?;
+    let record = builder
+        .manifest(&request)
+        .await
+        .map_err(|e| RegistryError::from_build(&e))?;
     let bytes = builder
         .storage()
         .read_blob_bytes(&record.digest)
@@ -125,7 +130,10 @@ fn manifest_response(media_type: &str, digest: &Digest, bytes: Bytes, head: bool
     let headers = [
         (header::CONTENT_TYPE, media_type.to_owned()),
         (header::CONTENT_LENGTH, bytes.len().to_string()),
-        (header::HeaderName::from_static("docker-content-digest"), digest.to_string()),
+        (
+            header::HeaderName::from_static("docker-content-digest"),
+            digest.to_string(),
+        ),
         (header::ETAG, format!("\"{digest}\"")),
     ];
     (headers, if head { Body::empty() } else { Body::from(bytes) }).into_response()
@@ -180,11 +188,15 @@ async fn blob(
 /// whole blob (no usable range: several ranges, another unit, bad syntax,
 /// as RFC 9110 allows), `Err` when the range lies outside the blob.
 fn byte_range(value: &str, size: u64) -> Result<Option<Range<u64>>, ()> {
-    let Some(spec) = value.trim().strip_prefix("bytes=") else { return Ok(None) };
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
     if spec.contains(',') {
         return Ok(None);
     }
-    let Some((first, last)) = spec.trim().split_once('-') else { return Ok(None) };
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return Ok(None);
+    };
     let (first, last) = (first.trim(), last.trim());
     let parse = |s: &str| s.parse::<u64>().map_err(|_| ());
     let range = match (first.is_empty(), last.is_empty()) {
@@ -194,7 +206,9 @@ fn byte_range(value: &str, size: u64) -> Result<Option<Range<u64>>, ()> {
             Ok(n) => size.saturating_sub(n)..size,
         },
         (false, _) => {
-            let Ok(start) = parse(first) else { return Ok(None) };
+            let Ok(start) = parse(first) else {
+                return Ok(None);
+            };
             let end = if last.is_empty() {
                 size
             } else {
@@ -221,15 +235,29 @@ pub struct RegistryError {
 
 impl RegistryError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        RegistryError { status, code, message: message.into(), detail: json!(null), content_range: None }
+        RegistryError {
+            status,
+            code,
+            message: message.into(),
+            detail: json!(null),
+            content_range: None,
+        }
     }
 
     fn unsupported_method() -> Self {
-        Self::new(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", "this registry serves pulls only")
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+            "this registry serves pulls only",
+        )
     }
 
     fn unknown_route() -> Self {
-        Self::new(StatusCode::NOT_FOUND, "UNSUPPORTED", "this registry does not serve that route")
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "UNSUPPORTED",
+            "this registry does not serve that route",
+        )
     }
 
     fn manifest_unknown(message: impl Into<String>) -> Self {
@@ -237,11 +265,19 @@ impl RegistryError {
     }
 
     fn blob_unknown(digest: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", format!("blob {digest} is not known"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "BLOB_UNKNOWN",
+            format!("blob {digest} is not known"),
+        )
     }
 
     fn range_not_satisfiable(size: u64) -> Self {
-        let mut e = Self::new(StatusCode::RANGE_NOT_SATISFIABLE, "BLOB_UNKNOWN", "the requested range is outside the blob");
+        let mut e = Self::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "BLOB_UNKNOWN",
+            "the requested range is outside the blob",
+        );
         e.content_range = Some(format!("bytes */{size}"));
         e
     }
@@ -303,10 +339,14 @@ impl IntoResponse for RegistryError {
         let body = json!({ "errors": [error] }).to_string();
         let mut response = (self.status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
         if self.status == StatusCode::METHOD_NOT_ALLOWED {
-            response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         }
         if let Some(range) = self.content_range {
-            response.headers_mut().insert(header::CONTENT_RANGE, HeaderValue::from_str(&range).expect("ascii"));
+            response
+                .headers_mut()
+                .insert(header::CONTENT_RANGE, HeaderValue::from_str(&range).expect("ascii"));
         }
         response
     }
@@ -327,7 +367,14 @@ mod tests {
         assert_eq!(byte_range("bytes=10-", 10), Err(()));
         assert_eq!(byte_range("bytes=-0", 10), Err(()));
         assert_eq!(byte_range("bytes=0-", 0), Err(()));
-        for ignored in ["items=0-1", "bytes=0-1,3-4", "bytes=5-2", "bytes=x-1", "bytes=-", "bytes"] {
+        for ignored in [
+            "items=0-1",
+            "bytes=0-1,3-4",
+            "bytes=5-2",
+            "bytes=x-1",
+            "bytes=-",
+            "bytes",
+        ] {
             assert_eq!(byte_range(ignored, 10), Ok(None), "{ignored}");
         }
     }

@@ -17,7 +17,10 @@ const PATH_REVISION_TTL: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub enum PackageSource {
     /// A package set on local disk (`NIXERY_PKGS_PATH`).
-    Path { path: PathBuf, revision: Mutex<Option<(Instant, String)>> },
+    Path {
+        path: PathBuf,
+        revision: Mutex<Option<(Instant, String)>>,
+    },
     /// A nixpkgs branch or commit on GitHub (`NIXERY_CHANNEL`).
     Channel(String),
     /// A git repository; the tag picks the revision (`NIXERY_PKGS_REPO`).
@@ -33,7 +36,10 @@ pub struct NixSource {
 
 impl PackageSource {
     pub fn path(path: PathBuf) -> Self {
-        PackageSource::Path { path, revision: Mutex::new(None) }
+        PackageSource::Path {
+            path,
+            revision: Mutex::new(None),
+        }
     }
 
     /// What Nix imports for an image with this tag. Only git sources give
@@ -41,8 +47,14 @@ impl PackageSource {
     /// repository's default branch.
     pub fn for_tag(&self, tag: &str) -> NixSource {
         match self {
-            PackageSource::Path { path, .. } => NixSource { kind: "path", args: path.display().to_string() },
-            PackageSource::Channel(channel) => NixSource { kind: "nixpkgs", args: channel.clone() },
+            PackageSource::Path { path, .. } => NixSource {
+                kind: "path",
+                args: path.display().to_string(),
+            },
+            PackageSource::Channel(channel) => NixSource {
+                kind: "nixpkgs",
+                args: channel.clone(),
+            },
             PackageSource::Git(url) => {
                 let mut spec = serde_json::json!({ "url": url });
                 if is_commit(tag) {
@@ -50,7 +62,10 @@ impl PackageSource {
                 } else if tag != "latest" {
                     spec["ref"] = tag.into();
                 }
-                NixSource { kind: "git", args: spec.to_string() }
+                NixSource {
+                    kind: "git",
+                    args: spec.to_string(),
+                }
             }
         }
     }
@@ -67,7 +82,9 @@ impl PackageSource {
                     return Ok(Some(known.clone()));
                 }
                 let root = path.clone();
-                let hash = tokio::task::spawn_blocking(move || tree_hash(&root)).await.expect("hashing does not panic")?;
+                let hash = tokio::task::spawn_blocking(move || tree_hash(&root))
+                    .await
+                    .expect("hashing does not panic")?;
                 let known = format!("path:{hash}");
                 *revision.lock().expect("not poisoned") = Some((Instant::now(), known.clone()));
                 Some(known)
@@ -119,9 +136,18 @@ mod tests {
     #[test]
     fn git_tags_select_revisions() {
         let git = PackageSource::Git("https://example.invalid/pkgs.git".into());
-        assert_eq!(git.for_tag("latest").args, r#"{"url":"https://example.invalid/pkgs.git"}"#);
-        assert_eq!(git.for_tag("main").args, r#"{"ref":"main","url":"https://example.invalid/pkgs.git"}"#);
-        assert_eq!(git.for_tag(COMMIT).args, format!(r#"{{"rev":"{COMMIT}","url":"https://example.invalid/pkgs.git"}}"#));
+        assert_eq!(
+            git.for_tag("latest").args,
+            r#"{"url":"https://example.invalid/pkgs.git"}"#
+        );
+        assert_eq!(
+            git.for_tag("main").args,
+            r#"{"ref":"main","url":"https://example.invalid/pkgs.git"}"#
+        );
+        assert_eq!(
+            git.for_tag(COMMIT).args,
+            format!(r#"{{"rev":"{COMMIT}","url":"https://example.invalid/pkgs.git"}}"#)
+        );
         assert_eq!(git.for_tag("x").kind, "git");
     }
 
@@ -130,7 +156,13 @@ mod tests {
         let git = PackageSource::Git("u".into());
         assert_eq!(git.revision("main").await.unwrap(), None);
         assert_eq!(git.revision(COMMIT).await.unwrap(), Some(format!("git:u#{COMMIT}")));
-        assert_eq!(PackageSource::Channel("nixos-unstable".into()).revision("x").await.unwrap(), None);
+        assert_eq!(
+            PackageSource::Channel("nixos-unstable".into())
+                .revision("x")
+                .await
+                .unwrap(),
+            None
+        );
         assert_eq!(
             PackageSource::Channel(COMMIT.into()).revision("latest").await.unwrap(),
             Some(format!("nixpkgs:{COMMIT}"))
@@ -154,6 +186,12 @@ mod tests {
         let source = PackageSource::path(a.path().to_owned());
         let first = source.revision("latest").await.unwrap().unwrap();
         assert!(first.starts_with("path:"));
-        assert_eq!(source.for_tag("anything"), NixSource { kind: "path", args: a.path().display().to_string() });
+        assert_eq!(
+            source.for_tag("anything"),
+            NixSource {
+                kind: "path",
+                args: a.path().display().to_string()
+            }
+        );
     }
 }

@@ -23,7 +23,8 @@ use crate::digest::Digest;
 /// commit is a hard link.
 const STAGING: &str = "staging";
 const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
-const EMPTY_INDEX: &[u8] = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+const EMPTY_INDEX: &[u8] =
+    br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -50,9 +51,16 @@ impl Storage {
         tokio::fs::create_dir_all(&staging).await?;
         tokio::fs::create_dir_all(root.join("blobs/sha256")).await?;
         let store = LocalFileSystem::new_with_prefix(root)?.with_fsync(true);
-        let storage = Storage { store: Arc::new(store), staging };
-        storage.put_if_absent(&StorePath::from("oci-layout"), Bytes::from_static(OCI_LAYOUT)).await?;
-        storage.put_if_absent(&StorePath::from("index.json"), Bytes::from_static(EMPTY_INDEX)).await?;
+        let storage = Storage {
+            store: Arc::new(store),
+            staging,
+        };
+        storage
+            .put_if_absent(&StorePath::from("oci-layout"), Bytes::from_static(OCI_LAYOUT))
+            .await?;
+        storage
+            .put_if_absent(&StorePath::from("index.json"), Bytes::from_static(EMPTY_INDEX))
+            .await?;
         Ok(storage)
     }
 
@@ -67,7 +75,11 @@ impl Storage {
         let staged = tokio::task::spawn_blocking(move || staged.as_file().sync_all().map(|_| staged))
             .await
             .expect("sync does not panic")?;
-        let name = staged.path().file_name().and_then(|n| n.to_str()).expect("tempfile names are UTF-8");
+        let name = staged
+            .path()
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("tempfile names are UTF-8");
         let from = StorePath::from(format!("{STAGING}/{name}"));
         match self.store.copy_if_not_exists(&from, &blob_path(digest)).await {
             Ok(()) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
@@ -90,8 +102,15 @@ impl Storage {
     }
 
     /// Streams a blob, or the byte range of it; `None` if there is none.
-    pub async fn read_blob(&self, digest: &Digest, range: Option<Range<u64>>) -> Result<Option<BlobStream>, StorageError> {
-        let options = GetOptions { range: range.map(GetRange::Bounded), ..Default::default() };
+    pub async fn read_blob(
+        &self,
+        digest: &Digest,
+        range: Option<Range<u64>>,
+    ) -> Result<Option<BlobStream>, StorageError> {
+        let options = GetOptions {
+            range: range.map(GetRange::Bounded),
+            ..Default::default()
+        };
         match self.store.get_opts(&blob_path(digest), options).await {
             Ok(result) => Ok(Some(result.into_stream().map_err(StorageError::from).boxed())),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -124,7 +143,10 @@ impl Storage {
     }
 
     async fn put_if_absent(&self, path: &StorePath, bytes: Bytes) -> Result<(), StorageError> {
-        let options = PutOptions { mode: PutMode::Create, ..Default::default() };
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
         match self.store.put_opts(path, PutPayload::from_bytes(bytes), options).await {
             Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
             Err(e) => Err(e.into()),
@@ -164,11 +186,23 @@ mod tests {
         let digest = Digest::of(b"layer bytes");
         storage.commit(staged, &digest).await.unwrap();
         assert!(!staged_path.exists(), "staging file removed");
-        assert_eq!(std::fs::read(dir.path().join("blobs/sha256").join(digest.hex())).unwrap(), b"layer bytes");
+        assert_eq!(
+            std::fs::read(dir.path().join("blobs/sha256").join(digest.hex())).unwrap(),
+            b"layer bytes"
+        );
         assert_eq!(storage.blob_size(&digest).await.unwrap(), Some(11));
-        assert_eq!(collect(storage.read_blob(&digest, None).await.unwrap().unwrap()).await, b"layer bytes");
-        assert_eq!(collect(storage.read_blob(&digest, Some(6..11)).await.unwrap().unwrap()).await, b"bytes");
-        assert_eq!(storage.read_blob_bytes(&digest).await.unwrap().unwrap(), &b"layer bytes"[..]);
+        assert_eq!(
+            collect(storage.read_blob(&digest, None).await.unwrap().unwrap()).await,
+            b"layer bytes"
+        );
+        assert_eq!(
+            collect(storage.read_blob(&digest, Some(6..11)).await.unwrap().unwrap()).await,
+            b"bytes"
+        );
+        assert_eq!(
+            storage.read_blob_bytes(&digest).await.unwrap().unwrap(),
+            &b"layer bytes"[..]
+        );
     }
 
     #[tokio::test]
@@ -193,8 +227,14 @@ mod tests {
         assert_eq!(storage.blob_size(&digest).await.unwrap(), None);
         assert!(storage.read_blob(&digest, None).await.unwrap().is_none());
         assert_eq!(storage.get_record("manifests/x").await.unwrap(), None);
-        storage.put_record("manifests/x", Bytes::from_static(b"1")).await.unwrap();
-        storage.put_record("manifests/x", Bytes::from_static(b"2")).await.unwrap();
+        storage
+            .put_record("manifests/x", Bytes::from_static(b"1"))
+            .await
+            .unwrap();
+        storage
+            .put_record("manifests/x", Bytes::from_static(b"2"))
+            .await
+            .unwrap();
         assert_eq!(storage.get_record("manifests/x").await.unwrap().unwrap(), &b"2"[..]);
     }
 }

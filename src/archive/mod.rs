@@ -93,10 +93,17 @@ impl<W: Write> LayerWriter<W> {
             } else if file_type.is_file() {
                 let file = File::open(path)?;
                 let meta = file.metadata()?;
-                let mode = if meta.permissions().mode() & 0o111 != 0 { 0o555 } else { 0o444 };
+                let mode = if meta.permissions().mode() & 0o111 != 0 {
+                    0o555
+                } else {
+                    0o444
+                };
                 self.file(name, mode, meta.len(), file)?;
             } else {
-                return Err(io::Error::other(format!("{} is not a file, directory or symlink", path.display())));
+                return Err(io::Error::other(format!(
+                    "{} is not a file, directory or symlink",
+                    path.display()
+                )));
             }
         }
         Ok(())
@@ -160,7 +167,15 @@ pub(crate) mod tests {
                 let h = e.header().clone();
                 let mut data = Vec::new();
                 e.read_to_end(&mut data).unwrap();
-                (name, h.entry_type(), h.mode().unwrap(), h.uid().unwrap(), h.mtime().unwrap(), link, data)
+                (
+                    name,
+                    h.entry_type(),
+                    h.mode().unwrap(),
+                    h.uid().unwrap(),
+                    h.mtime().unwrap(),
+                    link,
+                    data,
+                )
             })
             .collect()
     }
@@ -193,7 +208,7 @@ pub(crate) mod tests {
     fn store_layer_is_normalised_and_complete() {
         let dir = tempfile::tempdir().unwrap();
         let path = fake_store_path(dir.path(), "abc-pkg");
-        let (gz, digests) = write_store_layer(&[path.clone()], Vec::new(), 6).unwrap();
+        let (gz, digests) = write_store_layer(std::slice::from_ref(&path), Vec::new(), 6).unwrap();
         let prefix = path.trim_start_matches('/');
         let got = entries(&gz);
         let names: Vec<&str> = got.iter().map(|e| e.0.as_str()).collect();
@@ -234,7 +249,10 @@ pub(crate) mod tests {
                 assert_eq!(data.len(), 10_000);
             }
             if name.ends_with("long-target") {
-                assert_eq!(link.as_deref(), Some(format!("/nix/store/{}", "t".repeat(120)).as_str()));
+                assert_eq!(
+                    link.as_deref(),
+                    Some(format!("/nix/store/{}", "t".repeat(120)).as_str())
+                );
             }
         }
         assert_eq!(digests.size, gz.len() as u64);
@@ -246,7 +264,7 @@ pub(crate) mod tests {
     fn same_contents_give_same_bytes() {
         let one = tempfile::tempdir().unwrap();
         let path = fake_store_path(one.path(), "xyz-same");
-        let (first, d1) = write_store_layer(&[path.clone()], Vec::new(), 6).unwrap();
+        let (first, d1) = write_store_layer(std::slice::from_ref(&path), Vec::new(), 6).unwrap();
         std::fs::remove_dir_all(one.path().join("xyz-same")).unwrap();
         // Recreate with other timestamps and a different creation order.
         std::thread::sleep(std::time::Duration::from_millis(20));

@@ -60,12 +60,16 @@ impl RootFs {
     /// already stands at any of those places.
     fn add_link(&mut self, path: &str, target: PathBuf) {
         let parents: Vec<&str> = path.match_indices('/').map(|(i, _)| &path[..i]).collect();
-        let blocked = parents.iter().any(|p| matches!(self.entries.get(*p), Some(Node::Link(_))));
+        let blocked = parents
+            .iter()
+            .any(|p| matches!(self.entries.get(*p), Some(Node::Link(_))));
         if blocked || self.entries.contains_key(path) {
             return;
         }
         for parent in parents {
-            self.entries.entry(parent.to_owned()).or_insert(Node::Dir { mode: 0o755 });
+            self.entries
+                .entry(parent.to_owned())
+                .or_insert(Node::Dir { mode: 0o755 });
         }
         self.entries.insert(path.to_owned(), Node::Link(target));
     }
@@ -87,7 +91,11 @@ fn merge_package(entries: &mut BTreeMap<String, Node>, package: &Path) -> io::Re
     if !std::fs::symlink_metadata(package)?.is_dir() {
         return Ok(());
     }
-    let mut walk = WalkDir::new(package).min_depth(1).follow_links(false).sort_by_file_name().into_iter();
+    let mut walk = WalkDir::new(package)
+        .min_depth(1)
+        .follow_links(false)
+        .sort_by_file_name()
+        .into_iter();
     while let Some(entry) = walk.next() {
         let entry = entry?;
         let relative = entry
@@ -106,7 +114,9 @@ fn merge_package(entries: &mut BTreeMap<String, Node>, package: &Path) -> io::Re
                 Some(Node::Link(_)) => walk.skip_current_dir(),
             }
         } else {
-            entries.entry(relative).or_insert_with(|| Node::Link(entry.path().to_owned()));
+            entries
+                .entry(relative)
+                .or_insert_with(|| Node::Link(entry.path().to_owned()));
         }
     }
     Ok(())
@@ -137,7 +147,10 @@ mod tests {
     /// (name, kind, mode, link target) of each entry of the written layer.
     fn listing(rootfs: &RootFs) -> Vec<(String, EntryType, u32, Option<String>)> {
         let (gz, _) = rootfs.write(Vec::new(), 6).unwrap();
-        entries(&gz).into_iter().map(|(n, k, m, _, _, l, _)| (n, k, m, l)).collect()
+        entries(&gz)
+            .into_iter()
+            .map(|(n, k, m, _, _, l, _)| (n, k, m, l))
+            .collect()
     }
 
     #[test]
@@ -145,7 +158,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let bash = package(dir.path(), "b-bash", &["bin/bash"], &[]);
         let core = package(dir.path(), "c-coreutils", &["bin/env", "bin/ls", "share/doc/c"], &[]);
-        let hello = package(dir.path(), "h-hello", &["bin/hello", "bin/ls", "share/doc/h"], &[("lib", "lib64")]);
+        let hello = package(
+            dir.path(),
+            "h-hello",
+            &["bin/hello", "bin/ls", "share/doc/h"],
+            &[("lib", "lib64")],
+        );
         std::fs::create_dir_all(Path::new(&hello).join("lib64")).unwrap();
         let single = dir.path().join("s-file");
         std::fs::write(&single, "just a file").unwrap();
@@ -181,16 +199,27 @@ mod tests {
     fn no_env_or_shell_links_without_their_targets() {
         let dir = tempfile::tempdir().unwrap();
         let hello = package(dir.path(), "h-hello", &["bin/hello"], &[]);
-        let names: Vec<String> = listing(&RootFs::plan(&[hello]).unwrap()).into_iter().map(|e| e.0).collect();
+        let names: Vec<String> = listing(&RootFs::plan(&[hello]).unwrap())
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
         assert_eq!(names, ["bin", "bin/hello", "tmp"]);
     }
 
     #[test]
     fn a_package_shell_or_usr_is_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let bash = package(dir.path(), "b-bash", &["bin/bash", "bin/sh", "bin/env"], &[("usr", "/elsewhere")]);
-        let rootfs = RootFs::plan(&[bash.clone()]).unwrap();
-        assert_eq!(rootfs.link_target("bin/sh"), Some(PathBuf::from(format!("{bash}/bin/sh"))));
+        let bash = package(
+            dir.path(),
+            "b-bash",
+            &["bin/bash", "bin/sh", "bin/env"],
+            &[("usr", "/elsewhere")],
+        );
+        let rootfs = RootFs::plan(std::slice::from_ref(&bash)).unwrap();
+        assert_eq!(
+            rootfs.link_target("bin/sh"),
+            Some(PathBuf::from(format!("{bash}/bin/sh")))
+        );
         assert_eq!(rootfs.link_target("usr"), Some(PathBuf::from(format!("{bash}/usr"))));
         assert!(!rootfs.entries.contains_key("usr/bin/env"));
     }
@@ -200,7 +229,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = package(dir.path(), "a-a", &["bin/a", "etc/x"], &[]);
         let b = package(dir.path(), "b-b", &["bin/b", "etc/y"], &[]);
-        let (x, dx) = RootFs::plan(&[a.clone(), b.clone()]).unwrap().write(Vec::new(), 6).unwrap();
+        let (x, dx) = RootFs::plan(&[a.clone(), b.clone()])
+            .unwrap()
+            .write(Vec::new(), 6)
+            .unwrap();
         let (y, dy) = RootFs::plan(&[a, b]).unwrap().write(Vec::new(), 6).unwrap();
         assert_eq!((x, dx), (y, dy));
     }

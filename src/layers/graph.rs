@@ -42,7 +42,11 @@ enum GraphJson {
     /// `nix path-info --json` of Nix 2.8, or a bare `exportReferencesGraph`.
     List(Vec<PathInfo>),
     /// Nixery's runtime graph: `{"exportReferencesGraph": {"graph": [roots]}, "graph": [...]}`.
-    Export { graph: Vec<PathInfo>, #[serde(rename = "exportReferencesGraph")] export: Option<Roots> },
+    Export {
+        graph: Vec<PathInfo>,
+        #[serde(rename = "exportReferencesGraph")]
+        export: Option<Roots>,
+    },
     /// A structured-attrs `exportReferencesGraph.closure`.
     Closure { closure: Vec<PathInfo> },
     /// `nix path-info --json` of Nix 2.19 and later: path → info (null if invalid).
@@ -71,7 +75,10 @@ impl RuntimeGraph {
         let known: HashSet<&str> = paths.iter().map(|p| p.path.as_str()).collect();
         for info in &paths {
             if let Some(missing) = info.references.iter().find(|r| !known.contains(r.as_str())) {
-                return Err(GraphError::Dangling { referrer: info.path.clone(), missing: missing.clone() });
+                return Err(GraphError::Dangling {
+                    referrer: info.path.clone(),
+                    missing: missing.clone(),
+                });
             }
         }
         if let Some(root) = roots.iter().find(|r| !known.contains(r.as_str())) {
@@ -102,8 +109,12 @@ impl RuntimeGraph {
     /// The closure size of each path (its NAR size plus that of everything it
     /// refers to, transitively), in the order of `paths`.
     pub fn closure_sizes(&self) -> Vec<u64> {
-        let index: HashMap<&str, usize> =
-            self.paths.iter().enumerate().map(|(i, p)| (p.path.as_str(), i)).collect();
+        let index: HashMap<&str, usize> = self
+            .paths
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.path.as_str(), i))
+            .collect();
         let refs: Vec<Vec<usize>> = self
             .paths
             .iter()
@@ -137,7 +148,11 @@ fn parse(json: &[u8]) -> Result<(Vec<PathInfo>, Option<Vec<String>>), GraphError
         GraphJson::Map(map) => (
             map.into_iter()
                 .filter_map(|(path, info)| {
-                    info.map(|i| PathInfo { path, nar_size: i.nar_size, references: i.references })
+                    info.map(|i| PathInfo {
+                        path,
+                        nar_size: i.nar_size,
+                        references: i.references,
+                    })
                 })
                 .collect(),
             None,
@@ -151,8 +166,11 @@ fn unreferenced(paths: &[PathInfo]) -> Vec<String> {
         .flat_map(|p| p.references.iter().filter(move |r| **r != p.path))
         .map(String::as_str)
         .collect();
-    let mut roots: Vec<String> =
-        paths.iter().map(|p| p.path.clone()).filter(|p| !referenced.contains(p.as_str())).collect();
+    let mut roots: Vec<String> = paths
+        .iter()
+        .map(|p| p.path.clone())
+        .filter(|p| !referenced.contains(p.as_str()))
+        .collect();
     roots.sort();
     roots
 }
@@ -163,7 +181,9 @@ pub(crate) mod tests {
 
     /// `../shared/data`, where the project's closure fixtures live.
     pub(crate) fn shared_data(file: &str) -> Vec<u8> {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data").join(file);
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/data")
+            .join(file);
         std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {} is missing: {e}", path.display()))
     }
 
@@ -190,13 +210,19 @@ pub(crate) mod tests {
     #[test]
     fn rejects_dangling_references_and_roots() {
         let json = br#"[{"path":"/nix/store/a","narSize":1,"references":["/nix/store/zz"]}]"#;
-        assert!(matches!(RuntimeGraph::from_graph_file(json), Err(GraphError::Dangling { .. })));
+        assert!(matches!(
+            RuntimeGraph::from_graph_file(json),
+            Err(GraphError::Dangling { .. })
+        ));
         let json = br#"[{"path":"/nix/store/a","narSize":1,"references":[]}]"#;
         assert!(matches!(
             RuntimeGraph::from_path_info(vec!["/nix/store/b".into()], json),
             Err(GraphError::MissingRoot(_))
         ));
-        assert!(matches!(RuntimeGraph::from_graph_file(b"{\"x\":1}"), Err(GraphError::Json(_))));
+        assert!(matches!(
+            RuntimeGraph::from_graph_file(b"{\"x\":1}"),
+            Err(GraphError::Json(_))
+        ));
     }
 
     /// The real closure fixtures carry Nix's own closureSize: ours must agree.
@@ -210,14 +236,24 @@ pub(crate) mod tests {
             let json = shared_data(file);
             let g = RuntimeGraph::from_graph_file(&json).unwrap();
             let value: serde_json::Value = serde_json::from_slice(&json).unwrap();
-            let list = value.get("graph").or(value.get("closure")).unwrap_or(&value).as_array().unwrap().clone();
+            let list = value
+                .get("graph")
+                .or(value.get("closure"))
+                .unwrap_or(&value)
+                .as_array()
+                .unwrap()
+                .clone();
             let mut expected: Vec<(String, u64)> = list
                 .iter()
-                .map(|n| (n["path"].as_str().unwrap().to_owned(), n["closureSize"].as_u64().unwrap()))
+                .map(|n| {
+                    (
+                        n["path"].as_str().unwrap().to_owned(),
+                        n["closureSize"].as_u64().unwrap(),
+                    )
+                })
                 .collect();
             expected.sort();
-            let ours: Vec<(String, u64)> =
-                g.paths.iter().map(|p| p.path.clone()).zip(g.closure_sizes()).collect();
+            let ours: Vec<(String, u64)> = g.paths.iter().map(|p| p.path.clone()).zip(g.closure_sizes()).collect();
             assert_eq!(ours, expected, "{file}");
         }
     }

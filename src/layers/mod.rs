@@ -51,7 +51,10 @@ pub fn group_by_popularity(graph: &RuntimeGraph, popularity: &Popularity, budget
             let head_popularity = popularity.of(&graph.paths[head].path) as u128;
             let size: u128 = members.iter().map(|&m| sizes[m] as u128).sum();
             let paths = members.into_iter().map(|m| graph.paths[m].path.clone()).collect();
-            Layer { paths, rating: head_popularity * size }
+            Layer {
+                paths,
+                rating: head_popularity * size,
+            }
         })
         .collect();
 
@@ -68,8 +71,12 @@ pub fn group_by_popularity(graph: &RuntimeGraph, popularity: &Popularity, budget
 /// For each path, the path heading its layer: its ancestor in the dominator
 /// tree that the synthetic root immediately dominates.
 fn layer_heads(graph: &RuntimeGraph, popularity: &Popularity, sizes: &[u64]) -> Vec<usize> {
-    let index: HashMap<&str, usize> =
-        graph.paths.iter().enumerate().map(|(i, p)| (p.path.as_str(), i)).collect();
+    let index: HashMap<&str, usize> = graph
+        .paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.path.as_str(), i))
+        .collect();
     let mut g: DiGraph<(), ()> = DiGraph::with_capacity(graph.paths.len() + 1, 0);
     let root = g.add_node(());
     let nodes: Vec<NodeIndex> = graph.paths.iter().map(|_| g.add_node(())).collect();
@@ -128,13 +135,21 @@ mod tests {
     fn names(layers: &[Layer]) -> Vec<Vec<String>> {
         layers
             .iter()
-            .map(|l| l.paths.iter().map(|p| p.rsplit_once('-').unwrap().1.to_owned()).collect())
+            .map(|l| {
+                l.paths
+                    .iter()
+                    .map(|p| p.rsplit_once('-').unwrap().1.to_owned())
+                    .collect()
+            })
             .collect()
     }
 
     #[test]
     fn a_chain_is_one_layer() {
-        let g = graph(&["app"], &[("app", 10, &["lib"]), ("lib", 10, &["libc"]), ("libc", 10, &[])]);
+        let g = graph(
+            &["app"],
+            &[("app", 10, &["lib"]), ("lib", 10, &["libc"]), ("libc", 10, &[])],
+        );
         let layers = group_by_popularity(&g, &Popularity::default(), 10);
         assert_eq!(names(&layers), vec![vec!["app", "lib", "libc"]]);
         assert_eq!(layers[0].rating, 30 + 20 + 10);
@@ -152,25 +167,48 @@ mod tests {
     fn popular_and_big_paths_hang_off_the_root() {
         let g = graph(
             &["app"],
-            &[("app", 1, &["glibc", "huge", "priv"]), ("glibc", 10, &[]), ("huge", 200_000_000, &[]), ("priv", 5, &[])],
+            &[
+                ("app", 1, &["glibc", "huge", "priv"]),
+                ("glibc", 10, &[]),
+                ("huge", 200_000_000, &[]),
+                ("priv", 5, &[]),
+            ],
         );
         let pop = Popularity::from_json(br#"{"glibc": 100}"#).unwrap();
         let layers = group_by_popularity(&g, &pop, 10);
         // app's own layer holds the whole closure size of app: it rates highest.
         assert_eq!(names(&layers), vec![vec!["app", "priv"], vec!["huge"], vec!["glibc"]]);
-        assert_eq!(layers.iter().map(|l| l.rating).collect::<Vec<_>>(), vec![200_000_021, 200_000_000, 1000]);
+        assert_eq!(
+            layers.iter().map(|l| l.rating).collect::<Vec<_>>(),
+            vec![200_000_021, 200_000_000, 1000]
+        );
     }
 
     #[test]
     fn the_lowest_rated_layers_merge_to_fit_the_budget() {
         let g = graph(
             &["a", "b", "c", "d", "e"],
-            &[("a", 1, &[]), ("b", 2, &[]), ("c", 3, &[]), ("d", 4, &[]), ("e", 5, &[])],
+            &[
+                ("a", 1, &[]),
+                ("b", 2, &[]),
+                ("c", 3, &[]),
+                ("d", 4, &[]),
+                ("e", 5, &[]),
+            ],
         );
         let pop = Popularity::default();
-        assert_eq!(names(&group_by_popularity(&g, &pop, 5)), vec![vec!["e"], vec!["d"], vec!["c"], vec!["b"], vec!["a"]]);
-        assert_eq!(names(&group_by_popularity(&g, &pop, 3)), vec![vec!["a", "b", "c"], vec!["e"], vec!["d"]]);
-        assert_eq!(names(&group_by_popularity(&g, &pop, 1)), vec![vec!["a", "b", "c", "d", "e"]]);
+        assert_eq!(
+            names(&group_by_popularity(&g, &pop, 5)),
+            vec![vec!["e"], vec!["d"], vec!["c"], vec!["b"], vec!["a"]]
+        );
+        assert_eq!(
+            names(&group_by_popularity(&g, &pop, 3)),
+            vec![vec!["a", "b", "c"], vec!["e"], vec!["d"]]
+        );
+        assert_eq!(
+            names(&group_by_popularity(&g, &pop, 1)),
+            vec![vec!["a", "b", "c", "d", "e"]]
+        );
     }
 
     #[test]
@@ -203,7 +241,10 @@ mod tests {
             all.sort();
             let expected: Vec<&String> = g.paths.iter().map(|p| &p.path).collect();
             assert_eq!(all, expected, "{file}: each path exactly once");
-            assert!(layers.windows(2).all(|w| w[0].rating >= w[1].rating), "{file}: most valuable first");
+            assert!(
+                layers.windows(2).all(|w| w[0].rating >= w[1].rating),
+                "{file}: most valuable first"
+            );
             assert_eq!(layers, group_by_popularity(&g, &pop, budget), "{file}: deterministic");
         }
     }
@@ -215,7 +256,10 @@ mod tests {
         let pop = Popularity::from_json(&shared_data("debian-bookworm/popularity-direct.json")).unwrap();
         let g = RuntimeGraph::from_graph_file(&shared_data("debian-bookworm/graphs/git.json")).unwrap();
         let layers = group_by_popularity(&g, &pop, DEFAULT_BUDGET);
-        let libc = layers.iter().find(|l| l.paths.iter().any(|p| p.ends_with("-libc6-2.36-9+deb12u14"))).unwrap();
+        let libc = layers
+            .iter()
+            .find(|l| l.paths.iter().any(|p| p.ends_with("-libc6-2.36-9+deb12u14")))
+            .unwrap();
         assert!(libc.paths.iter().all(|p| !p.contains("-git-")), "{:?}", libc.paths);
         assert_eq!(libc.rating % 21820, 0, "rated by libc6's popularity");
         assert!(layers.len() > 10, "git's closure is spread over many layers");

@@ -33,7 +33,10 @@ pub enum PopularityError {
 
 impl Popularity {
     pub fn from_json(json: &[u8]) -> Result<Self, PopularityError> {
-        Ok(Popularity { counts: serde_json::from_slice(json)?, digest: Some(Digest::of(json)) })
+        Ok(Popularity {
+            counts: serde_json::from_slice(json)?,
+            digest: Some(Digest::of(json)),
+        })
     }
 
     /// What identifies this data: the digest of its JSON, or `none`.
@@ -44,14 +47,22 @@ impl Popularity {
     /// Loads popularity data from an http(s) URL, a `file://` URL or a path.
     pub async fn load(url: &str) -> Result<Self, PopularityError> {
         if url.starts_with("http://") || url.starts_with("https://") {
-            let fetch = |source| PopularityError::Fetch { url: url.to_owned(), source };
-            let response = reqwest::get(url).await.map_err(fetch)?.error_for_status().map_err(fetch)?;
+            let fetch = |source| PopularityError::Fetch {
+                url: url.to_owned(),
+                source,
+            };
+            let response = reqwest::get(url)
+                .await
+                .map_err(fetch)?
+                .error_for_status()
+                .map_err(fetch)?;
             return Self::from_json(&response.bytes().await.map_err(fetch)?);
         }
         let path = url.strip_prefix("file://").unwrap_or(url);
-        let bytes = tokio::fs::read(path)
-            .await
-            .map_err(|source| PopularityError::Read { url: url.to_owned(), source })?;
+        let bytes = tokio::fs::read(path).await.map_err(|source| PopularityError::Read {
+            url: url.to_owned(),
+            source,
+        })?;
         Self::from_json(&bytes)
     }
 
@@ -82,7 +93,11 @@ mod tests {
     fn counts_by_name_and_version() {
         let p = Popularity::from_json(br#"{"glibc-2.40-66": 40000, "zlib-1.3": 500}"#).unwrap();
         assert_eq!(p.of("/nix/store/s9qbqh7gzacs7h68b2jfmn9l6q4jwfjz-glibc-2.40-66"), 40000);
-        assert_eq!(p.of("/nix/store/abc-glibc-2.33-59"), 1, "another version does not match");
+        assert_eq!(
+            p.of("/nix/store/abc-glibc-2.33-59"),
+            1,
+            "another version does not match"
+        );
         assert_eq!(p.of("/nix/store/abc-unknown-1"), 1);
         assert_eq!(p.of("/nix/store/abc-nss-cacert-3.107"), IN_EVERY_IMAGE);
         assert_eq!(Popularity::default().of("/nix/store/abc-iana-etc-2024"), IN_EVERY_IMAGE);
@@ -112,6 +127,9 @@ mod tests {
     async fn loads_the_debian_corpus() {
         let json = super::super::graph::tests::shared_data("debian-bookworm/popularity-direct.json");
         let p = Popularity::from_json(&json).unwrap();
-        assert_eq!(p.of("/nix/store/ri3sz7x41572q35g4g0ihnywf5gkq7v3-libc6-2.36-9+deb12u14"), 21820);
+        assert_eq!(
+            p.of("/nix/store/ri3sz7x41572q35g4g0ihnywf5gkq7v3-libc6-2.36-9+deb12u14"),
+            21820
+        );
     }
 }

@@ -33,7 +33,10 @@ pub enum NixError {
     #[error("Nix {stage} timed out after {} s", .after.as_secs())]
     Timeout { stage: &'static str, after: Duration },
     #[error("could not run {program}: {source}")]
-    Spawn { program: &'static str, source: std::io::Error },
+    Spawn {
+        program: &'static str,
+        source: std::io::Error,
+    },
     #[error("unexpected output from Nix {stage}: {detail}")]
     Output { stage: &'static str, detail: String },
     #[error("runtime graph from Nix is inconsistent: {0}")]
@@ -98,12 +101,21 @@ impl Nix {
             .args(["--argstr", "srcArgs", &source.args])
             .args(["--argstr", "system", system])
             .args(["--argstr", "packages", &serde_json::Value::from(requests).to_string()]);
-        let stdout = self.run("evaluation", "nix-instantiate", cmd).await.map_err(|e| e.into_nix(NixError::Eval))?;
-        let lookups: Vec<Lookup> = serde_json::from_slice(&stdout)
-            .map_err(|e| NixError::Output { stage: "evaluation", detail: e.to_string() })?;
+        let stdout = self
+            .run("evaluation", "nix-instantiate", cmd)
+            .await
+            .map_err(|e| e.into_nix(NixError::Eval))?;
+        let lookups: Vec<Lookup> = serde_json::from_slice(&stdout).map_err(|e| NixError::Output {
+            stage: "evaluation",
+            detail: e.to_string(),
+        })?;
 
         let named = |status: &str| -> Vec<String> {
-            lookups.iter().filter(|l| l.status == status).map(|l| l.name.clone()).collect()
+            lookups
+                .iter()
+                .filter(|l| l.status == status)
+                .map(|l| l.name.clone())
+                .collect()
         };
         let (missing, not_packages) = (named("missing"), named("notPackage"));
         if !missing.is_empty() {
@@ -116,64 +128,99 @@ impl Nix {
             .into_iter()
             .map(|l| match (l.drv, l.output, l.out) {
                 (Some(drv), Some(output), Some(out)) if l.status == "ok" => Ok((drv, output, out)),
-                _ => Err(NixError::Output { stage: "evaluation", detail: format!("bad record for {}", l.name) }),
+                _ => Err(NixError::Output {
+                    stage: "evaluation",
+                    detail: format!("bad record for {}", l.name),
+                }),
             })
             .collect()
     }
 
     async fn build(&self, targets: &[String]) -> Result<(), NixError> {
         let mut cmd = Command::new("nix-store");
-        cmd.args(["--realise", "--timeout", &self.timeout.as_secs().max(1).to_string()]).args(targets);
+        cmd.args(["--realise", "--timeout", &self.timeout.as_secs().max(1).to_string()])
+            .args(targets);
         match self.run("build", "nix-store", cmd).await {
             Ok(_) => Ok(()),
-            Err(RunError::Failed { code: Some(EXIT_TIMED_OUT), .. }) => {
-                Err(NixError::Timeout { stage: "build", after: self.timeout })
-            }
+            Err(RunError::Failed {
+                code: Some(EXIT_TIMED_OUT),
+                ..
+            }) => Err(NixError::Timeout {
+                stage: "build",
+                after: self.timeout,
+            }),
             Err(e) => Err(e.into_nix(NixError::Build)),
         }
     }
 
     async fn runtime_graph(&self, outputs: &[String]) -> Result<RuntimeGraph, NixError> {
         let mut cmd = Command::new("nix");
-        cmd.args(["--extra-experimental-features", "nix-command", "path-info", "--json", "--recursive"])
-            .args(outputs);
-        let stdout = self
-            .run("closure query", "nix", cmd)
-            .await
-            .map_err(|e| e.into_nix(|detail| NixError::Output { stage: "closure query", detail }))?;
+        cmd.args([
+            "--extra-experimental-features",
+            "nix-command",
+            "path-info",
+            "--json",
+            "--recursive",
+        ])
+        .args(outputs);
+        let stdout = self.run("closure query", "nix", cmd).await.map_err(|e| {
+            e.into_nix(|detail| NixError::Output {
+                stage: "closure query",
+                detail,
+            })
+        })?;
         Ok(RuntimeGraph::from_path_info(outputs.to_vec(), &stdout)?)
     }
 
     /// Runs a Nix command to completion within the deadline, logging its
     /// stderr as it comes; returns its stdout.
     async fn run(&self, stage: &'static str, program: &'static str, mut cmd: Command) -> Result<Vec<u8>, RunError> {
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
         let mut child = cmd.spawn().map_err(|source| RunError::Spawn { program, source })?;
         let mut stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
 
         let work = async {
             let mut out = Vec::new();
-            let (read, tail, status) = tokio::join!(stdout.read_to_end(&mut out), log_lines(stage, stderr), child.wait());
+            let (read, tail, status) =
+                tokio::join!(stdout.read_to_end(&mut out), log_lines(stage, stderr), child.wait());
             read.map_err(|source| RunError::Spawn { program, source })?;
             let status = status.map_err(|source| RunError::Spawn { program, source })?;
             if status.success() {
                 Ok(out)
             } else {
-                Err(RunError::Failed { code: status.code(), stderr: tail })
+                Err(RunError::Failed {
+                    code: status.code(),
+                    stderr: tail,
+                })
             }
         };
         tokio::time::timeout(self.timeout, work)
             .await
-            .map_err(|_| RunError::TimedOut { stage, after: self.timeout })?
+            .map_err(|_| RunError::TimedOut {
+                stage,
+                after: self.timeout,
+            })?
     }
 }
 
 /// How a Nix process ended badly.
 enum RunError {
-    Spawn { program: &'static str, source: std::io::Error },
-    Failed { code: Option<i32>, stderr: Vec<String> },
-    TimedOut { stage: &'static str, after: Duration },
+    Spawn {
+        program: &'static str,
+        source: std::io::Error,
+    },
+    Failed {
+        code: Option<i32>,
+        stderr: Vec<String>,
+    },
+    TimedOut {
+        stage: &'static str,
+        after: Duration,
+    },
 }
 
 impl RunError {
@@ -189,8 +236,16 @@ impl RunError {
 
 /// The lines from the first `error:` on, or the last lines if none says so.
 fn summarise(code: Option<i32>, stderr: &[String]) -> String {
-    let from = stderr.iter().position(|l| l.trim_start().starts_with("error:")).unwrap_or(0);
-    let text = stderr[from..].iter().map(|l| l.trim()).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+    let from = stderr
+        .iter()
+        .position(|l| l.trim_start().starts_with("error:"))
+        .unwrap_or(0);
+    let text = stderr[from..]
+        .iter()
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
     match (text.is_empty(), code) {
         (false, _) => text,
         (true, Some(code)) => format!("exited with status {code}"),
@@ -237,10 +292,17 @@ mod tests {
 
     #[test]
     fn summaries_start_at_the_error() {
-        let lines: Vec<String> = ["building '/nix/store/x.drv'...", "error: builder for 'x' failed", "  with exit code 3"]
-            .map(String::from)
-            .to_vec();
-        assert_eq!(summarise(Some(100), &lines), "error: builder for 'x' failed with exit code 3");
+        let lines: Vec<String> = [
+            "building '/nix/store/x.drv'...",
+            "error: builder for 'x' failed",
+            "  with exit code 3",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            summarise(Some(100), &lines),
+            "error: builder for 'x' failed with exit code 3"
+        );
         assert_eq!(summarise(Some(1), &[]), "exited with status 1");
         assert_eq!(summarise(None, &[]), "killed by a signal");
     }
