@@ -101,13 +101,11 @@ impl Builder {
             .await
             .map_err(|e| Arc::new(BuildError::Source(e)))?;
         let key = self.manifest_key(request, revision.as_deref());
-        if revision.is_some()
-            && let Some(record) = self.caches.manifest(&key).await.map_err(|e| Arc::new(e.into()))?
-        {
+        let cacheable = revision.is_some();
+        if cacheable && let Some(record) = self.caches.manifest(&key).await.map_err(|e| Arc::new(e.into()))? {
             tracing::debug!(image = %request, digest = %record.digest, "manifest cache hit");
             return Ok(record);
         }
-        let cacheable = revision.is_some();
         self.join_build(key, request.clone(), cacheable).await
     }
 
@@ -162,6 +160,7 @@ impl Builder {
         let mut jobs: Vec<LayerJob> = plan.into_iter().map(|layer| LayerJob::Store(layer.paths)).collect();
         jobs.push(LayerJob::Root(realised.outputs.clone(), rootfs));
         let layer_count = jobs.len();
+        let plan_done = Instant::now();
 
         let packed: Vec<(LayerDigests, bool)> = futures::stream::iter(jobs)
             .map(|job| self.layer(job))
@@ -193,7 +192,9 @@ impl Builder {
             image = %request,
             digest = %record.digest,
             nix_ms = (nix_done - started).as_millis() as u64,
-            packing_ms = (packing_done - nix_done).as_millis() as u64,
+            plan_ms = (plan_done - nix_done).as_millis() as u64,
+            packing_ms = (packing_done - plan_done).as_millis() as u64,
+            manifest_ms = packing_done.elapsed().as_millis() as u64,
             total_ms = started.elapsed().as_millis() as u64,
             store_paths = realised.graph.paths.len(),
             layers = layer_count,

@@ -4,7 +4,7 @@
 //! registry's log while it runs; every call has a deadline.
 
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
@@ -76,11 +76,20 @@ impl Nix {
     /// Evaluates and realises `packages` for `system` from `source` and
     /// reads the closure's runtime graph.
     pub async fn realise(&self, source: &NixSource, system: &str, packages: &[String]) -> Result<Realised, NixError> {
+        let started = Instant::now();
         let found = self.evaluate(source, system, packages).await?;
+        let evaluated = Instant::now();
         let targets: Vec<String> = found.iter().map(|(drv, output, _)| format!("{drv}!{output}")).collect();
         let outputs: Vec<String> = found.into_iter().map(|(_, _, out)| out).collect();
         self.build(&targets).await?;
+        let built = Instant::now();
         let graph = self.runtime_graph(&outputs).await?;
+        tracing::info!(
+            eval_ms = (evaluated - started).as_millis() as u64,
+            build_ms = (built - evaluated).as_millis() as u64,
+            query_ms = built.elapsed().as_millis() as u64,
+            "nix finished"
+        );
         Ok(Realised { outputs, graph })
     }
 
