@@ -275,7 +275,7 @@ impl RegistryError {
     fn range_not_satisfiable(size: u64) -> Self {
         let mut e = Self::new(
             StatusCode::RANGE_NOT_SATISFIABLE,
-            "BLOB_UNKNOWN",
+            "RANGE_INVALID",
             "the requested range is outside the blob",
         );
         e.content_range = Some(format!("bytes */{size}"));

@@ -370,7 +370,14 @@ fn protocol_edges() {
         &registry.url(&format!("/v2/hello/blobs/{layer}")),
         &[("Range", &beyond)],
     );
-    assert_eq!(unsatisfiable.status, 416);
+    assert_eq!(
+        (unsatisfiable.status, unsatisfiable.error_code().as_str()),
+        (416, "RANGE_INVALID")
+    );
+    assert_eq!(
+        unsatisfiable.header("content-range"),
+        format!("bytes */{}", blob.body.len())
+    );
 
     let absent = format!("sha256:{}", "0".repeat(64));
     let missing = registry.get(&format!("/v2/hello/blobs/{absent}"));

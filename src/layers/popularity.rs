@@ -124,6 +124,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn loads_http_urls() {
+        let app = axum::Router::new()
+            .route("/pop.json", axum::routing::get(|| async { r#"{"hello-2.12": 9}"# }))
+            .route(
+                "/gone",
+                axum::routing::get(|| async { (axum::http::StatusCode::NOT_FOUND, "no") }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let loaded = Popularity::load(&format!("http://{address}/pop.json")).await.unwrap();
+        assert_eq!(loaded.of("/nix/store/x-hello-2.12"), 9);
+        assert!(matches!(
+            Popularity::load(&format!("http://{address}/gone")).await,
+            Err(PopularityError::Fetch { .. })
+        ));
+    }
+
+    #[tokio::test]
     async fn loads_the_debian_corpus() {
         let json = super::super::graph::tests::shared_data("debian-bookworm/popularity-direct.json");
         let p = Popularity::from_json(&json).unwrap();
