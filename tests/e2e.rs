@@ -156,6 +156,11 @@ fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
+/// Pulls `source` (a docker:// reference) into the OCI layout `destination`.
+fn skopeo_copy(source: &str, destination: &str) {
+    run("skopeo", &["copy", "--src-tls-verify=false", source, destination]);
+}
+
 fn sha256(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
@@ -167,15 +172,7 @@ fn pull_unpack_and_run_shell_hello() {
     let layout = work.path().join("oci");
     let image = format!("docker://{}/shell/hello", registry.address);
 
-    run(
-        "skopeo",
-        &[
-            "copy",
-            "--src-tls-verify=false",
-            &image,
-            &format!("oci:{}:latest", layout.display()),
-        ],
-    );
+    skopeo_copy(&image, &format!("oci:{}:latest", layout.display()));
     let runs_after_first_pull = registry.nix_runs();
     assert_eq!(runs_after_first_pull, 1, "one evaluation for one image");
 
@@ -200,15 +197,7 @@ fn pull_unpack_and_run_shell_hello() {
     );
 
     // A second pull is served from the cache: Nix does not run again.
-    run(
-        "skopeo",
-        &[
-            "copy",
-            "--src-tls-verify=false",
-            &image,
-            &format!("oci:{}:again", layout.display()),
-        ],
-    );
+    skopeo_copy(&image, &format!("oci:{}:again", layout.display()));
     assert_eq!(registry.nix_runs(), runs_after_first_pull);
 
     // Pull by digest.
@@ -217,15 +206,7 @@ fn pull_unpack_and_run_shell_hello() {
         .header("docker-content-digest")
         .to_owned();
     let by_digest = format!("docker://{}/shell/hello@{digest}", registry.address);
-    run(
-        "skopeo",
-        &[
-            "copy",
-            "--src-tls-verify=false",
-            &by_digest,
-            &format!("oci:{}:bydigest", layout.display()),
-        ],
-    );
+    skopeo_copy(&by_digest, &format!("oci:{}:bydigest", layout.display()));
     assert_eq!(registry.nix_runs(), runs_after_first_pull);
 }
 

@@ -106,20 +106,34 @@ impl RuntimeGraph {
         Self::new(roots, paths)
     }
 
-    /// The closure size of each path (its NAR size plus that of everything it
-    /// refers to, transitively), in the order of `paths`.
-    pub fn closure_sizes(&self) -> Vec<u64> {
-        let index: HashMap<&str, usize> = self
-            .paths
+    /// For each path (in the order of `paths`), the positions of the paths
+    /// it refers to.
+    pub fn reference_indices(&self) -> Vec<Vec<usize>> {
+        let index = self.index();
+        self.paths
+            .iter()
+            .map(|p| p.references.iter().map(|r| index[r.as_str()]).collect())
+            .collect()
+    }
+
+    /// The positions of the roots in `paths`.
+    pub fn root_indices(&self) -> Vec<usize> {
+        let index = self.index();
+        self.roots.iter().map(|r| index[r.as_str()]).collect()
+    }
+
+    fn index(&self) -> HashMap<&str, usize> {
+        self.paths
             .iter()
             .enumerate()
             .map(|(i, p)| (p.path.as_str(), i))
-            .collect();
-        let refs: Vec<Vec<usize>> = self
-            .paths
-            .iter()
-            .map(|p| p.references.iter().map(|r| index[r.as_str()]).collect())
-            .collect();
+            .collect()
+    }
+
+    /// The closure size of each path (its NAR size plus that of everything it
+    /// refers to, transitively), in the order of `paths`.
+    pub fn closure_sizes(&self) -> Vec<u64> {
+        let refs = self.reference_indices();
         let mut seen = vec![usize::MAX; self.paths.len()];
         (0..self.paths.len())
             .map(|start| {

@@ -8,7 +8,7 @@
 mod graph;
 mod popularity;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use petgraph::algo::dominators;
 use petgraph::graph::{DiGraph, NodeIndex};
@@ -71,21 +71,15 @@ pub fn group_by_popularity(graph: &RuntimeGraph, popularity: &Popularity, budget
 /// For each path, the path heading its layer: its ancestor in the dominator
 /// tree that the synthetic root immediately dominates.
 fn layer_heads(graph: &RuntimeGraph, popularity: &Popularity, sizes: &[u64]) -> Vec<usize> {
-    let index: HashMap<&str, usize> = graph
-        .paths
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (p.path.as_str(), i))
-        .collect();
     let mut g: DiGraph<(), ()> = DiGraph::with_capacity(graph.paths.len() + 1, 0);
     let root = g.add_node(());
     let nodes: Vec<NodeIndex> = graph.paths.iter().map(|_| g.add_node(())).collect();
-    for r in &graph.roots {
-        g.add_edge(root, nodes[index[r.as_str()]], ());
+    for r in graph.root_indices() {
+        g.add_edge(root, nodes[r], ());
     }
-    for (i, info) in graph.paths.iter().enumerate() {
-        for r in &info.references {
-            g.add_edge(nodes[i], nodes[index[r.as_str()]], ());
+    for ((i, info), references) in graph.paths.iter().enumerate().zip(graph.reference_indices()) {
+        for r in references {
+            g.add_edge(nodes[i], nodes[r], ());
         }
         if sizes[i] > BIG_CLOSURE || popularity.of(&info.path) >= POPULAR {
             g.add_edge(root, nodes[i], ());
