@@ -1,5 +1,6 @@
-//! The image pipeline: manifest cache → Nix → layer plan → packed layers →
-//! config and manifest in storage. One build per image at a time (callers
+//! The image pipeline: tag → revision → image cache → Nix → layer plan →
+//! packed layers → config and manifests (Docker and OCI) in storage, and an
+//! index over the architectures when asked for. One build per image (callers
 //! asking for an image that is being built wait for that build), a bounded
 //! number of builds at once, and builds that finish even when the client
 //! that asked has gone. Each stage's duration is logged.
@@ -18,17 +19,18 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 
 use crate::archive::{self, LayerDigests, RootFs};
-use crate::cache::{Caches, ManifestRecord};
+use crate::cache::{Caches, ImageRecord, ManifestRecord};
 use crate::digest::Digest;
-use crate::image::ImageRequest;
+use crate::image::{Arch, ImageRequest};
 use crate::layers::{self, Popularity};
+use crate::negotiate::Choice;
 use crate::nix::{Nix, NixError};
-use crate::oci::{self, OciError};
-use crate::source::PackageSource;
+use crate::oci::{self, Format, IndexEntry, OciError};
+use crate::source::{PackageSource, Resolved, SourceError};
 use crate::storage::{Storage, StorageError};
 
 /// Bumped when anything that shapes images changes, so old records miss.
-const FORMAT: &str = "nixery-v1";
+const FORMAT: &str = "nixery-v2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -38,8 +40,10 @@ pub enum BuildError {
     Storage(#[from] StorageError),
     #[error("packing a layer failed: {0}")]
     Archive(std::io::Error),
-    #[error("identifying the package set failed: {0}")]
-    Source(std::io::Error),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("tag {0:?} names no revision of the package set")]
+    UnknownTag(String),
     #[error(transparent)]
     Oci(#[from] OciError),
 }
@@ -51,10 +55,15 @@ pub struct Settings {
     pub gzip_level: u32,
     /// Builds that may run at once; also the layers packed at once per build.
     pub parallel: usize,
+    /// What a tag resolves to without the `arm64` meta-package; the first is
+    /// the one for clients that read no index. Never empty.
+    pub architectures: Vec<Arch>,
+    /// The manifest format served to clients that accept both.
+    pub preferred_format: Format,
 }
 
-type BuildResult = Result<ManifestRecord, Arc<BuildError>>;
-type BuildFuture = Shared<Pin<Box<dyn Future<Output = BuildResult> + Send>>>;
+type BuildResult<T> = Result<T, Arc<BuildError>>;
+type BuildFuture = Shared<Pin<Box<dyn Future<Output = BuildResult<ImageRecord>> + Send>>>;
 
 /// Builds images and remembers what it built.
 pub struct Builder {
@@ -92,25 +101,98 @@ impl Builder {
         &self.storage
     }
 
-    /// The manifest for an image: from the cache, from a build in flight for
-    /// the same image, or from a new build.
-    pub async fn manifest(self: &Arc<Self>, request: &ImageRequest) -> BuildResult {
-        let revision = self
+    /// The tags the package source can name.
+    pub async fn tags(&self) -> Result<Vec<String>, SourceError> {
+        self.source.tags().await
+    }
+
+    pub fn preferred_format(&self) -> Format {
+        self.settings.preferred_format
+    }
+
+    /// The architectures a request's tag resolves to.
+    pub fn architectures(&self, request: &ImageRequest) -> Vec<Arch> {
+        match request.pinned_arch {
+            Some(arch) => vec![arch],
+            None => self.settings.architectures.clone(),
+        }
+    }
+
+    /// The manifest or index a tag resolves to for a client's choice: from
+    /// the caches, from builds in flight, or from new builds.
+    pub async fn resolve(self: &Arc<Self>, request: &ImageRequest, choice: Choice) -> BuildResult<ManifestRecord> {
+        let resolved = self
             .source
-            .revision(&request.tag)
+            .resolve(&request.tag)
             .await
-            .map_err(|e| Arc::new(BuildError::Source(e)))?;
-        let key = self.manifest_key(request, revision.as_deref());
-        let cacheable = revision.is_some();
-        if cacheable && let Some(record) = self.caches.manifest(&key).await.map_err(|e| Arc::new(e.into()))? {
-            tracing::debug!(image = %request, digest = %record.digest, "manifest cache hit");
+            .map_err(|e| Arc::new(e.into()))?
+            .ok_or_else(|| Arc::new(BuildError::UnknownTag(request.tag.clone())))?;
+        let architectures = self.architectures(request);
+        if !choice.index {
+            let image = self.image(request, architectures[0], &resolved).await?;
+            return Ok(image.manifest(choice.format).clone());
+        }
+        let images =
+            futures::future::try_join_all(architectures.iter().map(|&arch| self.image(request, arch, &resolved)))
+                .await?;
+        let entries: Vec<IndexEntry> = architectures
+            .iter()
+            .zip(&images)
+            .map(|(&arch, image)| {
+                let manifest = image.manifest(choice.format);
+                IndexEntry {
+                    arch,
+                    digest: manifest.digest.clone(),
+                    size: manifest.size,
+                }
+            })
+            .collect();
+        self.index(choice.format, &entries).await.map_err(Arc::new)
+    }
+
+    /// One architecture's image: cached, being built, or built now.
+    async fn image(
+        self: &Arc<Self>,
+        request: &ImageRequest,
+        arch: Arch,
+        resolved: &Resolved,
+    ) -> BuildResult<ImageRecord> {
+        let key = self.image_key(request, arch, resolved.revision.as_deref());
+        let cacheable = resolved.revision.is_some();
+        if cacheable && let Some(record) = self.caches.image(&key).await.map_err(|e| Arc::new(e.into()))? {
+            tracing::debug!(image = %request, arch = arch.oci_name(), "image cache hit");
             return Ok(record);
         }
-        self.join_build(key, request.clone(), cacheable).await
+        let job = BuildJob {
+            request: request.clone(),
+            arch,
+            resolved: resolved.clone(),
+            cache_key: cacheable.then(|| key.clone()),
+        };
+        self.join_build(key, job).await
+    }
+
+    /// Stores the index over `entries` once and returns its record.
+    async fn index(&self, format: Format, entries: &[IndexEntry]) -> Result<ManifestRecord, BuildError> {
+        let document = oci::index(format, entries)?;
+        let key = document.digest.hex().to_owned();
+        if let Some(record) = self.caches.index(&key).await? {
+            return Ok(record);
+        }
+        let record = ManifestRecord {
+            digest: document.digest.clone(),
+            media_type: format.media_type(true).to_owned(),
+            size: document.bytes.len() as u64,
+        };
+        self.storage
+            .put_blob(&document.digest, Bytes::from(document.bytes))
+            .await?;
+        self.caches.put_index(&key, record.clone()).await?;
+        Ok(record)
     }
 
     /// Waits for the build of `key`, starting it if none is running.
-    async fn join_build(self: &Arc<Self>, key: String, request: ImageRequest, cacheable: bool) -> BuildResult {
+    async fn join_build(self: &Arc<Self>, key: String, job: BuildJob) -> BuildResult<ImageRecord> {
         let build = {
             let mut in_flight = self.in_flight.lock().expect("not poisoned");
             in_flight
@@ -118,17 +200,14 @@ impl Builder {
                 .or_insert_with(|| {
                     let this = Arc::clone(self);
                     let task = tokio::spawn(async move {
-                        let result = this
-                            .build(&request, cacheable.then_some(key.as_str()))
-                            .await
-                            .map_err(Arc::new);
+                        let result = this.build(&job).await.map_err(Arc::new);
                         if let Err(error) = &result {
-                            tracing::warn!(image = %request, %error, "image build failed");
+                            tracing::warn!(image = %job.request, arch = job.arch.oci_name(), %error, "image build failed");
                         }
                         this.in_flight.lock().expect("not poisoned").remove(&key);
                         result
                     });
-                    let joined: Pin<Box<dyn Future<Output = BuildResult> + Send>> =
+                    let joined: Pin<Box<dyn Future<Output = BuildResult<ImageRecord>> + Send>> =
                         Box::pin(task.map(|joined| joined.expect("build tasks do not panic")));
                     joined.shared()
                 })
@@ -137,17 +216,14 @@ impl Builder {
         build.await
     }
 
-    async fn build(&self, request: &ImageRequest, cache_key: Option<&str>) -> Result<ManifestRecord, BuildError> {
+    async fn build(&self, job: &BuildJob) -> Result<ImageRecord, BuildError> {
         let _slot = self.build_slots.acquire().await.expect("never closed");
         let started = Instant::now();
+        let request = &job.request;
 
         let realised = self
             .nix
-            .realise(
-                &self.source.for_tag(&request.tag),
-                request.arch.nix_system(),
-                &request.packages,
-            )
+            .realise(&job.resolved.nix, job.arch.nix_system(), &request.packages)
             .await?;
         let nix_done = Instant::now();
 
@@ -171,26 +247,23 @@ impl Builder {
         let newly_packed = packed.iter().filter(|(_, new)| *new).count();
         let layers: Vec<LayerDigests> = packed.into_iter().map(|(digests, _)| digests).collect();
 
-        let config = oci::image_config(request.arch, &layers, request.has_bash())?;
+        let config = oci::image_config(job.arch, &layers, request.has_bash())?;
         self.storage
             .put_blob(&config.digest, Bytes::from(config.bytes.clone()))
             .await?;
-        let manifest = oci::docker_manifest(&config, &layers)?;
-        self.storage
-            .put_blob(&manifest.digest, Bytes::from(manifest.bytes.clone()))
-            .await?;
-        let record = ManifestRecord {
-            digest: manifest.digest,
-            media_type: oci::DOCKER_MANIFEST.to_owned(),
-            size: manifest.bytes.len() as u64,
+        let record = ImageRecord {
+            docker: self.put_manifest(Format::Docker, &config, &layers).await?,
+            oci: self.put_manifest(Format::Oci, &config, &layers).await?,
         };
-        if let Some(key) = cache_key {
-            self.caches.put_manifest(key, record.clone()).await?;
+        if let Some(key) = &job.cache_key {
+            self.caches.put_image(key, record.clone()).await?;
         }
 
         tracing::info!(
             image = %request,
-            digest = %record.digest,
+            arch = job.arch.oci_name(),
+            docker_digest = %record.docker.digest,
+            oci_digest = %record.oci.digest,
             nix_ms = (nix_done - started).as_millis() as u64,
             plan_ms = (plan_done - nix_done).as_millis() as u64,
             packing_ms = (packing_done - plan_done).as_millis() as u64,
@@ -201,6 +274,24 @@ impl Builder {
             newly_packed,
             "built image"
         );
+        Ok(record)
+    }
+
+    async fn put_manifest(
+        &self,
+        format: Format,
+        config: &oci::Document,
+        layers: &[LayerDigests],
+    ) -> Result<ManifestRecord, BuildError> {
+        let manifest = oci::manifest(format, config, layers)?;
+        let record = ManifestRecord {
+            digest: manifest.digest.clone(),
+            media_type: format.media_type(false).to_owned(),
+            size: manifest.bytes.len() as u64,
+        };
+        self.storage
+            .put_blob(&manifest.digest, Bytes::from(manifest.bytes))
+            .await?;
         Ok(record)
     }
 
@@ -227,8 +318,8 @@ impl Builder {
         Ok((digests, true))
     }
 
-    /// Everything that decides the manifest an image request resolves to.
-    fn manifest_key(&self, request: &ImageRequest, revision: Option<&str>) -> String {
+    /// Everything that decides the manifests of one architecture's image.
+    fn image_key(&self, request: &ImageRequest, arch: Arch, revision: Option<&str>) -> String {
         #[derive(Serialize)]
         struct Key<'a> {
             format: &'a str,
@@ -241,7 +332,7 @@ impl Builder {
         }
         let key = Key {
             format: FORMAT,
-            arch: request.arch.oci_name(),
+            arch: arch.oci_name(),
             revision,
             packages: &request.packages,
             popularity: self.popularity.id(),
@@ -252,6 +343,15 @@ impl Builder {
             .hex()
             .to_owned()
     }
+}
+
+/// One architecture's image to build.
+struct BuildJob {
+    request: ImageRequest,
+    arch: Arch,
+    resolved: Resolved,
+    /// Where to record the result; `None` when the revision is not pinned.
+    cache_key: Option<String>,
 }
 
 /// One layer to pack.

@@ -1,5 +1,6 @@
-//! Records of what was built, by key: which manifest an image request
-//! resolved to, and which blob a layer's contents were packed into. Kept in
+//! Records of what was built, by key: which manifests an image resolved to
+//! (one per format), which index a multi-arch tag resolved to, and which
+//! blob a layer's contents were packed into. Kept in
 //! memory (moka, bounded) in front of records in storage, so that a
 //! restarted registry finds them too.
 
@@ -10,9 +11,10 @@ use serde::de::DeserializeOwned;
 
 use crate::archive::LayerDigests;
 use crate::digest::Digest;
+use crate::oci::Format;
 use crate::storage::{Storage, StorageError};
 
-const MANIFEST_ENTRIES: u64 = 10_000;
+const IMAGE_ENTRIES: u64 = 10_000;
 const LAYER_ENTRIES: u64 = 100_000;
 
 /// A built manifest.
@@ -23,11 +25,28 @@ pub struct ManifestRecord {
     pub size: u64,
 }
 
-/// The manifest and layer caches.
+/// One architecture's image, in both manifest formats.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImageRecord {
+    pub docker: ManifestRecord,
+    pub oci: ManifestRecord,
+}
+
+impl ImageRecord {
+    pub fn manifest(&self, format: Format) -> &ManifestRecord {
+        match format {
+            Format::Docker => &self.docker,
+            Format::Oci => &self.oci,
+        }
+    }
+}
+
+/// The image, index and layer caches.
 #[derive(Clone)]
 pub struct Caches {
     storage: Storage,
-    manifests: Cache<String, ManifestRecord>,
+    images: Cache<String, ImageRecord>,
+    indexes: Cache<String, ManifestRecord>,
     layers: Cache<String, LayerDigests>,
 }
 
@@ -35,17 +54,26 @@ impl Caches {
     pub fn new(storage: Storage) -> Self {
         Caches {
             storage,
-            manifests: Cache::new(MANIFEST_ENTRIES),
+            images: Cache::new(IMAGE_ENTRIES),
+            indexes: Cache::new(IMAGE_ENTRIES),
             layers: Cache::new(LAYER_ENTRIES),
         }
     }
 
-    pub async fn manifest(&self, key: &str) -> Result<Option<ManifestRecord>, StorageError> {
-        lookup(&self.storage, &self.manifests, "manifests", key).await
+    pub async fn image(&self, key: &str) -> Result<Option<ImageRecord>, StorageError> {
+        lookup(&self.storage, &self.images, "images", key).await
     }
 
-    pub async fn put_manifest(&self, key: &str, record: ManifestRecord) -> Result<(), StorageError> {
-        store(&self.storage, &self.manifests, "manifests", key, record).await
+    pub async fn put_image(&self, key: &str, record: ImageRecord) -> Result<(), StorageError> {
+        store(&self.storage, &self.images, "images", key, record).await
+    }
+
+    pub async fn index(&self, key: &str) -> Result<Option<ManifestRecord>, StorageError> {
+        lookup(&self.storage, &self.indexes, "indexes", key).await
+    }
+
+    pub async fn put_index(&self, key: &str, record: ManifestRecord) -> Result<(), StorageError> {
+        store(&self.storage, &self.indexes, "indexes", key, record).await
     }
 
     pub async fn layer(&self, key: &str) -> Result<Option<LayerDigests>, StorageError> {
@@ -116,12 +144,13 @@ mod tests {
     async fn records_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let caches = Caches::new(Storage::filesystem(dir.path()).await.unwrap());
-        assert_eq!(caches.manifest("k").await.unwrap(), None);
-        caches.put_manifest("k", record()).await.unwrap();
-        assert_eq!(caches.manifest("k").await.unwrap(), Some(record()));
+        assert_eq!(caches.index("k").await.unwrap(), None);
+        caches.put_index("k", record()).await.unwrap();
+        assert_eq!(caches.index("k").await.unwrap(), Some(record()));
 
         let fresh = Caches::new(Storage::filesystem(dir.path()).await.unwrap());
-        assert_eq!(fresh.manifest("k").await.unwrap(), Some(record()));
+        assert_eq!(fresh.index("k").await.unwrap(), Some(record()));
+        assert_eq!(fresh.image("k").await.unwrap(), None, "kinds do not mix");
         assert_eq!(fresh.layer("k").await.unwrap(), None, "kinds do not mix");
     }
 
@@ -130,9 +159,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::filesystem(dir.path()).await.unwrap();
         storage
-            .put_record("manifests/bad", Bytes::from_static(b"{not json"))
+            .put_record("indexes/bad", Bytes::from_static(b"{not json"))
             .await
             .unwrap();
-        assert_eq!(Caches::new(storage).manifest("bad").await.unwrap(), None);
+        assert_eq!(Caches::new(storage).index("bad").await.unwrap(), None);
     }
 }

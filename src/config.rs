@@ -12,7 +12,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::archive::DEFAULT_GZIP_LEVEL;
+use crate::image::Arch;
 use crate::layers::DEFAULT_BUDGET;
+use crate::oci::Format;
 use crate::source::PackageSource;
 
 #[derive(Debug, Parser)]
@@ -80,6 +82,14 @@ pub struct ServeArgs {
     #[arg(long, env = "NIXERY_GZIP_LEVEL", default_value_t = DEFAULT_GZIP_LEVEL,
           value_parser = clap::value_parser!(u32).range(1..=9))]
     gzip_level: u32,
+    /// Architectures a tag resolves to, comma-separated; with more than one,
+    /// clients that read indexes get an index over all of them, others the first.
+    #[arg(long, env = "NIXERY_ARCHITECTURES", value_delimiter = ',', default_value = "amd64")]
+    architectures: Vec<Arch>,
+    /// The manifest format for clients that accept both (oci or docker);
+    /// clients that accept one get that one.
+    #[arg(long, env = "NIXERY_MANIFEST_FORMAT", default_value = "oci")]
+    manifest_format: Format,
     /// Log format.
     #[arg(long, env = "NIXERY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -114,6 +124,9 @@ pub struct ServeConfig {
     pub popularity_url: Option<String>,
     pub layer_budget: usize,
     pub gzip_level: u32,
+    /// Never empty, no duplicates, in the order configured.
+    pub architectures: Vec<Arch>,
+    pub manifest_format: Format,
 }
 
 impl ServeArgs {
@@ -133,6 +146,13 @@ impl ServeArgs {
             popularity_url: self.popularity_url,
             layer_budget: self.layer_budget.into(),
             gzip_level: self.gzip_level,
+            architectures: self.architectures.iter().fold(Vec::new(), |mut seen, arch| {
+                if !seen.contains(arch) {
+                    seen.push(*arch);
+                }
+                seen
+            }),
+            manifest_format: self.manifest_format,
         })
     }
 
@@ -159,7 +179,7 @@ impl ServeArgs {
             return Ok(PackageSource::Channel(channel.clone()));
         }
         if let Some(repo) = &self.pkgs_repo {
-            return Ok(PackageSource::Git(repo.clone()));
+            return Ok(PackageSource::git(repo.clone()));
         }
         Err(ConfigError::NoSource)
     }
@@ -198,6 +218,23 @@ mod tests {
         assert_eq!(config.nix_timeout, Duration::from_secs(60));
         assert_eq!(config.layer_budget, 94);
         assert!(matches!(config.source, PackageSource::Path { .. }));
+        assert_eq!(config.architectures, [Arch::Amd64]);
+        assert_eq!(config.manifest_format, Format::Oci);
+    }
+
+    #[test]
+    fn architectures_are_a_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let pkgs = dir.path().display().to_string();
+        let flags = ["--pkgs-path", &pkgs, "--storage-path", "/tmp/x", "--architectures"];
+        let with = |list: &str| {
+            let mut all = flags.to_vec();
+            all.push(list);
+            args(&all).map(|a| a.check().unwrap().architectures)
+        };
+        assert_eq!(with("arm64,amd64,arm64").unwrap(), [Arch::Arm64, Arch::Amd64]);
+        let error = with("amd64,riscv").unwrap_err().to_string();
+        assert!(error.contains("riscv"), "{error}");
     }
 
     #[test]
@@ -228,6 +265,7 @@ mod tests {
             (&["--nix-timeout", "0"][..], "--nix-timeout"),
             (&["--layer-budget", "500"][..], "--layer-budget"),
             (&["--gzip-level", "10"][..], "--gzip-level"),
+            (&["--manifest-format", "v1"][..], "oci or docker"),
             (&["--no-such-flag"][..], "--no-such-flag"),
         ] {
             let error = args(flags).unwrap_err().to_string();

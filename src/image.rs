@@ -50,6 +50,19 @@ impl Arch {
     }
 }
 
+impl std::str::FromStr for Arch {
+    type Err = String;
+
+    /// Reads an OCI architecture name (`amd64`, `arm64`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "amd64" => Ok(Arch::Amd64),
+            "arm64" => Ok(Arch::Arm64),
+            other => Err(format!("unknown architecture {other:?}: use amd64 or arm64")),
+        }
+    }
+}
+
 /// Why an image name or tag cannot be served.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NameError {
@@ -61,7 +74,8 @@ pub enum NameError {
     InvalidTag(String),
 }
 
-/// A request for one image: what to put in it and for which architecture.
+/// A request for one image: what to put in it and, when the name pins one,
+/// for which architecture.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImageRequest {
     /// The requested components, meta-packages included, sorted and without
@@ -71,7 +85,9 @@ pub struct ImageRequest {
     /// The packages to install, meta-packages expanded and `cacert` and
     /// `iana-etc` added, sorted and without duplicates.
     pub packages: Vec<String>,
-    pub arch: Arch,
+    /// `Some(Arm64)` when the name starts with the `arm64` meta-package;
+    /// otherwise the registry's configured architectures apply.
+    pub pinned_arch: Option<Arch>,
 }
 
 impl ImageRequest {
@@ -106,11 +122,7 @@ impl ImageRequest {
             name: canonical.join("/"),
             tag: tag.to_owned(),
             packages,
-            arch: if meta.contains(&"arm64") {
-                Arch::Arm64
-            } else {
-                Arch::Amd64
-            },
+            pinned_arch: meta.contains(&"arm64").then_some(Arch::Arm64),
         })
     }
 
@@ -161,7 +173,7 @@ mod tests {
         let r = parse("hello");
         assert_eq!(r.name, "hello");
         assert_eq!(r.packages, strings(&["cacert", "hello", "iana-etc"]));
-        assert_eq!(r.arch, Arch::Amd64);
+        assert_eq!(r.pinned_arch, None);
     }
 
     #[test]
@@ -212,8 +224,8 @@ mod tests {
         let r = parse("shell/arm64");
         assert_eq!(r.name, "arm64/shell");
         assert_eq!(r.packages, parse("shell").packages);
-        assert_eq!(r.arch, Arch::Arm64);
-        assert_eq!(r.arch.nix_system(), "aarch64-linux");
+        assert_eq!(r.pinned_arch, Some(Arch::Arm64));
+        assert_eq!(Arch::Arm64.nix_system(), "aarch64-linux");
     }
 
     #[test]
@@ -233,10 +245,10 @@ mod tests {
     #[test]
     fn meta_packages_only_lead() {
         let r = parse("arm64/shell/arm64/hello");
-        assert_eq!(r.arch, Arch::Arm64);
+        assert_eq!(r.pinned_arch, Some(Arch::Arm64));
         assert!(r.has_bash());
         let r = parse("hello/arm64");
-        assert_eq!(r.arch, Arch::Amd64);
+        assert_eq!(r.pinned_arch, None);
         assert!(r.packages.contains(&"arm64".to_string()));
     }
 

@@ -47,6 +47,8 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         layer_budget: config.layer_budget,
         gzip_level: config.gzip_level,
         parallel,
+        architectures: config.architectures,
+        preferred_format: config.manifest_format,
     };
     let builder = Builder::new(
         config.source,

@@ -1,11 +1,10 @@
-//! Image configs and manifests, built with the `oci-spec` types and
-//! serialised once into the exact bytes that are hashed, stored and served.
-//! Docker schema 2 is the format served today; the media types of both
-//! families live here.
+//! Image configs, manifests and indexes in both families (Docker schema 2
+//! and OCI), built with the `oci-spec` types and serialised once into the
+//! exact bytes that are hashed, stored and served. The media types live here.
 
 use oci_spec::image::{
-    Arch as OciArch, ConfigBuilder, DescriptorBuilder, ImageConfigurationBuilder, ImageManifestBuilder, MediaType, Os,
-    RootFsBuilder,
+    Arch as OciArch, ConfigBuilder, Descriptor, DescriptorBuilder, ImageConfigurationBuilder, ImageIndexBuilder,
+    ImageManifestBuilder, MediaType, Os, PlatformBuilder, RootFsBuilder,
 };
 use serde::Deserialize;
 
@@ -19,6 +18,8 @@ pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json"
 pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
 /// Manifest media types this registry can serve by digest.
 const MANIFEST_TYPES: [&str; 4] = [DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_MANIFEST, OCI_INDEX];
@@ -26,6 +27,61 @@ const MANIFEST_TYPES: [&str; 4] = [DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_MA
 /// Where images look for programs and CA certificates.
 const PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const SSL_CERT_FILE: &str = "SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt";
+
+/// A manifest family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Docker,
+    Oci,
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "docker" => Ok(Format::Docker),
+            "oci" => Ok(Format::Oci),
+            other => Err(format!("unknown manifest format {other:?}: use oci or docker")),
+        }
+    }
+}
+
+impl Format {
+    fn manifest_type(self) -> &'static str {
+        match self {
+            Format::Docker => DOCKER_MANIFEST,
+            Format::Oci => OCI_MANIFEST,
+        }
+    }
+
+    fn index_type(self) -> &'static str {
+        match self {
+            Format::Docker => DOCKER_MANIFEST_LIST,
+            Format::Oci => OCI_INDEX,
+        }
+    }
+
+    fn config_type(self) -> &'static str {
+        match self {
+            Format::Docker => DOCKER_CONFIG,
+            Format::Oci => OCI_CONFIG,
+        }
+    }
+
+    fn gzip_layer_type(self) -> &'static str {
+        match self {
+            Format::Docker => DOCKER_LAYER_GZIP,
+            Format::Oci => OCI_LAYER_GZIP,
+        }
+    }
+
+    /// The media type of a manifest (`index: false`) or index of this family.
+    pub fn media_type(self, index: bool) -> &'static str {
+        if index { self.index_type() } else { self.manifest_type() }
+    }
+}
 
 /// A serialised JSON document and its digest.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,10 +119,7 @@ pub fn image_config(arch: Arch, layers: &[LayerDigests], bash: bool) -> Result<D
         .diff_ids(layers.iter().map(|l| l.diff_id.to_string()).collect::<Vec<_>>())
         .build()?;
     let image = ImageConfigurationBuilder::default()
-        .architecture(match arch {
-            Arch::Amd64 => OciArch::Amd64,
-            Arch::Arm64 => OciArch::ARM64,
-        })
+        .architecture(oci_arch(arch))
         .os(Os::Linux)
         .config(config.build()?)
         .rootfs(rootfs)
@@ -74,27 +127,78 @@ pub fn image_config(arch: Arch, layers: &[LayerDigests], bash: bool) -> Result<D
     Ok(Document::new(serde_json::to_vec(&image)?))
 }
 
-/// A Docker schema 2 manifest for a config and gzip layers.
-pub fn docker_manifest(config: &Document, layers: &[LayerDigests]) -> Result<Document, OciError> {
-    let descriptor = |media_type: &str, digest: &Digest, size: u64| {
-        DescriptorBuilder::default()
-            .media_type(MediaType::from(media_type))
-            .digest(oci_spec::image::Digest::try_from(digest.as_str()).expect("our digests are valid"))
-            .size(size)
-            .build()
-    };
+fn oci_arch(arch: Arch) -> OciArch {
+    match arch {
+        Arch::Amd64 => OciArch::Amd64,
+        Arch::Arm64 => OciArch::ARM64,
+    }
+}
+
+fn descriptor(media_type: &str, digest: &Digest, size: u64) -> DescriptorBuilder {
+    DescriptorBuilder::default()
+        .media_type(MediaType::from(media_type))
+        .digest(oci_spec::image::Digest::try_from(digest.as_str()).expect("our digests are valid"))
+        .size(size)
+}
+
+/// A manifest of the family for a config and gzip layers.
+pub fn manifest(format: Format, config: &Document, layers: &[LayerDigests]) -> Result<Document, OciError> {
     let manifest = ImageManifestBuilder::default()
         .schema_version(2u32)
-        .media_type(MediaType::from(DOCKER_MANIFEST))
-        .config(descriptor(DOCKER_CONFIG, &config.digest, config.bytes.len() as u64)?)
+        .media_type(MediaType::from(format.manifest_type()))
+        .config(descriptor(format.config_type(), &config.digest, config.bytes.len() as u64).build()?)
         .layers(
             layers
                 .iter()
-                .map(|l| descriptor(DOCKER_LAYER_GZIP, &l.digest, l.size))
+                .map(|l| descriptor(format.gzip_layer_type(), &l.digest, l.size).build())
                 .collect::<Result<Vec<_>, _>>()?,
         )
         .build()?;
     Ok(Document::new(serde_json::to_vec(&manifest)?))
+}
+
+/// One architecture's manifest, as an index lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub arch: Arch,
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// An index (OCI) or manifest list (Docker) over manifests of the same
+/// family, one per architecture, in the order given.
+pub fn index(format: Format, entries: &[IndexEntry]) -> Result<Document, OciError> {
+    let manifests = entries
+        .iter()
+        .map(|entry| {
+            let mut platform = PlatformBuilder::default()
+                .architecture(oci_arch(entry.arch))
+                .os(Os::Linux);
+            if entry.arch == Arch::Arm64 {
+                platform = platform.variant("v8");
+            }
+            descriptor(format.manifest_type(), &entry.digest, entry.size)
+                .platform(platform.build()?)
+                .build()
+        })
+        .collect::<Result<Vec<Descriptor>, _>>()?;
+    let index = ImageIndexBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::from(format.index_type()))
+        .manifests(manifests)
+        .build()?;
+    Ok(Document::new(serde_json::to_vec(&index)?))
+}
+
+/// What the referrers API answers for a digest nothing refers to.
+pub fn empty_index() -> Document {
+    let index = ImageIndexBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::from(OCI_INDEX))
+        .manifests(Vec::new())
+        .build()
+        .expect("an empty index is valid");
+    Document::new(serde_json::to_vec(&index).expect("an index serialises"))
 }
 
 /// The media type a stored manifest declares, if the bytes are a manifest
@@ -145,7 +249,7 @@ mod tests {
     #[test]
     fn manifest_bytes_are_pinned() {
         let config = image_config(Arch::Amd64, &[layer(1), layer(2)], false).unwrap();
-        let manifest = docker_manifest(&config, &[layer(1), layer(2)]).unwrap();
+        let manifest = manifest(Format::Docker, &config, &[layer(1), layer(2)]).unwrap();
         let expected = format!(
             concat!(
                 r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"{}","digest":"{}","size":{}}},"#,
@@ -163,6 +267,59 @@ mod tests {
         assert_eq!(String::from_utf8(manifest.bytes.clone()).unwrap(), expected);
         assert_eq!(manifest.digest, Digest::of(&manifest.bytes));
         assert_eq!(manifest_media_type(&manifest.bytes), Some(DOCKER_MANIFEST));
+    }
+
+    #[test]
+    fn oci_manifests_differ_only_in_media_types() {
+        let config = image_config(Arch::Amd64, &[layer(1)], false).unwrap();
+        let docker = manifest(Format::Docker, &config, &[layer(1)]).unwrap();
+        let oci = manifest(Format::Oci, &config, &[layer(1)]).unwrap();
+        assert_ne!(docker.digest, oci.digest);
+        let text = String::from_utf8(oci.bytes.clone()).unwrap();
+        let converted = text
+            .replace(OCI_MANIFEST, DOCKER_MANIFEST)
+            .replace(OCI_CONFIG, DOCKER_CONFIG)
+            .replace(OCI_LAYER_GZIP, DOCKER_LAYER_GZIP);
+        assert_eq!(converted.as_bytes(), docker.bytes);
+        assert_eq!(manifest_media_type(&oci.bytes), Some(OCI_MANIFEST));
+    }
+
+    #[test]
+    fn index_bytes_are_pinned() {
+        let entries = [
+            IndexEntry {
+                arch: Arch::Amd64,
+                digest: Digest::of(b"a"),
+                size: 10,
+            },
+            IndexEntry {
+                arch: Arch::Arm64,
+                digest: Digest::of(b"b"),
+                size: 20,
+            },
+        ];
+        let oci = index(Format::Oci, &entries).unwrap();
+        assert_eq!(
+            String::from_utf8(oci.bytes.clone()).unwrap(),
+            format!(
+                concat!(
+                    r#"{{"schemaVersion":2,"mediaType":"{index}","manifests":["#,
+                    r#"{{"mediaType":"{manifest}","digest":"{a}","size":10,"platform":{{"architecture":"amd64","os":"linux"}}}},"#,
+                    r#"{{"mediaType":"{manifest}","digest":"{b}","size":20,"platform":{{"architecture":"arm64","os":"linux","variant":"v8"}}}}]}}"#
+                ),
+                index = OCI_INDEX,
+                manifest = OCI_MANIFEST,
+                a = Digest::of(b"a"),
+                b = Digest::of(b"b"),
+            )
+        );
+        let docker = index(Format::Docker, &entries).unwrap();
+        assert_eq!(manifest_media_type(&docker.bytes), Some(DOCKER_MANIFEST_LIST));
+        assert!(String::from_utf8(docker.bytes).unwrap().contains(DOCKER_MANIFEST));
+        assert_eq!(
+            String::from_utf8(empty_index().bytes).unwrap(),
+            format!(r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[]}}"#)
+        );
     }
 
     #[test]

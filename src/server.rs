@@ -1,13 +1,18 @@
-//! The HTTP side: the registry's pull API under `/v2/`, its error envelope,
-//! GET/HEAD parity, digest headers and byte ranges. It parses requests and
-//! maps results to responses; images are built by the builder.
+//! The HTTP side: the registry's read API under `/v2/` (manifests by tag
+//! and digest, blobs, tags/list, referrers), its error envelope, GET/HEAD
+//! parity, digest headers and byte ranges. It parses requests and maps
+//! results to responses; the negotiate module picks the manifest format and
+//! the builder makes images.
+
+use std::collections::HashMap;
 
 use std::ops::Range;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
@@ -17,8 +22,10 @@ use serde_json::json;
 use crate::builder::{BuildError, Builder};
 use crate::digest::{Digest, DigestError};
 use crate::image::{self, ImageRequest, NameError};
+use crate::negotiate;
 use crate::nix::NixError;
 use crate::oci;
+use crate::source::LATEST;
 use crate::storage::StorageError;
 
 /// Larger blobs are never manifests; they are not read to find out.
@@ -62,11 +69,13 @@ async fn ping(method: Method) -> Response {
     }
 }
 
-/// `/v2/<name>/manifests/<reference>` and `/v2/<name>/blobs/<digest>`.
+/// `/v2/<name>/manifests/<reference>`, `/v2/<name>/blobs/<digest>`,
+/// `/v2/<name>/tags/list` and `/v2/<name>/referrers/<digest>`.
 async fn registry(
     State(builder): State<Arc<Builder>>,
     method: Method,
     Path(rest): Path<String>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, RegistryError> {
     if method != Method::GET && method != Method::HEAD {
@@ -79,14 +88,23 @@ async fn registry(
         _ => return Err(RegistryError::unknown_route()),
     };
     let name = parts.join("/");
-    match kind {
-        "manifests" => manifest(&builder, &name, reference, head).await,
-        "blobs" => blob(&builder, &name, reference, &headers, head).await,
+    let query = query.map(|Query(q)| q).unwrap_or_default();
+    match (kind, reference) {
+        ("manifests", _) => manifest(&builder, &name, reference, &headers, head).await,
+        ("blobs", _) => blob(&builder, &name, reference, &headers, head).await,
+        ("tags", "list") => tags(&builder, &name, &query, head).await,
+        ("referrers", _) => referrers(&name, reference, &query, head),
         _ => Err(RegistryError::unknown_route()),
     }
 }
 
-async fn manifest(builder: &Arc<Builder>, name: &str, reference: &str, head: bool) -> Result<Response, RegistryError> {
+async fn manifest(
+    builder: &Arc<Builder>,
+    name: &str,
+    reference: &str,
+    headers: &HeaderMap,
+    head: bool,
+) -> Result<Response, RegistryError> {
     image::validate_name(name)?;
     if reference.contains(':') {
         return manifest_by_digest(builder, reference, head).await;
@@ -97,16 +115,34 @@ async fn manifest(builder: &Arc<Builder>, name: &str, reference: &str, head: boo
         )));
     }
     let request = ImageRequest::parse(name, reference)?;
+    let multi_arch = builder.architectures(&request).len() > 1;
+    let choice = negotiate::choose(headers, multi_arch, builder.preferred_format());
     let record = builder
-        .manifest(&request)
+        .resolve(&request, choice)
         .await
         .map_err(|e| RegistryError::from_build(&e))?;
-    let bytes = builder
-        .storage()
-        .read_blob_bytes(&record.digest)
-        .await?
-        .ok_or_else(|| RegistryError::internal(format!("manifest {} is missing from storage", record.digest)))?;
-    Ok(manifest_response(&record.media_type, &record.digest, bytes, head))
+    let body = if head {
+        ManifestBody::Head(record.size)
+    } else {
+        let bytes = builder
+            .storage()
+            .read_blob_bytes(&record.digest)
+            .await?
+            .ok_or_else(|| RegistryError::internal(format!("manifest {} is missing from storage", record.digest)))?;
+        ManifestBody::Get(bytes)
+    };
+    let mut response = manifest_response(&record.media_type, &record.digest, body);
+    // What a tag resolves to depends on the client's Accept header.
+    response
+        .headers_mut()
+        .insert(header::VARY, HeaderValue::from_static("Accept"));
+    Ok(response)
+}
+
+/// A manifest response's body: the bytes, or for HEAD their length only.
+enum ManifestBody {
+    Get(Bytes),
+    Head(u64),
 }
 
 async fn manifest_by_digest(builder: &Arc<Builder>, reference: &str, head: bool) -> Result<Response, RegistryError> {
@@ -123,20 +159,86 @@ async fn manifest_by_digest(builder: &Arc<Builder>, reference: &str, head: bool)
     }
     let bytes = storage.read_blob_bytes(&digest).await?.ok_or_else(unknown)?;
     let media_type = oci::manifest_media_type(&bytes).ok_or_else(unknown)?;
-    Ok(manifest_response(media_type, &digest, bytes, head))
+    let body = if head {
+        ManifestBody::Head(bytes.len() as u64)
+    } else {
+        ManifestBody::Get(bytes)
+    };
+    Ok(manifest_response(media_type, &digest, body))
 }
 
-fn manifest_response(media_type: &str, digest: &Digest, bytes: Bytes, head: bool) -> Response {
+fn manifest_response(media_type: &str, digest: &Digest, body: ManifestBody) -> Response {
+    let (length, body) = match body {
+        ManifestBody::Get(bytes) => (bytes.len() as u64, Body::from(bytes)),
+        ManifestBody::Head(length) => (length, Body::empty()),
+    };
     let headers = [
         (header::CONTENT_TYPE, media_type.to_owned()),
-        (header::CONTENT_LENGTH, bytes.len().to_string()),
+        (header::CONTENT_LENGTH, length.to_string()),
         (
             header::HeaderName::from_static("docker-content-digest"),
             digest.to_string(),
         ),
         (header::ETAG, format!("\"{digest}\"")),
     ];
-    (headers, if head { Body::empty() } else { Body::from(bytes) }).into_response()
+    (headers, body).into_response()
+}
+
+/// `GET /v2/<name>/tags/list[?n=&last=]`: the tags the package source can
+/// name, sorted, the page after `last`, at most `n`, with a `Link` to the
+/// next page when there is one.
+async fn tags(
+    builder: &Arc<Builder>,
+    name: &str,
+    query: &HashMap<String, String>,
+    head: bool,
+) -> Result<Response, RegistryError> {
+    image::validate_name(name)?;
+    let limit = match query.get("n") {
+        Some(n) => Some(n.parse::<usize>().map_err(|_| RegistryError::pagination_invalid(n))?),
+        None => None,
+    };
+    let all = builder.tags().await.map_err(|e| RegistryError::from_build(&e.into()))?;
+    let after: Vec<String> = match query.get("last") {
+        Some(last) => all.into_iter().filter(|t| t.as_str() > last.as_str()).collect(),
+        None => all,
+    };
+    let page: Vec<&String> = after.iter().take(limit.unwrap_or(usize::MAX)).collect();
+    let body = json!({ "name": name, "tags": page }).to_string();
+    let mut response = Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, body.len());
+    if let (Some(n), Some(last)) = (limit, page.last())
+        && page.len() < after.len()
+    {
+        response = response.header(
+            header::LINK,
+            format!("</v2/{name}/tags/list?n={n}&last={last}>; rel=\"next\""),
+        );
+    }
+    let body = if head { Body::empty() } else { Body::from(body) };
+    Ok(response.body(body).expect("headers are valid"))
+}
+
+/// `GET /v2/<name>/referrers/<digest>`: nothing here refers to anything
+/// (images carry no signatures or attestations), so always an empty index.
+fn referrers(
+    name: &str,
+    reference: &str,
+    query: &HashMap<String, String>,
+    head: bool,
+) -> Result<Response, RegistryError> {
+    image::validate_name(name)?;
+    reference.parse::<Digest>()?;
+    let index = oci::empty_index();
+    let mut response = Response::builder()
+        .header(header::CONTENT_TYPE, oci::OCI_INDEX)
+        .header(header::CONTENT_LENGTH, index.bytes.len());
+    if query.contains_key("artifactType") {
+        response = response.header("OCI-Filters-Applied", "artifactType");
+    }
+    let body = if head { Body::empty() } else { Body::from(index.bytes) };
+    Ok(response.body(body).expect("headers are valid"))
 }
 
 async fn blob(
@@ -272,6 +374,14 @@ impl RegistryError {
         )
     }
 
+    fn pagination_invalid(n: &str) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "PAGINATION_NUMBER_INVALID",
+            format!("n={n:?} is not a number of tags"),
+        )
+    }
+
     fn range_not_satisfiable(size: u64) -> Self {
         let mut e = Self::new(
             StatusCode::RANGE_NOT_SATISFIABLE,
@@ -301,6 +411,9 @@ impl RegistryError {
                 e.detail = json!({ "packages": names });
                 e
             }
+            BuildError::UnknownTag(tag) => Self::manifest_unknown(format!(
+                "tag {tag:?} names no revision of the package set (try {LATEST:?})"
+            )),
             other => Self::internal(format!("image build failed: {other}")),
         }
     }

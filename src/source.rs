@@ -1,8 +1,9 @@
 //! Package sources: where the package set comes from (a local path, a
-//! nixpkgs channel, a git repository), what Nix is told to import for a
-//! given tag, and the revision that identifies the package set's contents so
-//! that images built from it can be cached.
+//! nixpkgs channel, a git repository), which image tags name a revision of
+//! it, what Nix is told to import for such a tag, and the revision string
+//! that identifies the package set's contents so images can be cached.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -12,6 +13,12 @@ use walkdir::WalkDir;
 
 /// How long a path source's content hash is trusted before it is taken again.
 const PATH_REVISION_TTL: Duration = Duration::from_secs(5);
+/// How long a git repository's list of refs is trusted.
+const GIT_REFS_TTL: Duration = Duration::from_secs(10);
+/// How long listing a git repository's refs may take.
+const GIT_LIST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The tag that names a source's default revision.
+pub const LATEST: &str = "latest";
 
 /// Where packages come from, as configured.
 #[derive(Debug)]
@@ -24,7 +31,10 @@ pub enum PackageSource {
     /// A nixpkgs branch or commit on GitHub (`NIXERY_CHANNEL`).
     Channel(String),
     /// A git repository; the tag picks the revision (`NIXERY_PKGS_REPO`).
-    Git(String),
+    Git {
+        url: String,
+        refs: Mutex<Option<(Instant, GitRefs)>>,
+    },
 }
 
 /// The `srcType`/`srcArgs` pair the lookup expression imports from.
@@ -32,6 +42,32 @@ pub enum PackageSource {
 pub struct NixSource {
     pub kind: &'static str,
     pub args: String,
+}
+
+/// A tag resolved against the source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    pub nix: NixSource,
+    /// What identifies the packages the tag names; `None` when only Nix can
+    /// tell (an unpinned channel), so images must not be cached.
+    pub revision: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("hashing the package set failed: {0}")]
+    Hash(#[from] std::io::Error),
+    #[error("listing the refs of {url} failed: {reason}")]
+    GitList { url: String, reason: String },
+}
+
+/// A git repository's branches and tags and the commits they point at.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GitRefs {
+    /// The branch `HEAD` points at and its commit.
+    head: Option<(String, String)>,
+    /// Short name → (full ref, commit). A branch wins over a tag of the same name.
+    named: BTreeMap<String, (String, String)>,
 }
 
 impl PackageSource {
@@ -42,56 +78,165 @@ impl PackageSource {
         }
     }
 
-    /// What Nix imports for an image with this tag. Only git sources give
-    /// the tag a meaning: a 40-hex commit or a branch; `latest` is the
-    /// repository's default branch.
-    pub fn for_tag(&self, tag: &str) -> NixSource {
+    pub fn git(url: String) -> Self {
+        PackageSource::Git {
+            url,
+            refs: Mutex::new(None),
+        }
+    }
+
+    /// What an image with this tag is built from, or `None` when the tag
+    /// names no revision of this source. Path and channel sources have one
+    /// revision, `latest`; a git source has `latest` (its `HEAD`), its
+    /// branches and tags, and any commit by its 40-hex id.
+    pub async fn resolve(&self, tag: &str) -> Result<Option<Resolved>, SourceError> {
         match self {
-            PackageSource::Path { path, .. } => NixSource {
-                kind: "path",
-                args: path.display().to_string(),
-            },
-            PackageSource::Channel(channel) => NixSource {
-                kind: "nixpkgs",
-                args: channel.clone(),
-            },
-            PackageSource::Git(url) => {
-                let mut spec = serde_json::json!({ "url": url });
-                if is_commit(tag) {
-                    spec["rev"] = tag.into();
-                } else if tag != "latest" {
-                    spec["ref"] = tag.into();
+            PackageSource::Path { path, revision } => {
+                if tag != LATEST {
+                    return Ok(None);
                 }
-                NixSource {
-                    kind: "git",
-                    args: spec.to_string(),
-                }
+                let revision = Some(format!("path:{}", path_revision(path, revision).await?));
+                let nix = NixSource {
+                    kind: "path",
+                    args: path.display().to_string(),
+                };
+                Ok(Some(Resolved { nix, revision }))
+            }
+            PackageSource::Channel(channel) => Ok((tag == LATEST).then(|| Resolved {
+                nix: NixSource {
+                    kind: "nixpkgs",
+                    args: channel.clone(),
+                },
+                revision: is_commit(channel).then(|| format!("nixpkgs:{channel}")),
+            })),
+            PackageSource::Git { url, refs } => {
+                let pinned = if is_commit(tag) {
+                    Some((None, tag.to_owned()))
+                } else {
+                    let refs = git_refs(url, refs).await?;
+                    let named = if tag == LATEST {
+                        refs.head
+                    } else {
+                        refs.named.get(tag).cloned()
+                    };
+                    named.map(|(name, commit)| (Some(name), commit))
+                };
+                Ok(pinned.map(|(reference, commit)| git_resolved(url, reference, commit)))
             }
         }
     }
 
-    /// A string that changes whenever the packages an image with this tag
-    /// would get can change, or `None` when that cannot be known without
-    /// asking Nix (a branch), so the image must not be cached.
-    pub async fn revision(&self, tag: &str) -> std::io::Result<Option<String>> {
-        Ok(match self {
-            PackageSource::Path { path, revision } => {
-                if let Some((at, known)) = revision.lock().expect("not poisoned").as_ref()
-                    && at.elapsed() < PATH_REVISION_TTL
-                {
-                    return Ok(Some(known.clone()));
+    /// Every tag `resolve` accepts that can be listed (not bare commits), sorted.
+    pub async fn tags(&self) -> Result<Vec<String>, SourceError> {
+        match self {
+            PackageSource::Path { .. } | PackageSource::Channel(_) => Ok(vec![LATEST.to_owned()]),
+            PackageSource::Git { url, refs } => {
+                let refs = git_refs(url, refs).await?;
+                let mut tags: Vec<String> = refs
+                    .named
+                    .into_keys()
+                    .filter(|name| crate::image::is_tag(name))
+                    .collect();
+                if refs.head.is_some() && !tags.iter().any(|t| t == LATEST) {
+                    tags.push(LATEST.to_owned());
                 }
-                let root = path.clone();
-                let hash = tokio::task::spawn_blocking(move || tree_hash(&root))
-                    .await
-                    .expect("hashing does not panic")?;
-                let known = format!("path:{hash}");
-                *revision.lock().expect("not poisoned") = Some((Instant::now(), known.clone()));
-                Some(known)
+                tags.sort();
+                Ok(tags)
             }
-            PackageSource::Channel(channel) => is_commit(channel).then(|| format!("nixpkgs:{channel}")),
-            PackageSource::Git(url) => is_commit(tag).then(|| format!("git:{url}#{tag}")),
-        })
+        }
+    }
+}
+
+/// A git revision pinned to its commit, so the image can be cached; `ref`
+/// tells Nix where to fetch it from.
+fn git_resolved(url: &str, reference: Option<String>, commit: String) -> Resolved {
+    let mut spec = serde_json::json!({ "url": url, "rev": commit });
+    match reference {
+        Some(reference) => spec["ref"] = reference.into(),
+        None => spec["allRefs"] = true.into(),
+    }
+    Resolved {
+        nix: NixSource {
+            kind: "git",
+            args: spec.to_string(),
+        },
+        revision: Some(format!("git:{url}#{commit}")),
+    }
+}
+
+async fn path_revision(path: &Path, known: &Mutex<Option<(Instant, String)>>) -> std::io::Result<String> {
+    if let Some((at, hash)) = known.lock().expect("not poisoned").as_ref()
+        && at.elapsed() < PATH_REVISION_TTL
+    {
+        return Ok(hash.clone());
+    }
+    let root = path.to_owned();
+    let hash = tokio::task::spawn_blocking(move || tree_hash(&root))
+        .await
+        .expect("hashing does not panic")?;
+    *known.lock().expect("not poisoned") = Some((Instant::now(), hash.clone()));
+    Ok(hash)
+}
+
+async fn git_refs(url: &str, known: &Mutex<Option<(Instant, GitRefs)>>) -> Result<GitRefs, SourceError> {
+    if let Some((at, refs)) = known.lock().expect("not poisoned").as_ref()
+        && at.elapsed() < GIT_REFS_TTL
+    {
+        return Ok(refs.clone());
+    }
+    let failed = |reason: String| SourceError::GitList {
+        url: url.to_owned(),
+        reason,
+    };
+    let listing = tokio::process::Command::new("git")
+        .args(["ls-remote", "--symref", "--", url])
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(GIT_LIST_TIMEOUT, listing)
+        .await
+        .map_err(|_| failed(format!("no answer in {} s", GIT_LIST_TIMEOUT.as_secs())))?
+        .map_err(|e| failed(e.to_string()))?;
+    if !output.status.success() {
+        return Err(failed(String::from_utf8_lossy(&output.stderr).trim().to_owned()));
+    }
+    let refs = GitRefs::parse(&String::from_utf8_lossy(&output.stdout));
+    *known.lock().expect("not poisoned") = Some((Instant::now(), refs.clone()));
+    Ok(refs)
+}
+
+impl GitRefs {
+    /// Reads `git ls-remote --symref` output.
+    fn parse(listing: &str) -> Self {
+        let mut head_branch = None;
+        let mut commits: BTreeMap<&str, &str> = BTreeMap::new();
+        for line in listing.lines() {
+            match line.split_once('\t') {
+                Some((symref, "HEAD")) if symref.starts_with("ref: ") => {
+                    head_branch = Some(&symref["ref: ".len()..]);
+                }
+                Some((commit, name)) if is_commit(commit) => {
+                    // An annotated tag's `^{}` line names the commit it points at.
+                    match name.strip_suffix("^{}") {
+                        Some(tag) => {
+                            commits.insert(tag, commit);
+                        }
+                        None => {
+                            commits.entry(name).or_insert(commit);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut named = BTreeMap::new();
+        for prefix in ["refs/tags/", "refs/heads/"] {
+            for (full, commit) in commits.iter().filter(|(full, _)| full.starts_with(prefix)) {
+                named.insert(full[prefix.len()..].to_owned(), (full.to_string(), commit.to_string()));
+            }
+        }
+        let head = head_branch.and_then(|branch| Some((branch.to_owned(), commits.get(branch)?.to_string())));
+        GitRefs { head, named }
     }
 }
 
@@ -132,45 +277,78 @@ mod tests {
     use super::*;
 
     const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
-
-    #[test]
-    fn git_tags_select_revisions() {
-        let git = PackageSource::Git("https://example.invalid/pkgs.git".into());
-        assert_eq!(
-            git.for_tag("latest").args,
-            r#"{"url":"https://example.invalid/pkgs.git"}"#
-        );
-        assert_eq!(
-            git.for_tag("main").args,
-            r#"{"ref":"main","url":"https://example.invalid/pkgs.git"}"#
-        );
-        assert_eq!(
-            git.for_tag(COMMIT).args,
-            format!(r#"{{"rev":"{COMMIT}","url":"https://example.invalid/pkgs.git"}}"#)
-        );
-        assert_eq!(git.for_tag("x").kind, "git");
-    }
+    const OTHER: &str = "89abcdef0123456789abcdef0123456789abcdef";
 
     #[tokio::test]
-    async fn only_pinned_sources_have_revisions() {
-        let git = PackageSource::Git("u".into());
-        assert_eq!(git.revision("main").await.unwrap(), None);
-        assert_eq!(git.revision(COMMIT).await.unwrap(), Some(format!("git:u#{COMMIT}")));
+    async fn path_and_channel_sources_serve_latest_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = PackageSource::path(dir.path().to_owned());
+        let latest = source.resolve("latest").await.unwrap().unwrap();
+        assert_eq!(latest.nix.kind, "path");
+        assert!(latest.revision.unwrap().starts_with("path:"));
+        assert_eq!(source.resolve("missing-tag").await.unwrap(), None);
+        assert_eq!(source.tags().await.unwrap(), ["latest"]);
+
+        let unpinned = PackageSource::Channel("nixos-unstable".into());
+        assert_eq!(unpinned.resolve("latest").await.unwrap().unwrap().revision, None);
+        assert_eq!(unpinned.resolve("v1").await.unwrap(), None);
+        let pinned = PackageSource::Channel(COMMIT.into());
         assert_eq!(
-            PackageSource::Channel("nixos-unstable".into())
-                .revision("x")
-                .await
-                .unwrap(),
-            None
-        );
-        assert_eq!(
-            PackageSource::Channel(COMMIT.into()).revision("latest").await.unwrap(),
+            pinned.resolve("latest").await.unwrap().unwrap().revision,
             Some(format!("nixpkgs:{COMMIT}"))
         );
     }
 
+    #[test]
+    fn git_listings_name_branches_tags_and_head() {
+        let listing = format!(
+            "ref: refs/heads/main\tHEAD\n{COMMIT}\tHEAD\n{COMMIT}\trefs/heads/main\n{OTHER}\trefs/heads/dev\n\
+             {OTHER}\trefs/tags/dev\n{OTHER}\trefs/tags/v1\n{COMMIT}\trefs/tags/v1^{{}}\n{OTHER}\trefs/pull/1/head\n"
+        );
+        let refs = GitRefs::parse(&listing);
+        assert_eq!(refs.head, Some(("refs/heads/main".into(), COMMIT.into())));
+        assert_eq!(
+            refs.named["dev"],
+            ("refs/heads/dev".into(), OTHER.into()),
+            "branches win"
+        );
+        assert_eq!(
+            refs.named["v1"],
+            ("refs/tags/v1".into(), COMMIT.into()),
+            "tags are peeled"
+        );
+        assert_eq!(refs.named.keys().collect::<Vec<_>>(), ["dev", "main", "v1"]);
+    }
+
+    #[test]
+    fn git_revisions_are_pinned_commits() {
+        let branch = git_resolved("u", Some("refs/heads/dev".into()), OTHER.into());
+        assert_eq!(
+            branch.nix.args,
+            format!(r#"{{"ref":"refs/heads/dev","rev":"{OTHER}","url":"u"}}"#)
+        );
+        assert_eq!(branch.revision, Some(format!("git:u#{OTHER}")));
+        let commit = git_resolved("u", None, COMMIT.into());
+        assert_eq!(
+            commit.nix.args,
+            format!(r#"{{"allRefs":true,"rev":"{COMMIT}","url":"u"}}"#)
+        );
+    }
+
     #[tokio::test]
-    async fn path_revision_follows_contents_not_location() {
+    async fn a_git_repository_that_cannot_be_listed_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = PackageSource::git(dir.path().join("nothing").display().to_string());
+        assert!(matches!(source.resolve("main").await, Err(SourceError::GitList { .. })));
+        let commit = source.resolve(COMMIT).await.unwrap().unwrap();
+        assert_eq!(
+            commit.revision.unwrap(),
+            format!("git:{}#{COMMIT}", dir.path().join("nothing").display())
+        );
+    }
+
+    #[test]
+    fn path_revision_follows_contents_not_location() {
         let a = tempfile::tempdir().unwrap();
         let b = tempfile::tempdir().unwrap();
         for dir in [a.path(), b.path()] {
@@ -182,16 +360,5 @@ mod tests {
         assert_eq!(rev(a.path()), rev(b.path()), "same contents, other place, other .git");
         std::fs::write(b.path().join("sub/new.nix"), "1").unwrap();
         assert_ne!(rev(a.path()), rev(b.path()));
-
-        let source = PackageSource::path(a.path().to_owned());
-        let first = source.revision("latest").await.unwrap().unwrap();
-        assert!(first.starts_with("path:"));
-        assert_eq!(
-            source.for_tag("anything"),
-            NixSource {
-                kind: "path",
-                args: a.path().display().to_string()
-            }
-        );
     }
 }

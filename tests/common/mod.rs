@@ -1,0 +1,178 @@
+//! The harness the end-to-end tests share: `nixery serve` started on a
+//! free loopback port with the shipped package set and its own empty
+//! storage, counting Nix runs; HTTP requests; running programs.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+
+/// A running registry with its own empty storage, counting Nix runs.
+pub struct Registry {
+    child: Child,
+    pub address: String,
+    dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// A registry with the default settings.
+    pub fn start() -> Registry {
+        Registry::start_with(&[])
+    }
+
+    /// A registry with these environment variables set as well (or, when
+    /// the value is empty, removed).
+    pub fn start_with(env: &[(&str, &str)]) -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        // Wrappers that count how often Nix is asked to evaluate.
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let real = which("nix-instantiate");
+        let wrapper = format!(
+            "#!/bin/sh\necho run >> {}\nexec {} \"$@\"\n",
+            dir.path().join("nix-runs").display(),
+            real.display()
+        );
+        std::fs::write(bin.join("nix-instantiate"), wrapper).unwrap();
+        std::fs::set_permissions(
+            bin.join("nix-instantiate"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+
+        let mut command = Command::new(env!("CARGO_BIN_EXE_nixery"));
+        command
+            .arg("serve")
+            .env("PATH", path)
+            .env("PORT", "0")
+            .env("NIXERY_LISTEN_ADDRESS", "127.0.0.1")
+            .env("NIXERY_PKGS_PATH", Path::new(env!("CARGO_MANIFEST_DIR")).join("pkgs"))
+            .env("NIXERY_STORAGE_BACKEND", "filesystem")
+            .env("STORAGE_PATH", dir.path().join("storage"))
+            .env_remove("NIXERY_CHANNEL")
+            .env_remove("NIXERY_PKGS_REPO")
+            .env("RUST_LOG", "info");
+        for (key, value) in env {
+            match value.is_empty() {
+                true => command.env_remove(key),
+                false => command.env(key, value),
+            };
+        }
+        let mut child = command.stderr(Stdio::piped()).spawn().unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let address = loop {
+            let line = lines.next().expect("nixery exited before serving").unwrap();
+            if let Some(rest) = line.strip_prefix("nixery is serving on http://") {
+                break rest.trim().to_owned();
+            }
+        };
+        let log = dir.path().join("log");
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut file = std::fs::File::create(log).unwrap();
+            for line in lines.map_while(Result::ok) {
+                writeln!(file, "{line}").unwrap();
+            }
+        });
+        Registry { child, address, dir }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+
+    pub fn nix_runs(&self) -> usize {
+        std::fs::read_to_string(self.dir.path().join("nix-runs"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        request("GET", &self.url(path), &[])
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Response {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or_else(|| panic!("no {name} header"))
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+
+    /// The registry error code of an error response, checking the envelope.
+    pub fn error_code(&self) -> String {
+        assert_eq!(self.header("content-type"), "application/json");
+        let body = self.json();
+        let errors = body["errors"].as_array().expect("errors array");
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0]["message"].is_string());
+        errors[0]["code"].as_str().unwrap().to_owned()
+    }
+}
+
+pub fn request(method: &str, url: &str, headers: &[(&str, &str)]) -> Response {
+    let client = reqwest::blocking::Client::new();
+    let mut request = client.request(method.parse().unwrap(), url);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response = request.send().unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.bytes().unwrap().to_vec();
+    Response { status, headers, body }
+}
+
+pub fn which(program: &str) -> PathBuf {
+    std::env::var("PATH")
+        .unwrap()
+        .split(':')
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("{program} is not installed: run scripts/setup.sh"))
+}
+
+pub fn run(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Pulls `source` (a docker:// reference) into the OCI layout `destination`.
+pub fn skopeo_copy(source: &str, destination: &str) {
+    run("skopeo", &["copy", "--src-tls-verify=false", source, destination]);
+}
+
+pub fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
