@@ -2,9 +2,17 @@
 # Installs what nixery's run and test commands need on a fresh Debian machine
 # and configures the local single-user Nix for an offline machine. Idempotent:
 # a second run installs nothing and rewrites nothing that is already right.
+#
+#   scripts/setup.sh        what running the registry needs
+#   scripts/setup.sh test   and the container engines the tests pull with
 set -euo pipefail
 
-packages=(nix-bin busybox-static skopeo umoci curl ca-certificates)
+packages=(nix-bin busybox-static skopeo umoci curl ca-certificates git)
+if [[ "${1:-}" == test ]]; then
+  # podman runs containers with runc (crun refuses cgroups in hybrid mode);
+  # docker.io brings dockerd and containerd brings ctr (TOOLCHAIN.md §3).
+  packages+=(podman runc containerd docker.io)
+fi
 
 missing=()
 for p in "${packages[@]}"; do

@@ -1,0 +1,317 @@
+//! Real clients pull from `nixery serve` by tag and by digest, in OCI and in
+//! Docker format (two registries, one preferring each; every client here
+//! accepts both), and the engines run a program from the image: skopeo,
+//! podman, containerd (`ctr`) and Docker. containerd and dockerd are started
+//! privately for each test, in temporary folders, and stopped after it.
+//!
+//! An engine that cannot start on this machine skips its test with a
+//! message, unless `NIXERY_REQUIRE_ENGINES=1` (set by `scripts/test.sh`),
+//! where that is a failure.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Registry, request, run, sha256};
+
+const IMAGE: &str = "shell/hello";
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// A registry that serves `IMAGE` in one format, and that format's digest.
+struct Served {
+    registry: Registry,
+    media_type: &'static str,
+    digest: String,
+}
+
+impl Served {
+    fn reference(&self) -> String {
+        format!("{}/{IMAGE}", self.registry.address)
+    }
+
+    fn by_digest(&self) -> String {
+        format!("{}@{}", self.reference(), self.digest)
+    }
+}
+
+/// One registry preferring OCI manifests, one preferring Docker's.
+fn both_formats() -> [Served; 2] {
+    [("oci", OCI_MANIFEST), ("docker", DOCKER_MANIFEST)].map(|(format, media_type)| {
+        let registry = Registry::start_with(&[("NIXERY_MANIFEST_FORMAT", format)]);
+        let manifest = request(
+            "GET",
+            &registry.url(&format!("/v2/{IMAGE}/manifests/latest")),
+            &[("Accept", media_type)],
+        );
+        assert_eq!(manifest.status, 200);
+        let digest = manifest.header("docker-content-digest").to_owned();
+        Served {
+            registry,
+            media_type,
+            digest,
+        }
+    })
+}
+
+/// Skips (returns `None`) or fails when an engine cannot start.
+fn unavailable<T>(engine: &str, reason: String) -> Option<T> {
+    if std::env::var("NIXERY_REQUIRE_ENGINES").as_deref() == Ok("1") {
+        panic!("{engine} cannot start: {reason}");
+    }
+    eprintln!("SKIPPED: {engine} cannot start on this machine: {reason}");
+    None
+}
+
+/// A daemon of ours, stopped when dropped, with its folder.
+struct Daemon {
+    child: Child,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    /// A folder for a daemon: short, as its sockets' paths must be.
+    fn folder() -> tempfile::TempDir {
+        tempfile::Builder::new().prefix("nx").tempdir_in("/tmp").unwrap()
+    }
+
+    /// Starts `program` with `args`, listening on `{name}.sock` in `dir`,
+    /// and waits until `ready` says it answers.
+    fn start(
+        name: &str,
+        dir: tempfile::TempDir,
+        program: &str,
+        args: &[String],
+        ready: impl Fn(&Daemon) -> bool,
+    ) -> Option<Daemon> {
+        let log = std::fs::File::create(dir.path().join("log")).unwrap();
+        let child = match Command::new(program)
+            .args(args)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(e) => panic!("{program} is not installed ({e}): run scripts/setup.sh test"),
+        };
+        let socket = dir.path().join(format!("{name}.sock"));
+        let mut daemon = Daemon { child, dir, socket };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                return unavailable(name, format!("exited with {status}: {}", daemon.log()));
+            }
+            if ready(&daemon) {
+                return Some(daemon);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        unavailable(name, format!("not ready after 30 s: {}", daemon.log()))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SIGTERM lets the daemon unmount what it mounted before its folder goes.
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn succeeds(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A private containerd: its own root, state and socket, no CRI plugin.
+fn containerd() -> Option<Daemon> {
+    let dir = Daemon::folder();
+    let config = format!(
+        r#"version = 2
+root = "{dir}/root"
+state = "{dir}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{dir}/containerd.sock"
+[ttrpc]
+  address = "{dir}/containerd.sock.ttrpc"
+[debug]
+  address = ""
+[metrics]
+  address = ""
+"#,
+        dir = dir.path().display()
+    );
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, config).unwrap();
+    let args = ["--config".to_owned(), path.display().to_string()];
+    Daemon::start("containerd", dir, "containerd", &args, |daemon| {
+        daemon.socket.exists() && succeeds("ctr", &["--address", daemon.socket.to_str().unwrap(), "version"])
+    })
+}
+
+/// A private dockerd on a containerd of ours: no iptables, no bridge.
+fn dockerd(containerd: &Daemon) -> Option<Daemon> {
+    let dir = Daemon::folder();
+    let at = |name: &str| dir.path().join(name).display().to_string();
+    let args = [
+        format!("--host=unix://{}", at("docker.sock")),
+        format!("--data-root={}", at("root")),
+        format!("--exec-root={}", at("exec")),
+        format!("--pidfile={}", at("docker.pid")),
+        "--iptables=false".to_owned(),
+        "--ip6tables=false".to_owned(),
+        "--bridge=none".to_owned(),
+        format!("--containerd={}", containerd.socket.display()),
+    ];
+    Daemon::start("docker", dir, "dockerd", &args, |daemon| {
+        succeeds("docker", &["-H", &docker_host(daemon), "version"])
+    })
+}
+
+fn docker_host(daemon: &Daemon) -> String {
+    format!("unix://{}", daemon.socket.display())
+}
+
+#[test]
+fn skopeo_pulls_both_formats_by_tag_and_digest() {
+    for served in both_formats() {
+        let work = tempfile::tempdir().unwrap();
+        for (reference, folder) in [
+            (format!("{}:latest", served.reference()), "by-tag"),
+            (served.by_digest(), "by-digest"),
+        ] {
+            let destination = work.path().join(folder);
+            run(
+                "skopeo",
+                &[
+                    "copy",
+                    "--src-tls-verify=false",
+                    &format!("docker://{reference}"),
+                    &format!("dir:{}", destination.display()),
+                ],
+            );
+            // `dir:` keeps the manifest exactly as the registry sent it.
+            let manifest = std::fs::read(destination.join("manifest.json")).unwrap();
+            assert_eq!(sha256(&manifest), served.digest, "{reference}");
+            let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+            assert_eq!(manifest["mediaType"], served.media_type);
+        }
+    }
+}
+
+#[test]
+fn podman_pulls_and_runs_both_formats() {
+    let home = tempfile::tempdir().unwrap();
+    let conf = home.path().join("containers.conf");
+    // Limits podman may set here, and runc (crun refuses this machine's cgroups).
+    std::fs::write(
+        &conf,
+        "[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\nnetns = \"none\"\n[engine]\nruntime = \"runc\"\n",
+    )
+    .unwrap();
+    let root = home.path().join("root");
+    let runroot = home.path().join("runroot");
+    let podman = |args: &[&str]| {
+        let output = Command::new("podman")
+            .env("CONTAINERS_CONF", &conf)
+            .args(["--root", root.to_str().unwrap(), "--runroot", runroot.to_str().unwrap()])
+            .args(["--storage-driver", "vfs"])
+            .args(args)
+            .output()
+            .expect("podman is not installed: run scripts/setup.sh test");
+        assert!(
+            output.status.success(),
+            "podman {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    for served in both_formats() {
+        let tagged = format!("{}:latest", served.reference());
+        podman(&["pull", "--tls-verify=false", &tagged]);
+        // Both formats share a config, so podman holds them as one image
+        // with one repository digest per registry.
+        let digests = podman(&[
+            "image",
+            "inspect",
+            "--format",
+            "{{range .RepoDigests}}{{.}}\n{{end}}",
+            &tagged,
+        ]);
+        assert!(digests.lines().any(|d| d == served.by_digest()), "{digests}");
+        podman(&["pull", "--tls-verify=false", &served.by_digest()]);
+        for reference in [tagged.as_str(), &served.by_digest()] {
+            let output = podman(&["run", "--rm", reference, "hello"]);
+            assert_eq!(output, "Hello, world!\n", "{reference}");
+        }
+        let output = podman(&["run", "--rm", &tagged, "bash", "-c", "echo $((6 * 7))"]);
+        assert_eq!(output, "42\n");
+    }
+}
+
+#[test]
+fn containerd_pulls_and_runs_both_formats() {
+    let Some(containerd) = containerd() else { return };
+    let address = containerd.socket.to_str().unwrap().to_owned();
+    let ctr = |args: &[&str]| {
+        let mut all = vec!["--address", &address];
+        all.extend_from_slice(args);
+        run("ctr", &all)
+    };
+    for (n, served) in both_formats().iter().enumerate() {
+        let tagged = format!("{}:latest", served.reference());
+        ctr(&["images", "pull", "--plain-http", &tagged]);
+        // `ctr images ls`: REF TYPE DIGEST SIZE PLATFORMS LABELS
+        let listing = ctr(&["images", "ls"]);
+        let line = listing
+            .lines()
+            .find(|l| l.starts_with(&format!("{tagged} ")))
+            .unwrap_or_else(|| panic!("{tagged} not in {listing}"));
+        let columns: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!((columns[1], columns[2]), (served.media_type, served.digest.as_str()));
+        ctr(&["images", "pull", "--plain-http", &served.by_digest()]);
+        for (m, reference) in [tagged.as_str(), &served.by_digest()].into_iter().enumerate() {
+            let output = ctr(&["run", "--rm", reference, &format!("t{n}{m}"), "hello"]);
+            assert_eq!(output, "Hello, world!\n", "{reference}");
+        }
+    }
+}
+
+#[test]
+fn docker_pulls_and_runs_both_formats() {
+    let Some(containerd) = containerd() else { return };
+    let Some(dockerd) = dockerd(&containerd) else { return };
+    let host = docker_host(&dockerd);
+    let docker = |args: &[&str]| {
+        let mut all = vec!["-H", &host];
+        all.extend_from_slice(args);
+        run("docker", &all)
+    };
+    for served in both_formats() {
+        let tagged = format!("{}:latest", served.reference());
+        let pulled = docker(&["pull", &tagged]);
+        assert!(pulled.contains(&format!("Digest: {}", served.digest)), "{pulled}");
+        docker(&["pull", &served.by_digest()]);
+        for reference in [tagged.as_str(), &served.by_digest()] {
+            let output = docker(&["run", "--rm", "--network", "none", reference, "hello"]);
+            assert_eq!(output, "Hello, world!\n", "{reference}");
+        }
+    }
+}
