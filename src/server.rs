@@ -89,13 +89,45 @@ async fn registry(
     };
     let name = parts.join("/");
     let query = query.map(|Query(q)| q).unwrap_or_default();
-    match (kind, reference) {
+    let response = match (kind, reference) {
         ("manifests", _) => manifest(&builder, &name, reference, &headers, head).await,
         ("blobs", _) => blob(&builder, &name, reference, &headers, head).await,
         ("tags", "list") => tags(&builder, &name, &query, head).await,
         ("referrers", _) => referrers(&name, reference, &query, head),
         _ => Err(RegistryError::unknown_route()),
+    }?;
+    Ok(not_modified_if_current(&headers, response))
+}
+
+/// A 304 without a body in place of a 200 whose `ETag` the client already
+/// has (`If-None-Match`, RFC 9110 §13.1.2).
+fn not_modified_if_current(request: &HeaderMap, response: Response) -> Response {
+    let Some(etag) = response.headers().get(header::ETAG).and_then(|v| v.to_str().ok()) else {
+        return response;
+    };
+    let current = request
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|tag| tag.trim().trim_start_matches("W/"))
+        .any(|tag| tag == "*" || tag == etag);
+    if response.status() != StatusCode::OK || !current {
+        return response;
     }
+    let mut not_modified = Response::new(Body::empty());
+    *not_modified.status_mut() = StatusCode::NOT_MODIFIED;
+    for name in [
+        header::ETAG,
+        header::HeaderName::from_static("docker-content-digest"),
+        header::CACHE_CONTROL,
+        header::VARY,
+    ] {
+        if let Some(value) = response.headers().get(&name) {
+            not_modified.headers_mut().insert(name, value.clone());
+        }
+    }
+    not_modified
 }
 
 async fn manifest(

@@ -243,6 +243,36 @@ fn head_is_answered_from_the_cache_and_shares_builds() {
 }
 
 #[test]
+fn conditional_requests_get_304_for_what_the_client_has() {
+    let registry = Registry::start();
+    let path = "/v2/hello/manifests/latest";
+    let manifest = get(&registry, path, &[]);
+    let etag = manifest.header("etag").to_owned();
+    let digest = manifest.header("docker-content-digest").to_owned();
+    for headers in [
+        vec![("If-None-Match", etag.as_str())],
+        vec![("If-None-Match", "\"sha256:0\", *")],
+    ] {
+        let unchanged = get(&registry, path, &headers);
+        assert_eq!(unchanged.status, 304);
+        assert!(unchanged.body.is_empty());
+        assert_eq!(unchanged.header("docker-content-digest"), digest);
+        assert_eq!(unchanged.header("etag"), etag);
+    }
+    let changed = get(&registry, path, &[("If-None-Match", "\"sha256:0\"")]);
+    assert_content(&changed, &digest, false);
+
+    let layer = manifest.json()["layers"][0]["digest"].as_str().unwrap().to_owned();
+    let blob_etag = format!("\"{layer}\"");
+    let blob = get(
+        &registry,
+        &format!("/v2/hello/blobs/{layer}"),
+        &[("If-None-Match", &blob_etag)],
+    );
+    assert_eq!((blob.status, blob.body.len()), (304, 0));
+}
+
+#[test]
 fn tags_list_and_referrers() {
     let registry = Registry::start();
     let tags = get(&registry, "/v2/shell/hello/tags/list", &[]);
