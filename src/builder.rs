@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 use crate::archive::{self, LayerDigests, RootFs};
 use crate::cache::{Caches, ImageRecord, ManifestRecord};
 use crate::digest::Digest;
-use crate::image::{Arch, ImageRequest};
+use crate::image::{self, Arch, ImageRequest};
 use crate::layers::{self, Popularity};
 use crate::negotiate::Choice;
 use crate::nix::{Nix, NixError};
@@ -51,6 +51,7 @@ pub enum BuildError {
 /// What shapes the layers, besides the packages.
 #[derive(Clone, Debug)]
 pub struct Settings {
+    pub layering: layers::Strategy,
     pub layer_budget: usize,
     pub gzip_level: u32,
     /// Builds that may run at once; also the layers packed at once per build.
@@ -227,7 +228,19 @@ impl Builder {
             .await?;
         let nix_done = Instant::now();
 
-        let plan = layers::group_by_popularity(&realised.graph, &self.popularity, self.settings.layer_budget);
+        let base: Vec<String> = request
+            .packages
+            .iter()
+            .zip(&realised.outputs)
+            .filter(|(package, _)| image::ALWAYS.contains(&package.as_str()))
+            .map(|(_, output)| output.clone())
+            .collect();
+        let inputs = layers::Inputs {
+            popularity: &self.popularity,
+            budget: self.settings.layer_budget,
+            base: &base,
+        };
+        let plan = layers::plan(self.settings.layering, &realised.graph, inputs);
         let outputs = realised.outputs.clone();
         let rootfs = tokio::task::spawn_blocking(move || RootFs::plan(&outputs))
             .await
@@ -327,6 +340,7 @@ impl Builder {
             revision: Option<&'a str>,
             packages: &'a [String],
             popularity: &'a str,
+            layering: &'a str,
             layer_budget: usize,
             gzip_level: u32,
         }
@@ -336,6 +350,7 @@ impl Builder {
             revision,
             packages: &request.packages,
             popularity: self.popularity.id(),
+            layering: self.settings.layering.name(),
             layer_budget: self.settings.layer_budget,
             gzip_level: self.settings.gzip_level,
         };

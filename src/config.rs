@@ -9,11 +9,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::archive::DEFAULT_GZIP_LEVEL;
 use crate::image::Arch;
-use crate::layers::DEFAULT_BUDGET;
+use crate::layers::{DEFAULT_BUDGET, Strategy};
 use crate::oci::Format;
 use crate::source::PackageSource;
 
@@ -32,6 +33,30 @@ pub struct Cli {
 pub enum Command {
     /// Serve the registry.
     Serve(ServeArgs),
+    /// Print, as JSON, how a strategy groups a runtime graph into layers
+    /// (the registry's own code); `{"layers":[{"paths":[…],"size":N}]}` in
+    /// manifest order.
+    Layers(LayersArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LayersArgs {
+    /// A runtime graph: Nixery's `{"exportReferencesGraph":{"graph":[roots]},"graph":[…]}`,
+    /// `nix path-info --json --recursive` output, or an exportReferencesGraph list.
+    pub graph: PathBuf,
+    /// Popularity JSON, `{"name-version": count}`.
+    #[arg(long)]
+    pub popularity: Option<PathBuf>,
+    /// The most layers to make.
+    #[arg(long, default_value_t = DEFAULT_BUDGET, value_parser = clap::value_parser!(u16).range(1..).map(usize::from))]
+    pub budget: usize,
+    /// stable, nixery or size-cohort.
+    #[arg(long, default_value = "stable")]
+    pub strategy: Strategy,
+    /// Name prefixes of the roots every image gets, comma-separated (the
+    /// registry's always-added packages).
+    #[arg(long, value_delimiter = ',', default_value = "nss-cacert,iana-etc")]
+    pub base: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -78,6 +103,9 @@ pub struct ServeArgs {
     #[arg(long, env = "NIXERY_LAYER_BUDGET", default_value_t = DEFAULT_BUDGET as u16,
           value_parser = clap::value_parser!(u16).range(1..=125))]
     layer_budget: u16,
+    /// How store paths are grouped into layers: stable, nixery or size-cohort.
+    #[arg(long, env = "NIXERY_LAYERING", default_value = "stable")]
+    layering: Strategy,
     /// gzip level of layers (1 fastest, 9 smallest).
     #[arg(long, env = "NIXERY_GZIP_LEVEL", default_value_t = DEFAULT_GZIP_LEVEL,
           value_parser = clap::value_parser!(u32).range(1..=9))]
@@ -122,6 +150,7 @@ pub struct ServeConfig {
     pub storage: StorageConfig,
     pub nix_timeout: Duration,
     pub popularity_url: Option<String>,
+    pub layering: Strategy,
     pub layer_budget: usize,
     pub gzip_level: u32,
     /// Never empty, no duplicates, in the order configured.
@@ -144,6 +173,7 @@ impl ServeArgs {
             storage,
             nix_timeout: Duration::from_secs(self.nix_timeout),
             popularity_url: self.popularity_url,
+            layering: self.layering,
             layer_budget: self.layer_budget.into(),
             gzip_level: self.gzip_level,
             architectures: self.architectures.iter().fold(Vec::new(), |mut seen, arch| {
@@ -192,8 +222,10 @@ mod tests {
     /// Parses flags only (the environment is not read for flags given).
     fn args(flags: &[&str]) -> Result<ServeArgs, clap::Error> {
         let cli = Cli::try_parse_from(["nixery", "serve"].iter().chain(flags))?;
-        let Command::Serve(args) = cli.command;
-        Ok(args)
+        match cli.command {
+            Command::Serve(args) => Ok(args),
+            Command::Layers(_) => unreachable!("serve was asked for"),
+        }
     }
 
     #[test]
@@ -219,6 +251,7 @@ mod tests {
         assert_eq!(config.layer_budget, 94);
         assert!(matches!(config.source, PackageSource::Path { .. }));
         assert_eq!(config.architectures, [Arch::Amd64]);
+        assert_eq!(config.layering, Strategy::Stable);
         assert_eq!(config.manifest_format, Format::Oci);
     }
 
@@ -266,6 +299,7 @@ mod tests {
             (&["--layer-budget", "500"][..], "--layer-budget"),
             (&["--gzip-level", "10"][..], "--gzip-level"),
             (&["--manifest-format", "v1"][..], "oci or docker"),
+            (&["--layering", "auto"][..], "size-cohort"),
             (&["--no-such-flag"][..], "--no-such-flag"),
         ] {
             let error = args(flags).unwrap_err().to_string();

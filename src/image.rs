@@ -17,7 +17,7 @@ static COMPONENT: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^[a-z0-9]+(?:(
 static TAG: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$").unwrap());
 
 /// Packages every image gets, as in the original since 2019-10.
-const ALWAYS: [&str; 2] = ["cacert", "iana-etc"];
+pub const ALWAYS: [&str; 2] = ["cacert", "iana-etc"];
 
 /// What the `shell` meta-package stands for.
 const SHELL: [&str; 4] = ["bashInteractive", "coreutils", "moreutils", "nano"];

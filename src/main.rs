@@ -6,8 +6,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use nixery::builder::{Builder, Settings};
-use nixery::config::{Cli, Command, LogFormat, ServeConfig, StorageConfig};
-use nixery::layers::Popularity;
+use nixery::config::{Cli, Command, LayersArgs, LogFormat, ServeConfig, StorageConfig};
+use nixery::layers::{self, Popularity, RuntimeGraph};
 use nixery::nix::Nix;
 use nixery::server;
 use nixery::storage::Storage;
@@ -15,10 +15,56 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Command::Serve(args) = Cli::parse().command;
-    init_logging(args.log_format);
-    let config = args.check()?;
-    serve(config).await
+    match Cli::parse().command {
+        Command::Serve(args) => {
+            init_logging(args.log_format);
+            let config = args.check()?;
+            serve(config).await
+        }
+        Command::Layers(args) => print_layers(args),
+    }
+}
+
+/// `nixery layers`: a graph file's layer plan as JSON on stdout.
+fn print_layers(args: LayersArgs) -> anyhow::Result<()> {
+    let read = |path: &std::path::Path| std::fs::read(path).with_context(|| format!("cannot read {}", path.display()));
+    let graph = RuntimeGraph::from_graph_file(&read(&args.graph)?)
+        .with_context(|| format!("{} is not a runtime graph", args.graph.display()))?;
+    let popularity = match &args.popularity {
+        Some(path) => Popularity::from_json(&read(path)?)?,
+        None => Popularity::default(),
+    };
+    let base: Vec<String> = graph
+        .roots
+        .iter()
+        .filter(|root| {
+            let name = root
+                .rsplit('/')
+                .next()
+                .and_then(|b| b.split_once('-'))
+                .map_or("", |(_, n)| n);
+            args.base
+                .iter()
+                .any(|prefix| !prefix.is_empty() && name.starts_with(prefix.as_str()))
+        })
+        .cloned()
+        .collect();
+    let inputs = layers::Inputs {
+        popularity: &popularity,
+        budget: args.budget,
+        base: &base,
+    };
+    let sizes: std::collections::HashMap<&str, u64> =
+        graph.paths.iter().map(|p| (p.path.as_str(), p.nar_size)).collect();
+    let plan: Vec<serde_json::Value> = layers::plan(args.strategy, &graph, inputs)
+        .into_iter()
+        .map(|layer| {
+            let size: u64 = layer.paths.iter().map(|p| sizes[p.as_str()]).sum();
+            serde_json::json!({ "paths": layer.paths, "size": size })
+        })
+        .collect();
+    println!("{}", serde_json::json!({ "layers": plan }));
+    Ok(())
 }
 
 fn init_logging(format: LogFormat) {
@@ -44,6 +90,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     };
     let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
     let settings = Settings {
+        layering: config.layering,
         layer_budget: config.layer_budget,
         gzip_level: config.gzip_level,
         parallel,

@@ -5,6 +5,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use petgraph::algo::dominators;
+use petgraph::graph::{DiGraph, NodeIndex};
 use serde::Deserialize;
 
 /// One store path of the closure.
@@ -120,6 +122,75 @@ impl RuntimeGraph {
     pub fn root_indices(&self) -> Vec<usize> {
         let index = self.index();
         self.roots.iter().map(|r| index[r.as_str()]).collect()
+    }
+
+    /// For each path, the positions of the paths that refer to it.
+    pub fn user_indices(&self) -> Vec<Vec<usize>> {
+        let mut users = vec![Vec::new(); self.paths.len()];
+        for (i, references) in self.reference_indices().into_iter().enumerate() {
+            for r in references {
+                users[r].push(i);
+            }
+        }
+        users
+    }
+
+    /// Which paths `start` reaches through `edges` (itself included),
+    /// stepping only onto paths `allowed` admits.
+    pub fn reach(start: usize, edges: &[Vec<usize>], allowed: impl Fn(usize) -> bool) -> Vec<bool> {
+        let mut seen = vec![false; edges.len()];
+        seen[start] = true;
+        let mut stack = vec![start];
+        while let Some(i) = stack.pop() {
+            for &next in &edges[i] {
+                if !seen[next] && allowed(next) {
+                    seen[next] = true;
+                    stack.push(next);
+                }
+            }
+        }
+        seen
+    }
+
+    /// The dominator tree of the included paths under a synthetic root that
+    /// refers to every `entry` path: for each included path, its highest
+    /// ancestor below the root and below any path `alone` admits (the path
+    /// itself when nothing else dominates it); `None` for paths not included.
+    pub fn dominator_heads(
+        &self,
+        included: &[bool],
+        entry: &[bool],
+        alone: impl Fn(usize) -> bool,
+    ) -> Vec<Option<usize>> {
+        let mut g: DiGraph<(), ()> = DiGraph::with_capacity(self.paths.len() + 1, 0);
+        let root = g.add_node(());
+        let nodes: Vec<NodeIndex> = self.paths.iter().map(|_| g.add_node(())).collect();
+        for (i, references) in self.reference_indices().into_iter().enumerate() {
+            if !included[i] {
+                continue;
+            }
+            if entry[i] {
+                g.add_edge(root, nodes[i], ());
+            }
+            for r in references.into_iter().filter(|&r| included[r]) {
+                g.add_edge(nodes[i], nodes[r], ());
+            }
+        }
+        let doms = dominators::simple_fast(&g, root);
+        (0..self.paths.len())
+            .map(|i| {
+                included[i].then(|| {
+                    let mut head = nodes[i];
+                    while let Some(parent) = doms
+                        .immediate_dominator(head)
+                        .filter(|&d| d != root && !alone(d.index() - 1))
+                    {
+                        head = parent;
+                    }
+                    head.index() - 1
+                })
+            })
+            .collect()
     }
 
     fn index(&self) -> HashMap<&str, usize> {

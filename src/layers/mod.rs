@@ -1,17 +1,23 @@
-//! Grouping an image's closure into layers. The first strategy is the
-//! original Nixery's (REFERENCE §4.4): a dominator tree over the runtime
-//! graph, where big or popular paths hang off the root, one layer per child of
-//! the root, and the lowest-rated layers merged until the budget holds. Unlike
-//! the original, every sort here is total, so the plan depends only on the
-//! graph and the popularity data.
+//! Grouping an image's closure into layers: the runtime graph, popularity
+//! data, and three strategies that each partition the closure exactly and
+//! keep within the layer budget:
+//!
+//! - `stable` (the default, `stable.rs`): layers that come out the same in
+//!   every image that holds their paths, so clients download each byte once;
+//! - `nixery` (`nixery.rs`): the original Nixery's dominator/popularity grouping;
+//! - `size-cohort` (`cohort.rs`): nixpkgs' auto-layer idea, for comparison.
+//!
+//! `nixery layers` prints what a strategy makes of a graph file; the
+//! registry runs the same code for every image.
 
+mod cohort;
 mod graph;
+mod nixery;
 mod popularity;
+mod stable;
 
-use std::collections::BTreeMap;
-
-use petgraph::algo::dominators;
-use petgraph::graph::{DiGraph, NodeIndex};
+use std::fmt;
+use std::str::FromStr;
 
 pub use graph::{GraphError, PathInfo, RuntimeGraph};
 pub use popularity::{Popularity, PopularityError};
@@ -20,91 +26,87 @@ pub use popularity::{Popularity, PopularityError};
 /// limit is about 125, and images built `FROM` ours need room.
 pub const DEFAULT_BUDGET: usize = 94;
 
-/// A closure above this size (bytes) gets a layer of its own.
-const BIG_CLOSURE: u64 = 100 * 1_000_000;
-/// A path referred to by at least this many packages gets a layer of its own.
-const POPULAR: u64 = 100;
-
 /// A group of store paths packed into one layer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layer {
     /// Sorted store paths.
     pub paths: Vec<String>,
-    /// Popularity of the layer's head × the summed closure sizes of its
-    /// paths: how likely the layer is to be shared, and how much that saves.
-    pub rating: u128,
 }
 
-/// Groups `graph` into at most `budget` layers, most valuable first.
-pub fn group_by_popularity(graph: &RuntimeGraph, popularity: &Popularity, budget: usize) -> Vec<Layer> {
-    assert!(budget >= 1, "a layer budget is at least 1");
-    let sizes = graph.closure_sizes();
-    let heads = layer_heads(graph, popularity, &sizes);
+/// How to group a closure into layers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Strategy {
+    #[default]
+    Stable,
+    Nixery,
+    SizeCohort,
+}
 
-    let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    for (member, head) in heads.into_iter().enumerate() {
-        groups.entry(head).or_default().push(member);
+impl Strategy {
+    pub const ALL: [Strategy; 3] = [Strategy::Stable, Strategy::Nixery, Strategy::SizeCohort];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Stable => "stable",
+            Strategy::Nixery => "nixery",
+            Strategy::SizeCohort => "size-cohort",
+        }
     }
-    let mut layers: Vec<Layer> = groups
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Strategy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Strategy::ALL
+            .into_iter()
+            .find(|strategy| strategy.name() == s)
+            .ok_or_else(|| format!("unknown layering strategy {s:?}: use stable, nixery or size-cohort"))
+    }
+}
+
+/// What a plan is made from besides the graph.
+#[derive(Clone, Copy, Debug)]
+pub struct Inputs<'a> {
+    pub popularity: &'a Popularity,
+    /// The most layers the plan may have (at least 1).
+    pub budget: usize,
+    /// Roots that every image of this registry has (the always-added
+    /// packages); `stable` keeps their closure together.
+    pub base: &'a [String],
+}
+
+/// Groups `graph` into at most `inputs.budget` layers, in manifest order.
+pub fn plan(strategy: Strategy, graph: &RuntimeGraph, inputs: Inputs<'_>) -> Vec<Layer> {
+    assert!(inputs.budget >= 1, "a layer budget is at least 1");
+    match strategy {
+        Strategy::Stable => stable::plan(graph, inputs),
+        Strategy::Nixery => nixery::plan(graph, inputs.popularity, inputs.budget),
+        Strategy::SizeCohort => cohort::plan(graph, inputs.budget),
+    }
+}
+
+/// Bytes of the store paths at these positions.
+fn size_of(graph: &RuntimeGraph, members: &[usize]) -> u64 {
+    members.iter().map(|&m| graph.paths[m].nar_size).sum()
+}
+
+/// Layers from groups of path positions: each group's paths sorted.
+fn layers_of(graph: &RuntimeGraph, groups: Vec<Vec<usize>>) -> Vec<Layer> {
+    groups
         .into_iter()
-        .map(|(head, members)| {
-            let head_popularity = popularity.of(&graph.paths[head].path) as u128;
-            let size: u128 = members.iter().map(|&m| sizes[m] as u128).sum();
-            let paths = members.into_iter().map(|m| graph.paths[m].path.clone()).collect();
-            Layer {
-                paths,
-                rating: head_popularity * size,
-            }
-        })
-        .collect();
-
-    layers.sort_by(|a, b| (a.rating, &a.paths).cmp(&(b.rating, &b.paths)));
-    if layers.len() > budget {
-        let rest = layers.split_off(layers.len() - budget + 1);
-        let merged = merge(layers);
-        layers = std::iter::once(merged).chain(rest).collect();
-    }
-    layers.sort_by(|a, b| (b.rating, &a.paths).cmp(&(a.rating, &b.paths)));
-    layers
-}
-
-/// For each path, the path heading its layer: its ancestor in the dominator
-/// tree that the synthetic root immediately dominates.
-fn layer_heads(graph: &RuntimeGraph, popularity: &Popularity, sizes: &[u64]) -> Vec<usize> {
-    let mut g: DiGraph<(), ()> = DiGraph::with_capacity(graph.paths.len() + 1, 0);
-    let root = g.add_node(());
-    let nodes: Vec<NodeIndex> = graph.paths.iter().map(|_| g.add_node(())).collect();
-    for r in graph.root_indices() {
-        g.add_edge(root, nodes[r], ());
-    }
-    for ((i, info), references) in graph.paths.iter().enumerate().zip(graph.reference_indices()) {
-        for r in references {
-            g.add_edge(nodes[i], nodes[r], ());
-        }
-        if sizes[i] > BIG_CLOSURE || popularity.of(&info.path) >= POPULAR {
-            g.add_edge(root, nodes[i], ());
-        }
-    }
-
-    let doms = dominators::simple_fast(&g, root);
-    let path_of = |node: NodeIndex| node.index() - 1;
-    nodes
-        .iter()
-        .map(|&node| {
-            let mut head = node;
-            while let Some(parent) = doms.immediate_dominator(head).filter(|&d| d != root) {
-                head = parent;
-            }
-            path_of(head)
+        .map(|members| {
+            let mut paths: Vec<String> = members.into_iter().map(|m| graph.paths[m].path.clone()).collect();
+            paths.sort();
+            Layer { paths }
         })
         .collect()
-}
-
-fn merge(layers: Vec<Layer>) -> Layer {
-    let rating = layers.iter().map(|l| l.rating).sum();
-    let mut paths: Vec<String> = layers.into_iter().flat_map(|l| l.paths).collect();
-    paths.sort();
-    Layer { paths, rating }
 }
 
 #[cfg(test)]
@@ -112,150 +114,52 @@ mod tests {
     use super::graph::tests::shared_data;
     use super::*;
 
-    /// A graph from `(name, nar size, references)`, rooted at `roots`.
-    fn graph(roots: &[&str], nodes: &[(&str, u64, &[&str])]) -> RuntimeGraph {
-        let p = |n: &str| format!("/nix/store/{n:0<32}-{n}");
-        let paths = nodes
-            .iter()
-            .map(|(name, size, refs)| PathInfo {
-                path: p(name),
-                nar_size: *size,
-                references: refs.iter().map(|r| p(r)).collect(),
-            })
-            .collect();
-        RuntimeGraph::new(roots.iter().map(|r| p(r)).collect(), paths).unwrap()
-    }
-
-    fn names(layers: &[Layer]) -> Vec<Vec<String>> {
-        layers
-            .iter()
-            .map(|l| {
-                l.paths
-                    .iter()
-                    .map(|p| p.rsplit_once('-').unwrap().1.to_owned())
-                    .collect()
-            })
-            .collect()
-    }
-
+    /// Every strategy partitions real closures exactly, within budget, and
+    /// gives the same plan twice.
     #[test]
-    fn a_chain_is_one_layer() {
-        let g = graph(
-            &["app"],
-            &[("app", 10, &["lib"]), ("lib", 10, &["libc"]), ("libc", 10, &[])],
-        );
-        let layers = group_by_popularity(&g, &Popularity::default(), 10);
-        assert_eq!(names(&layers), vec![vec!["app", "lib", "libc"]]);
-        assert_eq!(layers[0].rating, 30 + 20 + 10);
-    }
-
-    #[test]
-    fn shared_dependencies_get_their_own_layer() {
-        let g = graph(&["a", "b"], &[("a", 10, &["c"]), ("b", 20, &["c"]), ("c", 100, &[])]);
-        let layers = group_by_popularity(&g, &Popularity::default(), 10);
-        assert_eq!(names(&layers), vec![vec!["b"], vec!["a"], vec!["c"]]);
-        assert_eq!(layers.iter().map(|l| l.rating).collect::<Vec<_>>(), vec![120, 110, 100]);
-    }
-
-    #[test]
-    fn popular_and_big_paths_hang_off_the_root() {
-        let g = graph(
-            &["app"],
-            &[
-                ("app", 1, &["glibc", "huge", "priv"]),
-                ("glibc", 10, &[]),
-                ("huge", 200_000_000, &[]),
-                ("priv", 5, &[]),
-            ],
-        );
-        let pop = Popularity::from_json(br#"{"glibc": 100}"#).unwrap();
-        let layers = group_by_popularity(&g, &pop, 10);
-        // app's own layer holds the whole closure size of app: it rates highest.
-        assert_eq!(names(&layers), vec![vec!["app", "priv"], vec!["huge"], vec!["glibc"]]);
-        assert_eq!(
-            layers.iter().map(|l| l.rating).collect::<Vec<_>>(),
-            vec![200_000_021, 200_000_000, 1000]
-        );
-    }
-
-    #[test]
-    fn the_lowest_rated_layers_merge_to_fit_the_budget() {
-        let g = graph(
-            &["a", "b", "c", "d", "e"],
-            &[
-                ("a", 1, &[]),
-                ("b", 2, &[]),
-                ("c", 3, &[]),
-                ("d", 4, &[]),
-                ("e", 5, &[]),
-            ],
-        );
-        let pop = Popularity::default();
-        assert_eq!(
-            names(&group_by_popularity(&g, &pop, 5)),
-            vec![vec!["e"], vec!["d"], vec!["c"], vec!["b"], vec!["a"]]
-        );
-        assert_eq!(
-            names(&group_by_popularity(&g, &pop, 3)),
-            vec![vec!["a", "b", "c"], vec!["e"], vec!["d"]]
-        );
-        assert_eq!(
-            names(&group_by_popularity(&g, &pop, 1)),
-            vec![vec!["a", "b", "c", "d", "e"]]
-        );
-    }
-
-    #[test]
-    fn ties_are_broken_by_contents_not_input_order() {
-        let nodes: [(&str, u64, &[&str]); 3] = [("x", 7, &[]), ("y", 7, &[]), ("z", 7, &[])];
-        let mut reversed = nodes;
-        reversed.reverse();
-        let pop = Popularity::default();
-        let a = group_by_popularity(&graph(&["x", "y", "z"], &nodes), &pop, 2);
-        let b = group_by_popularity(&graph(&["z", "y", "x"], &reversed), &pop, 2);
-        assert_eq!(a, b);
-        assert_eq!(names(&a), vec![vec!["x", "y"], vec!["z"]]);
-    }
-
-    /// Every path of a real closure lands in exactly one layer, within budget.
-    #[test]
-    fn real_closures_are_partitioned() {
+    fn every_strategy_partitions_real_closures_within_budget() {
         let pop = Popularity::from_json(&shared_data("debian-bookworm/popularity-direct.json")).unwrap();
+        let base = |g: &RuntimeGraph| -> Vec<String> {
+            g.roots
+                .iter()
+                .filter(|r| r.contains("-ca-certificates-") || r.contains("-netbase-"))
+                .cloned()
+                .collect()
+        };
         for (file, budget) in [
             ("nix2container-hello-bash-closure-graph.json", 94),
             ("snarf-hello-closure.json", 94),
             ("debian-bookworm/graphs/shell+git+htop.json", 94),
-            ("debian-bookworm/graphs/emacs-nox.json", 94),
-            ("debian-bookworm/graphs/emacs-nox.json", 10),
+            ("debian-bookworm/graphs/python3+python3-numpy+python3-scipy.json", 94),
+            ("debian-bookworm/graphs/python3+python3-numpy+python3-scipy.json", 20),
+            ("debian-bookworm/graphs/emacs-nox.json", 3),
+            ("debian-bookworm/graphs/emacs-nox.json", 1),
         ] {
             let g = RuntimeGraph::from_graph_file(&shared_data(file)).unwrap();
-            let layers = group_by_popularity(&g, &pop, budget);
-            assert!(layers.len() <= budget, "{file}");
-            let mut all: Vec<&String> = layers.iter().flat_map(|l| &l.paths).collect();
-            all.sort();
-            let expected: Vec<&String> = g.paths.iter().map(|p| &p.path).collect();
-            assert_eq!(all, expected, "{file}: each path exactly once");
-            assert!(
-                layers.windows(2).all(|w| w[0].rating >= w[1].rating),
-                "{file}: most valuable first"
-            );
-            assert_eq!(layers, group_by_popularity(&g, &pop, budget), "{file}: deterministic");
+            let base = base(&g);
+            let inputs = Inputs {
+                popularity: &pop,
+                budget,
+                base: &base,
+            };
+            for strategy in Strategy::ALL {
+                let layers = plan(strategy, &g, inputs);
+                assert!(layers.len() <= budget, "{strategy} {file}: {} layers", layers.len());
+                assert!(layers.iter().all(|l| !l.paths.is_empty()), "{strategy} {file}");
+                let mut all: Vec<&String> = layers.iter().flat_map(|l| &l.paths).collect();
+                all.sort();
+                let expected: Vec<&String> = g.paths.iter().map(|p| &p.path).collect();
+                assert_eq!(all, expected, "{strategy} {file}: each path exactly once");
+                assert_eq!(layers, plan(strategy, &g, inputs), "{strategy} {file}: deterministic");
+            }
         }
     }
 
-    /// In a Debian image, libc6 is popular: it heads a layer that the
-    /// packages using it are not part of.
     #[test]
-    fn popular_library_of_a_real_closure_heads_its_layer() {
-        let pop = Popularity::from_json(&shared_data("debian-bookworm/popularity-direct.json")).unwrap();
-        let g = RuntimeGraph::from_graph_file(&shared_data("debian-bookworm/graphs/git.json")).unwrap();
-        let layers = group_by_popularity(&g, &pop, DEFAULT_BUDGET);
-        let libc = layers
-            .iter()
-            .find(|l| l.paths.iter().any(|p| p.ends_with("-libc6-2.36-9+deb12u14")))
-            .unwrap();
-        assert!(libc.paths.iter().all(|p| !p.contains("-git-")), "{:?}", libc.paths);
-        assert_eq!(libc.rating % 21820, 0, "rated by libc6's popularity");
-        assert!(layers.len() > 10, "git's closure is spread over many layers");
+    fn strategies_are_named() {
+        for strategy in Strategy::ALL {
+            assert_eq!(strategy.name().parse::<Strategy>(), Ok(strategy));
+        }
+        assert!("auto".parse::<Strategy>().unwrap_err().contains("stable"));
     }
 }

@@ -1,7 +1,9 @@
 //! Popularity data for layering: how many packages of the package set refer
 //! to each store path, keyed as the original keys it (`name-version`, the
 //! store path without `/nix/store/<hash>-`), and where it comes from
-//! (`NIX_POPULARITY_URL`: http(s), `file://` or a plain path).
+//! (`NIX_POPULARITY_URL`: http(s), `file://` or a plain path). A path whose
+//! exact `name-version` is not in the data gets the count of its name, so
+//! data made for another revision of the package set still helps.
 
 use std::collections::HashMap;
 
@@ -16,6 +18,8 @@ const IN_EVERY_IMAGE_PREFIXES: [&str; 2] = ["nss-cacert", "iana-etc"];
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Popularity {
     counts: HashMap<String, u64>,
+    /// The highest count of each package name (the id without its version).
+    by_name: HashMap<String, u64>,
     /// Digest of the data it was read from (`None` for no data), so that
     /// caches can tell layer plans from different data apart.
     digest: Option<Digest>,
@@ -33,8 +37,15 @@ pub enum PopularityError {
 
 impl Popularity {
     pub fn from_json(json: &[u8]) -> Result<Self, PopularityError> {
+        let counts: HashMap<String, u64> = serde_json::from_slice(json)?;
+        let mut by_name: HashMap<String, u64> = HashMap::new();
+        for (id, &count) in &counts {
+            let highest = by_name.entry(package_name(id).to_owned()).or_default();
+            *highest = (*highest).max(count);
+        }
         Ok(Popularity {
-            counts: serde_json::from_slice(json)?,
+            counts,
+            by_name,
             digest: Some(Digest::of(json)),
         })
     }
@@ -72,8 +83,21 @@ impl Popularity {
         if IN_EVERY_IMAGE_PREFIXES.iter().any(|p| id.starts_with(p)) {
             return IN_EVERY_IMAGE;
         }
-        self.counts.get(id).copied().unwrap_or(1)
+        self.counts
+            .get(id)
+            .or_else(|| self.by_name.get(package_name(id)))
+            .copied()
+            .unwrap_or(1)
     }
+}
+
+/// `name-1.0` → `name`: Nix's rule (`builtins.parseDrvName`), the name ends
+/// at the first `-` that is not followed by a letter.
+fn package_name(id: &str) -> &str {
+    let bytes = id.as_bytes();
+    (0..bytes.len())
+        .find(|&i| bytes[i] == b'-' && bytes.get(i + 1).is_some_and(|b| !b.is_ascii_alphabetic()))
+        .map_or(id, |i| &id[..i])
 }
 
 /// `/nix/store/<hash>-name-1.0` → `name-1.0`.
@@ -95,12 +119,22 @@ mod tests {
         assert_eq!(p.of("/nix/store/s9qbqh7gzacs7h68b2jfmn9l6q4jwfjz-glibc-2.40-66"), 40000);
         assert_eq!(
             p.of("/nix/store/abc-glibc-2.33-59"),
-            1,
-            "another version does not match"
+            40000,
+            "another version counts as its name"
         );
         assert_eq!(p.of("/nix/store/abc-unknown-1"), 1);
+        assert_eq!(p.of("/nix/store/abc-zlib-ng-2.0"), 1, "another name that starts alike");
         assert_eq!(p.of("/nix/store/abc-nss-cacert-3.107"), IN_EVERY_IMAGE);
         assert_eq!(Popularity::default().of("/nix/store/abc-iana-etc-2024"), IN_EVERY_IMAGE);
+    }
+
+    #[test]
+    fn names_end_where_nix_says() {
+        assert_eq!(package_name("glibc-2.40-66"), "glibc");
+        assert_eq!(package_name("python3.11-numpy-1.26.4"), "python3.11-numpy");
+        assert_eq!(package_name("gcc-12-base-12.2.0"), "gcc");
+        assert_eq!(package_name("hello"), "hello");
+        assert_eq!(package_name("x-"), "x-");
     }
 
     #[test]
