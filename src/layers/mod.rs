@@ -155,6 +155,65 @@ mod tests {
         }
     }
 
+    /// On the public Debian sequence (one client with a persistent cache),
+    /// `stable` downloads less than both other strategies, with no more
+    /// layers per image than the original.
+    #[test]
+    fn stable_beats_the_others_on_the_public_sequence() {
+        let pop = Popularity::from_json(&shared_data("debian-bookworm/popularity-direct.json")).unwrap();
+        let order = String::from_utf8(shared_data("debian-bookworm/sequence-public.txt")).unwrap();
+        let requests: Vec<String> = order
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(|l| l.trim().replace('/', "+"))
+            .collect();
+        let mut plans: std::collections::HashMap<(Strategy, &str), Vec<(Vec<String>, u64)>> = Default::default();
+        for name in &requests {
+            let g =
+                RuntimeGraph::from_graph_file(&shared_data(&format!("debian-bookworm/graphs/{name}.json"))).unwrap();
+            let base: Vec<String> = g
+                .roots
+                .iter()
+                .filter(|r| r.contains("-ca-certificates-") || r.contains("-netbase-"))
+                .cloned()
+                .collect();
+            let size: std::collections::HashMap<&str, u64> =
+                g.paths.iter().map(|p| (p.path.as_str(), p.nar_size)).collect();
+            for strategy in Strategy::ALL {
+                let inputs = Inputs {
+                    popularity: &pop,
+                    budget: DEFAULT_BUDGET,
+                    base: &base,
+                };
+                plans.entry((strategy, name)).or_insert_with(|| {
+                    plan(strategy, &g, inputs)
+                        .into_iter()
+                        .map(|l| {
+                            let bytes = l.paths.iter().map(|p| size[p.as_str()]).sum();
+                            (l.paths, bytes)
+                        })
+                        .collect()
+                });
+            }
+        }
+        let pulled = |strategy: Strategy| -> u64 {
+            let mut cache = std::collections::HashSet::new();
+            let layers = requests.iter().flat_map(|name| &plans[&(strategy, name.as_str())]);
+            layers
+                .filter(|(paths, _)| cache.insert(paths.clone()))
+                .map(|(_, bytes)| bytes)
+                .sum()
+        };
+        let mean_layers = |strategy: Strategy| -> f64 {
+            let counts: Vec<usize> = requests.iter().map(|n| plans[&(strategy, n.as_str())].len()).collect();
+            counts.iter().sum::<usize>() as f64 / counts.len() as f64
+        };
+        let stable = pulled(Strategy::Stable);
+        assert!(stable < pulled(Strategy::Nixery), "stable {stable} vs nixery");
+        assert!(stable < pulled(Strategy::SizeCohort), "stable {stable} vs size-cohort");
+        assert!(mean_layers(Strategy::Stable) <= mean_layers(Strategy::Nixery));
+    }
+
     #[test]
     fn strategies_are_named() {
         for strategy in Strategy::ALL {
