@@ -167,7 +167,8 @@ mod tests {
             .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
             .map(|l| l.trim().replace('/', "+"))
             .collect();
-        let mut plans: std::collections::HashMap<(Strategy, &str), Vec<(Vec<String>, u64)>> = Default::default();
+        type Sized = Vec<(Vec<String>, u64)>;
+        let mut plans: std::collections::HashMap<(Strategy, &str), Sized> = Default::default();
         for name in &requests {
             let g =
                 RuntimeGraph::from_graph_file(&shared_data(&format!("debian-bookworm/graphs/{name}.json"))).unwrap();
