@@ -23,6 +23,7 @@ use crate::cache::{Caches, ImageRecord, ManifestRecord};
 use crate::digest::Digest;
 use crate::image::{self, Arch, ImageRequest};
 use crate::layers::{self, Popularity};
+use crate::learning::Learned;
 use crate::negotiate::Choice;
 use crate::nix::{Nix, NixError};
 use crate::oci::{self, Format, IndexEntry, OciError};
@@ -73,6 +74,8 @@ pub struct Builder {
     storage: Storage,
     caches: Caches,
     popularity: Popularity,
+    /// Where built closures are counted, when popularity is learned.
+    learned: Option<Arc<Learned>>,
     settings: Settings,
     build_slots: Semaphore,
     in_flight: Mutex<HashMap<String, BuildFuture>>,
@@ -84,6 +87,7 @@ impl Builder {
         nix: Nix,
         storage: Storage,
         popularity: Popularity,
+        learned: Option<Arc<Learned>>,
         settings: Settings,
     ) -> Arc<Self> {
         Arc::new(Builder {
@@ -92,6 +96,7 @@ impl Builder {
             caches: Caches::new(storage.clone()),
             storage,
             popularity,
+            learned,
             build_slots: Semaphore::new(settings.parallel),
             settings,
             in_flight: Mutex::new(HashMap::new()),
@@ -270,6 +275,11 @@ impl Builder {
         };
         if let Some(key) = &job.cache_key {
             self.caches.put_image(key, record.clone()).await?;
+        }
+        if let Some(learned) = &self.learned
+            && let Err(error) = learned.record(&realised.graph).await
+        {
+            tracing::warn!(%error, "could not store learned popularity");
         }
 
         tracing::info!(

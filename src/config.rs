@@ -103,6 +103,10 @@ pub struct ServeArgs {
     #[arg(long, env = "NIXERY_LAYER_BUDGET", default_value_t = DEFAULT_BUDGET as u16,
           value_parser = clap::value_parser!(u16).range(1..=125))]
     layer_budget: u16,
+    /// Count the store paths of the images this registry builds and add the
+    /// counts to the popularity data at the next start.
+    #[arg(long, env = "NIXERY_LEARN_POPULARITY", default_value_t = false, action = clap::ArgAction::Set)]
+    learn_popularity: bool,
     /// How store paths are grouped into layers: stable, nixery or size-cohort.
     #[arg(long, env = "NIXERY_LAYERING", default_value = "stable")]
     layering: Strategy,
@@ -150,6 +154,7 @@ pub struct ServeConfig {
     pub storage: StorageConfig,
     pub nix_timeout: Duration,
     pub popularity_url: Option<String>,
+    pub learn_popularity: bool,
     pub layering: Strategy,
     pub layer_budget: usize,
     pub gzip_level: u32,
@@ -173,6 +178,7 @@ impl ServeArgs {
             storage,
             nix_timeout: Duration::from_secs(self.nix_timeout),
             popularity_url: self.popularity_url,
+            learn_popularity: self.learn_popularity,
             layering: self.layering,
             layer_budget: self.layer_budget.into(),
             gzip_level: self.gzip_level,

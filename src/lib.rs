@@ -9,6 +9,7 @@ pub mod config;
 pub mod digest;
 pub mod image;
 pub mod layers;
+pub mod learning;
 pub mod negotiate;
 pub mod nix;
 pub mod oci;

@@ -8,6 +8,7 @@ use clap::Parser;
 use nixery::builder::{Builder, Settings};
 use nixery::config::{Cli, Command, LayersArgs, LogFormat, ServeConfig, StorageConfig};
 use nixery::layers::{self, Popularity, RuntimeGraph};
+use nixery::learning::Learned;
 use nixery::nix::Nix;
 use nixery::server;
 use nixery::storage::Storage;
@@ -84,9 +85,16 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot use STORAGE_PATH {}", root.display()))?,
     };
-    let popularity = match &config.popularity_url {
+    let mut popularity = match &config.popularity_url {
         Some(url) => Popularity::load(url).await?,
         None => Popularity::default(),
+    };
+    let learned = if config.learn_popularity {
+        let learned = Learned::load(storage.clone()).await?;
+        popularity = popularity.with_learned(&learned.json())?;
+        Some(Arc::new(learned))
+    } else {
+        None
     };
     let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
     let settings = Settings {
@@ -102,6 +110,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         Nix::new(config.nix_timeout),
         storage,
         popularity,
+        learned,
         settings,
     );
 

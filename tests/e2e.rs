@@ -134,3 +134,24 @@ fn package_lookup_follows_the_original() {
         );
     }
 }
+
+#[test]
+fn learned_popularity_counts_built_images() {
+    let registry = Registry::start_with(&[("NIXERY_LEARN_POPULARITY", "true")]);
+    for image in ["shell/hello", "hello"] {
+        assert_eq!(registry.get(&format!("/v2/{image}/manifests/latest")).status, 200);
+    }
+    let learned = std::fs::read(registry.storage().join("cache/popularity/learned")).unwrap();
+    let counts: serde_json::Value = serde_json::from_slice(&learned).unwrap();
+    let count = |prefix: &str| -> u64 {
+        let (_, count) = counts
+            .as_object()
+            .unwrap()
+            .iter()
+            .find(|(id, _)| id.starts_with(prefix))
+            .unwrap();
+        count.as_u64().unwrap()
+    };
+    assert_eq!(count("hello-"), 2, "both images hold hello");
+    assert_eq!(count("bash-interactive"), 1, "only shell/hello holds bash: {counts}");
+}

@@ -20,7 +20,7 @@ use std::fmt;
 use std::str::FromStr;
 
 pub use graph::{GraphError, PathInfo, RuntimeGraph};
-pub use popularity::{Popularity, PopularityError};
+pub use popularity::{Popularity, PopularityError, package_id};
 
 /// Layers for store paths; one more holds the root filesystem. Docker's
 /// limit is about 125, and images built `FROM` ours need room.

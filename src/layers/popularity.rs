@@ -37,17 +37,33 @@ pub enum PopularityError {
 
 impl Popularity {
     pub fn from_json(json: &[u8]) -> Result<Self, PopularityError> {
-        let counts: HashMap<String, u64> = serde_json::from_slice(json)?;
+        Ok(Self::from_counts(serde_json::from_slice(json)?, Some(Digest::of(json))))
+    }
+
+    fn from_counts(counts: HashMap<String, u64>, digest: Option<Digest>) -> Self {
         let mut by_name: HashMap<String, u64> = HashMap::new();
         for (id, &count) in &counts {
             let highest = by_name.entry(package_name(id).to_owned()).or_default();
             *highest = (*highest).max(count);
         }
-        Ok(Popularity {
+        Popularity {
             counts,
             by_name,
-            digest: Some(Digest::of(json)),
-        })
+            digest,
+        }
+    }
+
+    /// This data plus counts learned from the registry's own builds (JSON
+    /// of the same shape): each id's counts are added.
+    pub fn with_learned(&self, learned: &[u8]) -> Result<Self, PopularityError> {
+        let learned: HashMap<String, u64> = serde_json::from_slice(learned)?;
+        let mut counts = self.counts.clone();
+        for (id, count) in learned {
+            *counts.entry(id).or_default() += count;
+        }
+        let digest =
+            Digest::of(format!("{}+learned:{}", self.id(), Digest::of(&serde_json::to_vec(&counts)?)).as_bytes());
+        Ok(Self::from_counts(counts, Some(digest)))
     }
 
     /// What identifies this data: the digest of its JSON, or `none`.
@@ -88,6 +104,7 @@ impl Popularity {
             .or_else(|| self.by_name.get(package_name(id)))
             .copied()
             .unwrap_or(1)
+            .max(1)
     }
 }
 
@@ -101,7 +118,7 @@ fn package_name(id: &str) -> &str {
 }
 
 /// `/nix/store/<hash>-name-1.0` → `name-1.0`.
-fn package_id(store_path: &str) -> &str {
+pub fn package_id(store_path: &str) -> &str {
     let base = store_path.rsplit('/').next().unwrap_or(store_path);
     match base.split_once('-') {
         Some((hash, rest)) if hash.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) => rest,

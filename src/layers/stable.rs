@@ -32,7 +32,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{Inputs, Layer, RuntimeGraph, layers_of, size_of};
+use super::{Inputs, Layer, RuntimeGraph, layers_of, package_id, size_of};
 
 const MIB: u64 = 1024 * 1024;
 /// Base paths at least this big get a layer of their own.
@@ -278,12 +278,6 @@ fn merge_smallest(graph: &RuntimeGraph, groups: &mut Vec<Vec<usize>>, budget: us
         groups[0].extend(smallest);
         groups[0].sort();
     }
-}
-
-/// `/nix/store/<hash>-name-1.0` → `name-1.0`, the key ties are broken by.
-fn package_id(path: &str) -> &str {
-    let base = path.rsplit('/').next().unwrap_or(path);
-    base.split_once('-').map_or(base, |(_, rest)| rest)
 }
 
 #[cfg(test)]

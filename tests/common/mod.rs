@@ -81,6 +81,11 @@ impl Registry {
         Registry { child, address, dir }
     }
 
+    /// The registry's storage folder.
+    pub fn storage(&self) -> std::path::PathBuf {
+        self.dir.path().join("storage")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.address)
     }
