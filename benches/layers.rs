@@ -84,7 +84,7 @@ impl Method {
         match self {
             Method::PerPath => graph.paths.iter().map(|p| vec![p.path.clone()]).collect(),
             Method::Plan(strategy) => {
-                let base = base_roots(graph, &args.base);
+                let base = graph.roots_named(&args.base);
                 let inputs = Inputs {
                     popularity,
                     budget: args.budget,
@@ -209,22 +209,6 @@ fn updated(graph: &RuntimeGraph, name: &str, seed: u64, k: u64) -> Option<Runtim
         })
         .collect();
     RuntimeGraph::new(graph.roots.iter().map(|r| rename(r)).collect(), paths).ok()
-}
-
-fn base_roots(graph: &RuntimeGraph, prefixes: &[String]) -> Vec<String> {
-    graph
-        .roots
-        .iter()
-        .filter(|root| {
-            let name = root
-                .rsplit('/')
-                .next()
-                .and_then(|b| b.split_once('-'))
-                .map_or("", |(_, n)| n);
-            prefixes.iter().any(|p| !p.is_empty() && name.starts_with(p.as_str()))
-        })
-        .cloned()
-        .collect()
 }
 
 fn print_report(rows: &[(Method, Metrics)], args: &Args, sequence: &[String], images: &BTreeMap<String, RuntimeGraph>) {

@@ -35,21 +35,7 @@ fn print_layers(args: LayersArgs) -> anyhow::Result<()> {
         Some(path) => Popularity::from_json(&read(path)?)?,
         None => Popularity::default(),
     };
-    let base: Vec<String> = graph
-        .roots
-        .iter()
-        .filter(|root| {
-            let name = root
-                .rsplit('/')
-                .next()
-                .and_then(|b| b.split_once('-'))
-                .map_or("", |(_, n)| n);
-            args.base
-                .iter()
-                .any(|prefix| !prefix.is_empty() && name.starts_with(prefix.as_str()))
-        })
-        .cloned()
-        .collect();
+    let base = graph.roots_named(&args.base);
     let inputs = layers::Inputs {
         popularity: &popularity,
         budget: args.budget,

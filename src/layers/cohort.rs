@@ -46,27 +46,15 @@ pub fn plan(graph: &RuntimeGraph, budget: usize) -> Vec<Layer> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::PathInfo;
+    use super::super::graph::tests::named_graph;
     use super::*;
 
     fn graph(nodes: &[(&str, u64, &[&str])]) -> RuntimeGraph {
-        let p = |n: &str| format!("/nix/store/{n:0<32}-{n}");
-        let paths = nodes
-            .iter()
-            .map(|(name, size, refs)| PathInfo {
-                path: p(name),
-                nar_size: *size,
-                references: refs.iter().map(|r| p(r)).collect(),
-            })
-            .collect();
-        RuntimeGraph::new(vec![p(nodes[0].0)], paths).unwrap()
+        named_graph(&[nodes[0].0], nodes)
     }
 
     fn names(layers: &[Layer]) -> Vec<Vec<&str>> {
-        layers
-            .iter()
-            .map(|l| l.paths.iter().map(|p| p.rsplit_once('-').unwrap().1).collect())
-            .collect()
+        super::super::graph::tests::names(layers.iter().map(|l| &l.paths))
     }
 
     #[test]

@@ -124,6 +124,19 @@ impl RuntimeGraph {
         self.roots.iter().map(|r| index[r.as_str()]).collect()
     }
 
+    /// The roots whose name (the store path without `/nix/store/<hash>-`)
+    /// starts with one of `prefixes`.
+    pub fn roots_named(&self, prefixes: &[String]) -> Vec<String> {
+        self.roots
+            .iter()
+            .filter(|root| {
+                let name = super::package_id(root);
+                prefixes.iter().any(|p| !p.is_empty() && name.starts_with(p.as_str()))
+            })
+            .cloned()
+            .collect()
+    }
+
     /// For each path, the positions of the paths that refer to it.
     pub fn user_indices(&self) -> Vec<Vec<usize>> {
         let mut users = vec![Vec::new(); self.paths.len()];
@@ -263,6 +276,32 @@ fn unreferenced(paths: &[PathInfo]) -> Vec<String> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// The store path the small test graphs give `name`.
+    pub(crate) fn store_path(name: &str) -> String {
+        format!("/nix/store/{name:0<32}-{name}")
+    }
+
+    /// A graph of `(name, NAR size, references)` nodes, rooted at `roots`.
+    pub(crate) fn named_graph(roots: &[&str], nodes: &[(&str, u64, &[&str])]) -> RuntimeGraph {
+        let paths = nodes
+            .iter()
+            .map(|(name, size, refs)| PathInfo {
+                path: store_path(name),
+                nar_size: *size,
+                references: refs.iter().map(|r| store_path(r)).collect(),
+            })
+            .collect();
+        RuntimeGraph::new(roots.iter().map(|r| store_path(r)).collect(), paths).unwrap()
+    }
+
+    /// The names in each group of store paths made by `store_path`.
+    pub(crate) fn names<'a>(groups: impl IntoIterator<Item = &'a Vec<String>>) -> Vec<Vec<&'a str>> {
+        groups
+            .into_iter()
+            .map(|paths| paths.iter().map(|p| p.rsplit_once('-').unwrap().1).collect())
+            .collect()
+    }
 
     /// `../shared/data`, where the project's closure fixtures live.
     pub(crate) fn shared_data(file: &str) -> Vec<u8> {

@@ -91,34 +91,16 @@ fn merge(layers: Vec<Rated>) -> Rated {
 
 #[cfg(test)]
 mod tests {
-    use super::super::graph::tests::shared_data;
-    use super::super::{DEFAULT_BUDGET, PathInfo};
+    use super::super::DEFAULT_BUDGET;
+    use super::super::graph::tests::{named_graph, shared_data};
     use super::*;
 
-    /// A graph from `(name, nar size, references)`, rooted at `roots`.
     fn graph(roots: &[&str], nodes: &[(&str, u64, &[&str])]) -> RuntimeGraph {
-        let p = |n: &str| format!("/nix/store/{n:0<32}-{n}");
-        let paths = nodes
-            .iter()
-            .map(|(name, size, refs)| PathInfo {
-                path: p(name),
-                nar_size: *size,
-                references: refs.iter().map(|r| p(r)).collect(),
-            })
-            .collect();
-        RuntimeGraph::new(roots.iter().map(|r| p(r)).collect(), paths).unwrap()
+        named_graph(roots, nodes)
     }
 
-    fn names(layers: &[Rated]) -> Vec<Vec<String>> {
-        layers
-            .iter()
-            .map(|l| {
-                l.paths
-                    .iter()
-                    .map(|p| p.rsplit_once('-').unwrap().1.to_owned())
-                    .collect()
-            })
-            .collect()
+    fn names(layers: &[Rated]) -> Vec<Vec<&str>> {
+        super::super::graph::tests::names(layers.iter().map(|l| &l.paths))
     }
 
     #[test]

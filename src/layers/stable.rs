@@ -282,35 +282,24 @@ fn merge_smallest(graph: &RuntimeGraph, groups: &mut Vec<Vec<usize>>, budget: us
 
 #[cfg(test)]
 mod tests {
-    use super::super::{PathInfo, Popularity};
+    use super::super::Popularity;
+    use super::super::graph::tests::{named_graph, store_path};
     use super::*;
 
     const K: u64 = 1024;
 
     fn graph(roots: &[&str], nodes: &[(&str, u64, &[&str])]) -> RuntimeGraph {
-        let p = |n: &str| format!("/nix/store/{n:0<32}-{n}");
-        let paths = nodes
-            .iter()
-            .map(|(name, size, refs)| PathInfo {
-                path: p(name),
-                nar_size: *size,
-                references: refs.iter().map(|r| p(r)).collect(),
-            })
-            .collect();
-        RuntimeGraph::new(roots.iter().map(|r| p(r)).collect(), paths).unwrap()
+        named_graph(roots, nodes)
     }
 
     fn names(layers: &[Layer]) -> Vec<Vec<&str>> {
-        let mut names: Vec<Vec<&str>> = layers
-            .iter()
-            .map(|l| l.paths.iter().map(|p| p.rsplit_once('-').unwrap().1).collect())
-            .collect();
+        let mut names = super::super::graph::tests::names(layers.iter().map(|l| &l.paths));
         names.sort();
         names
     }
 
     fn plan_of(g: &RuntimeGraph, pop: &Popularity, budget: usize, base: &[&str]) -> Vec<Layer> {
-        let base: Vec<String> = base.iter().map(|n| format!("/nix/store/{n:0<32}-{n}")).collect();
+        let base: Vec<String> = base.iter().map(|n| store_path(n)).collect();
         plan(
             g,
             Inputs {
