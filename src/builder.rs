@@ -18,7 +18,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-use crate::archive::{self, LayerDigests, RootFs};
+use crate::archive::{self, Compression, LayerDigests, RootFs};
 use crate::cache::{Caches, ImageRecord, ManifestRecord};
 use crate::digest::Digest;
 use crate::image::{self, Arch, ImageRequest};
@@ -54,7 +54,10 @@ pub enum BuildError {
 pub struct Settings {
     pub layering: layers::Strategy,
     pub layer_budget: usize,
-    pub gzip_level: u32,
+    /// Layers of Docker manifests (and of OCI ones unless `oci_layers` differs).
+    pub gzip: Compression,
+    /// Layers of OCI manifests: `gzip`, or zstd.
+    pub oci_layers: Compression,
     /// Builds that may run at once; also the layers packed at once per build.
     pub parallel: usize,
     /// What a tag resolves to without the `arm64` meta-package; the first is
@@ -256,22 +259,27 @@ impl Builder {
         let layer_count = jobs.len();
         let plan_done = Instant::now();
 
-        let packed: Vec<(LayerDigests, bool)> = futures::stream::iter(jobs)
-            .map(|job| self.layer(job))
-            .buffered(self.settings.parallel)
-            .try_collect()
-            .await?;
+        let (gzip, gzip_new) = self.pack(&jobs, self.settings.gzip).await?;
+        let (oci_layers, oci_new) = if self.settings.oci_layers == self.settings.gzip {
+            (gzip.clone(), 0)
+        } else {
+            self.pack(&jobs, self.settings.oci_layers).await?
+        };
+        let newly_packed = gzip_new + oci_new;
         let packing_done = Instant::now();
-        let newly_packed = packed.iter().filter(|(_, new)| *new).count();
-        let layers: Vec<LayerDigests> = packed.into_iter().map(|(digests, _)| digests).collect();
 
-        let config = oci::image_config(job.arch, &layers, request.has_bash())?;
+        // The tar streams are the same whatever the compression: one config.
+        let config = oci::image_config(job.arch, &gzip, request.has_bash())?;
         self.storage
             .put_blob(&config.digest, Bytes::from(config.bytes.clone()))
             .await?;
         let record = ImageRecord {
-            docker: self.put_manifest(Format::Docker, &config, &layers).await?,
-            oci: self.put_manifest(Format::Oci, &config, &layers).await?,
+            docker: self
+                .put_manifest(Format::Docker, &config, &gzip, self.settings.gzip)
+                .await?,
+            oci: self
+                .put_manifest(Format::Oci, &config, &oci_layers, self.settings.oci_layers)
+                .await?,
         };
         if let Some(key) = &job.cache_key {
             self.caches.put_image(key, record.clone()).await?;
@@ -300,13 +308,30 @@ impl Builder {
         Ok(record)
     }
 
+    /// Every layer of `jobs` with `compression`, packed at most
+    /// `parallel` at a time; and how many were packed now (not cached).
+    async fn pack(
+        &self,
+        jobs: &[LayerJob],
+        compression: Compression,
+    ) -> Result<(Vec<LayerDigests>, usize), BuildError> {
+        let packed: Vec<(LayerDigests, bool)> = futures::stream::iter(jobs.iter().cloned())
+            .map(|job| self.layer(job, compression))
+            .buffered(self.settings.parallel)
+            .try_collect()
+            .await?;
+        let new = packed.iter().filter(|(_, new)| *new).count();
+        Ok((packed.into_iter().map(|(digests, _)| digests).collect(), new))
+    }
+
     async fn put_manifest(
         &self,
         format: Format,
         config: &oci::Document,
         layers: &[LayerDigests],
+        compression: Compression,
     ) -> Result<ManifestRecord, BuildError> {
-        let manifest = oci::manifest(format, config, layers)?;
+        let manifest = oci::manifest(format, config, layers, compression)?;
         let record = ManifestRecord {
             digest: manifest.digest.clone(),
             media_type: format.media_type(false).to_owned(),
@@ -319,18 +344,17 @@ impl Builder {
     }
 
     /// A layer's digests, from the layer cache or packed now; `true` if packed now.
-    async fn layer(&self, job: LayerJob) -> Result<(LayerDigests, bool), BuildError> {
-        let key = job.key(self.settings.gzip_level);
+    async fn layer(&self, job: LayerJob, compression: Compression) -> Result<(LayerDigests, bool), BuildError> {
+        let key = job.key(compression);
         if let Some(known) = self.caches.layer(&key).await?
             && self.storage.blob_size(&known.digest).await? == Some(known.size)
         {
             return Ok((known, false));
         }
         let staged = self.storage.stage().map_err(BuildError::Archive)?;
-        let level = self.settings.gzip_level;
         let (staged, digests) = tokio::task::spawn_blocking(move || {
             let out = BufWriter::new(staged);
-            let (out, digests) = job.pack(out, level)?;
+            let (out, digests) = job.pack(out, compression)?;
             Ok::<_, std::io::Error>((out.into_inner().map_err(|e| e.into_error())?, digests))
         })
         .await
@@ -352,7 +376,8 @@ impl Builder {
             popularity: &'a str,
             layering: &'a str,
             layer_budget: usize,
-            gzip_level: u32,
+            gzip: Compression,
+            oci_layers: Compression,
         }
         let key = Key {
             format: FORMAT,
@@ -362,7 +387,8 @@ impl Builder {
             popularity: self.popularity.id(),
             layering: self.settings.layering.name(),
             layer_budget: self.settings.layer_budget,
-            gzip_level: self.settings.gzip_level,
+            gzip: self.settings.gzip,
+            oci_layers: self.settings.oci_layers,
         };
         Digest::of(&serde_json::to_vec(&key).expect("keys serialise"))
             .hex()
@@ -380,6 +406,7 @@ struct BuildJob {
 }
 
 /// One layer to pack.
+#[derive(Clone)]
 enum LayerJob {
     /// Whole store paths.
     Store(Vec<String>),
@@ -389,19 +416,19 @@ enum LayerJob {
 
 impl LayerJob {
     /// What identifies the layer's bytes: store paths never change contents.
-    fn key(&self, gzip_level: u32) -> String {
+    fn key(&self, compression: Compression) -> String {
         let (kind, paths) = match self {
             LayerJob::Store(paths) => ("store", paths),
             LayerJob::Root(packages, _) => ("rootfs", packages),
         };
-        let key = serde_json::json!([FORMAT, kind, gzip_level, paths]);
+        let key = serde_json::json!([FORMAT, kind, compression, paths]);
         Digest::of(key.to_string().as_bytes()).hex().to_owned()
     }
 
-    fn pack<W: std::io::Write>(self, out: W, gzip_level: u32) -> std::io::Result<(W, LayerDigests)> {
+    fn pack<W: std::io::Write>(self, out: W, compression: Compression) -> std::io::Result<(W, LayerDigests)> {
         match self {
-            LayerJob::Store(paths) => archive::write_store_layer(&paths, out, gzip_level),
-            LayerJob::Root(_, rootfs) => rootfs.write(out, gzip_level),
+            LayerJob::Store(paths) => archive::write_store_layer(&paths, out, compression),
+            LayerJob::Root(_, rootfs) => rootfs.write(out, compression),
         }
     }
 }

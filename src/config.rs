@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::archive::DEFAULT_GZIP_LEVEL;
+use crate::archive::{Compression, DEFAULT_GZIP_LEVEL, DEFAULT_ZSTD_LEVEL};
 use crate::image::Arch;
 use crate::layers::{DEFAULT_BUDGET, Strategy};
 use crate::oci::Format;
@@ -65,6 +65,12 @@ pub enum StorageBackend {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LayerCompression {
+    Gzip,
+    Zstd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
@@ -110,10 +116,18 @@ pub struct ServeArgs {
     /// How store paths are grouped into layers: stable, nixery or size-cohort.
     #[arg(long, env = "NIXERY_LAYERING", default_value = "stable")]
     layering: Strategy,
-    /// gzip level of layers (1 fastest, 9 smallest).
+    /// gzip level of layers (libdeflate: 1 fastest, 12 smallest).
     #[arg(long, env = "NIXERY_GZIP_LEVEL", default_value_t = DEFAULT_GZIP_LEVEL,
-          value_parser = clap::value_parser!(u32).range(1..=9))]
+          value_parser = clap::value_parser!(u32).range(1..=12))]
     gzip_level: u32,
+    /// Compression of the layers of OCI manifests: gzip, or zstd for clients
+    /// that read it (Docker manifests always get gzip).
+    #[arg(long, env = "NIXERY_COMPRESSION", value_enum, default_value = "gzip")]
+    compression: LayerCompression,
+    /// zstd level of layers (1 fastest, 19 smallest).
+    #[arg(long, env = "NIXERY_ZSTD_LEVEL", default_value_t = DEFAULT_ZSTD_LEVEL,
+          value_parser = clap::value_parser!(i32).range(1..=19))]
+    zstd_level: i32,
     /// Architectures a tag resolves to, comma-separated; with more than one,
     /// clients that read indexes get an index over all of them, others the first.
     #[arg(long, env = "NIXERY_ARCHITECTURES", value_delimiter = ',', default_value = "amd64")]
@@ -157,7 +171,9 @@ pub struct ServeConfig {
     pub learn_popularity: bool,
     pub layering: Strategy,
     pub layer_budget: usize,
-    pub gzip_level: u32,
+    /// Layers of Docker manifests, and of OCI ones unless `oci_layers` says otherwise.
+    pub gzip: Compression,
+    pub oci_layers: Compression,
     /// Never empty, no duplicates, in the order configured.
     pub architectures: Vec<Arch>,
     pub manifest_format: Format,
@@ -181,7 +197,11 @@ impl ServeArgs {
             learn_popularity: self.learn_popularity,
             layering: self.layering,
             layer_budget: self.layer_budget.into(),
-            gzip_level: self.gzip_level,
+            gzip: Compression::Gzip(self.gzip_level),
+            oci_layers: match self.compression {
+                LayerCompression::Gzip => Compression::Gzip(self.gzip_level),
+                LayerCompression::Zstd => Compression::Zstd(self.zstd_level),
+            },
             architectures: self.architectures.iter().fold(Vec::new(), |mut seen, arch| {
                 if !seen.contains(arch) {
                     seen.push(*arch);
@@ -258,6 +278,10 @@ mod tests {
         assert!(matches!(config.source, PackageSource::Path { .. }));
         assert_eq!(config.architectures, [Arch::Amd64]);
         assert_eq!(config.layering, Strategy::Stable);
+        assert_eq!(
+            (config.gzip, config.oci_layers),
+            (Compression::Gzip(6), Compression::Gzip(6))
+        );
         assert_eq!(config.manifest_format, Format::Oci);
     }
 
@@ -303,7 +327,9 @@ mod tests {
             (&["--storage-backend", "gcs"][..], "filesystem"),
             (&["--nix-timeout", "0"][..], "--nix-timeout"),
             (&["--layer-budget", "500"][..], "--layer-budget"),
-            (&["--gzip-level", "10"][..], "--gzip-level"),
+            (&["--gzip-level", "13"][..], "--gzip-level"),
+            (&["--compression", "xz"][..], "zstd"),
+            (&["--zstd-level", "20"][..], "--zstd-level"),
             (&["--manifest-format", "v1"][..], "oci or docker"),
             (&["--layering", "auto"][..], "size-cohort"),
             (&["--no-such-flag"][..], "--no-such-flag"),

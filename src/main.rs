@@ -86,7 +86,8 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let settings = Settings {
         layering: config.layering,
         layer_budget: config.layer_budget,
-        gzip_level: config.gzip_level,
+        gzip: config.gzip,
+        oci_layers: config.oci_layers,
         parallel,
         architectures: config.architectures,
         preferred_format: config.manifest_format,

@@ -8,7 +8,7 @@ use oci_spec::image::{
 };
 use serde::Deserialize;
 
-use crate::archive::LayerDigests;
+use crate::archive::{Compression, LayerDigests};
 use crate::digest::Digest;
 use crate::image::Arch;
 
@@ -20,6 +20,7 @@ pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 
 /// Manifest media types this registry can serve by digest.
 const MANIFEST_TYPES: [&str; 4] = [DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_MANIFEST, OCI_INDEX];
@@ -70,10 +71,13 @@ impl Format {
         }
     }
 
-    fn gzip_layer_type(self) -> &'static str {
-        match self {
-            Format::Docker => DOCKER_LAYER_GZIP,
-            Format::Oci => OCI_LAYER_GZIP,
+    /// The media type of layers compressed so; Docker has no zstd type,
+    /// so its manifests are only ever made with gzip layers.
+    fn layer_type(self, compression: Compression) -> &'static str {
+        match (self, compression) {
+            (Format::Docker, _) => DOCKER_LAYER_GZIP,
+            (Format::Oci, Compression::Gzip(_)) => OCI_LAYER_GZIP,
+            (Format::Oci, Compression::Zstd(_)) => OCI_LAYER_ZSTD,
         }
     }
 
@@ -141,8 +145,13 @@ fn descriptor(media_type: &str, digest: &Digest, size: u64) -> DescriptorBuilder
         .size(size)
 }
 
-/// A manifest of the family for a config and gzip layers.
-pub fn manifest(format: Format, config: &Document, layers: &[LayerDigests]) -> Result<Document, OciError> {
+/// A manifest of the family for a config and layers compressed so.
+pub fn manifest(
+    format: Format,
+    config: &Document,
+    layers: &[LayerDigests],
+    compression: Compression,
+) -> Result<Document, OciError> {
     let manifest = ImageManifestBuilder::default()
         .schema_version(2u32)
         .media_type(MediaType::from(format.manifest_type()))
@@ -150,7 +159,7 @@ pub fn manifest(format: Format, config: &Document, layers: &[LayerDigests]) -> R
         .layers(
             layers
                 .iter()
-                .map(|l| descriptor(format.gzip_layer_type(), &l.digest, l.size).build())
+                .map(|l| descriptor(format.layer_type(compression), &l.digest, l.size).build())
                 .collect::<Result<Vec<_>, _>>()?,
         )
         .build()?;
@@ -221,6 +230,8 @@ pub fn manifest_media_type(bytes: &[u8]) -> Option<&'static str> {
 mod tests {
     use super::*;
 
+    const GZIP: Compression = Compression::Gzip(6);
+
     fn layer(n: u8) -> LayerDigests {
         LayerDigests {
             digest: Digest::of(&[n]),
@@ -249,7 +260,7 @@ mod tests {
     #[test]
     fn manifest_bytes_are_pinned() {
         let config = image_config(Arch::Amd64, &[layer(1), layer(2)], false).unwrap();
-        let manifest = manifest(Format::Docker, &config, &[layer(1), layer(2)]).unwrap();
+        let manifest = manifest(Format::Docker, &config, &[layer(1), layer(2)], GZIP).unwrap();
         let expected = format!(
             concat!(
                 r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"{}","digest":"{}","size":{}}},"#,
@@ -272,8 +283,8 @@ mod tests {
     #[test]
     fn oci_manifests_differ_only_in_media_types() {
         let config = image_config(Arch::Amd64, &[layer(1)], false).unwrap();
-        let docker = manifest(Format::Docker, &config, &[layer(1)]).unwrap();
-        let oci = manifest(Format::Oci, &config, &[layer(1)]).unwrap();
+        let docker = manifest(Format::Docker, &config, &[layer(1)], GZIP).unwrap();
+        let oci = manifest(Format::Oci, &config, &[layer(1)], GZIP).unwrap();
         assert_ne!(docker.digest, oci.digest);
         let text = String::from_utf8(oci.bytes.clone()).unwrap();
         let converted = text
@@ -282,6 +293,10 @@ mod tests {
             .replace(OCI_LAYER_GZIP, DOCKER_LAYER_GZIP);
         assert_eq!(converted.as_bytes(), docker.bytes);
         assert_eq!(manifest_media_type(&oci.bytes), Some(OCI_MANIFEST));
+        let zstd = manifest(Format::Oci, &config, &[layer(1)], Compression::Zstd(3)).unwrap();
+        assert!(String::from_utf8(zstd.bytes).unwrap().contains(OCI_LAYER_ZSTD));
+        let docker_zstd = manifest(Format::Docker, &config, &[layer(1)], Compression::Zstd(3)).unwrap();
+        assert_eq!(docker_zstd, docker, "Docker manifests say gzip");
     }
 
     #[test]

@@ -86,7 +86,7 @@ fn every_blob_matches_its_digest_and_diff_id() {
         assert_eq!(blob.body.len() as u64, layer["size"].as_u64().unwrap());
         assert_eq!(sha256(&blob.body), digest);
         let mut tar = Vec::new();
-        flate2::read::GzDecoder::new(&blob.body[..])
+        flate2::read::MultiGzDecoder::new(&blob.body[..])
             .read_to_end(&mut tar)
             .unwrap();
         assert_eq!(sha256(&tar), diff_id.as_str().unwrap());

@@ -1,6 +1,7 @@
-//! Layer archives: deterministic tar streams, gzip-compressed, with the
-//! uncompressed digest (diff_id) and the compressed digest computed in the
-//! same streaming pass.
+//! Layer archives: deterministic tar streams, compressed (`compress.rs`),
+//! with the uncompressed digest (diff_id) and the compressed digest and size
+//! computed in the same streaming pass: tar → sha256 → compressor → sha256
+//! and byte count → the storage writer, through bounded buffers.
 //!
 //! Every entry is normalised so that the bytes depend only on the store
 //! contents: sorted entries, `nix` and `nix/store` first, directory entries
@@ -10,6 +11,7 @@
 //! records for long paths and link targets. The gzip header carries no name
 //! and no time.
 
+mod compress;
 mod rootfs;
 
 use std::fs::File;
@@ -17,19 +19,16 @@ use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use flate2::write::GzEncoder;
-use flate2::{Compression, GzBuilder};
 use tar::{EntryType, Header};
 use walkdir::WalkDir;
 
 use crate::digest::{Digest, DigestWriter};
 
+pub use compress::{Compression, Compressor, DEFAULT_GZIP_LEVEL, DEFAULT_ZSTD_LEVEL};
 pub use rootfs::RootFs;
 
 /// Modification time of every entry.
 const MTIME: u64 = 1;
-/// Default gzip level, the one registries and the original use.
-pub const DEFAULT_GZIP_LEVEL: u32 = 6;
 
 /// What identifies a packed layer.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -42,7 +41,7 @@ pub struct LayerDigests {
     pub size: u64,
 }
 
-type Stream<W> = DigestWriter<GzEncoder<DigestWriter<W>>>;
+type Stream<W> = DigestWriter<Compressor<DigestWriter<W>>>;
 
 /// Writes one layer: entries in, compressed bytes to `out`, digests at the end.
 pub struct LayerWriter<W: Write> {
@@ -50,11 +49,11 @@ pub struct LayerWriter<W: Write> {
 }
 
 impl<W: Write> LayerWriter<W> {
-    pub fn new(out: W, gzip_level: u32) -> Self {
-        let gzip = GzBuilder::new().write(DigestWriter::new(out), Compression::new(gzip_level));
-        let mut tar = tar::Builder::new(DigestWriter::new(gzip));
+    pub fn new(out: W, compression: Compression) -> io::Result<Self> {
+        let compressor = Compressor::new(DigestWriter::new(out), compression)?;
+        let mut tar = tar::Builder::new(DigestWriter::new(compressor));
         tar.follow_symlinks(false);
-        LayerWriter { tar }
+        Ok(LayerWriter { tar })
     }
 
     /// A directory entry; `name` is relative to `/`.
@@ -109,10 +108,10 @@ impl<W: Write> LayerWriter<W> {
         Ok(())
     }
 
-    /// Ends the archive and the gzip stream; returns `out` and the digests.
+    /// Ends the archive and the compressed stream; returns `out` and the digests.
     pub fn finish(self) -> io::Result<(W, LayerDigests)> {
-        let (gzip, diff_id, _) = self.tar.into_inner()?.finish();
-        let (out, digest, size) = gzip.finish()?.finish();
+        let (compressor, diff_id, _) = self.tar.into_inner()?.finish();
+        let (out, digest, size) = compressor.finish()?.finish();
         Ok((out, LayerDigests { digest, diff_id, size }))
     }
 }
@@ -133,10 +132,14 @@ fn header(kind: EntryType, mode: u32, size: u64) -> Header {
 
 /// Packs whole store paths into one layer: `nix/`, `nix/store/`, then each
 /// path in sorted order.
-pub fn write_store_layer<W: Write>(store_paths: &[String], out: W, gzip_level: u32) -> io::Result<(W, LayerDigests)> {
+pub fn write_store_layer<W: Write>(
+    store_paths: &[String],
+    out: W,
+    compression: Compression,
+) -> io::Result<(W, LayerDigests)> {
     let mut sorted: Vec<&String> = store_paths.iter().collect();
     sorted.sort();
-    let mut layer = LayerWriter::new(out, gzip_level);
+    let mut layer = LayerWriter::new(out, compression)?;
     layer.directory("nix", 0o755)?;
     layer.directory("nix/store", 0o755)?;
     for path in sorted {
@@ -156,7 +159,7 @@ pub(crate) mod tests {
     pub(crate) type EntryInfo = (String, EntryType, u32, u64, u64, Option<String>, Vec<u8>);
 
     pub(crate) fn entries(gz: &[u8]) -> Vec<EntryInfo> {
-        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(gz));
+        let mut archive = tar::Archive::new(flate2::read::MultiGzDecoder::new(gz));
         archive
             .entries()
             .unwrap()
@@ -182,7 +185,7 @@ pub(crate) mod tests {
 
     fn gunzip(gz: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(gz).read_to_end(&mut out).unwrap();
+        flate2::read::MultiGzDecoder::new(gz).read_to_end(&mut out).unwrap();
         out
     }
 
@@ -208,7 +211,7 @@ pub(crate) mod tests {
     fn store_layer_is_normalised_and_complete() {
         let dir = tempfile::tempdir().unwrap();
         let path = fake_store_path(dir.path(), "abc-pkg");
-        let (gz, digests) = write_store_layer(std::slice::from_ref(&path), Vec::new(), 6).unwrap();
+        let (gz, digests) = write_store_layer(std::slice::from_ref(&path), Vec::new(), Compression::Gzip(6)).unwrap();
         let prefix = path.trim_start_matches('/');
         let got = entries(&gz);
         let names: Vec<&str> = got.iter().map(|e| e.0.as_str()).collect();
@@ -264,13 +267,13 @@ pub(crate) mod tests {
     fn same_contents_give_same_bytes() {
         let one = tempfile::tempdir().unwrap();
         let path = fake_store_path(one.path(), "xyz-same");
-        let (first, d1) = write_store_layer(std::slice::from_ref(&path), Vec::new(), 6).unwrap();
+        let (first, d1) = write_store_layer(std::slice::from_ref(&path), Vec::new(), Compression::Gzip(6)).unwrap();
         std::fs::remove_dir_all(one.path().join("xyz-same")).unwrap();
         // Recreate with other timestamps and a different creation order.
         std::thread::sleep(std::time::Duration::from_millis(20));
         let again = fake_store_path(one.path(), "xyz-same");
         assert_eq!(again, path);
-        let (second, d2) = write_store_layer(&[path], Vec::new(), 6).unwrap();
+        let (second, d2) = write_store_layer(&[path], Vec::new(), Compression::Gzip(6)).unwrap();
         assert_eq!(first, second);
         assert_eq!(d1, d2);
     }
@@ -280,14 +283,17 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = fake_store_path(dir.path(), "aaa-one");
         let b = fake_store_path(dir.path(), "bbb-two");
-        let (x, _) = write_store_layer(&[a.clone(), b.clone()], Vec::new(), 6).unwrap();
-        let (y, _) = write_store_layer(&[b, a], Vec::new(), 6).unwrap();
+        let (x, _) = write_store_layer(&[a.clone(), b.clone()], Vec::new(), Compression::Gzip(6)).unwrap();
+        let (y, _) = write_store_layer(&[b, a], Vec::new(), Compression::Gzip(6)).unwrap();
         assert_eq!(x, y);
     }
 
     #[test]
     fn gzip_header_has_no_name_and_no_time() {
-        let (gz, _) = LayerWriter::new(Vec::new(), 6).finish().unwrap();
+        let (gz, _) = LayerWriter::new(Vec::new(), Compression::Gzip(6))
+            .unwrap()
+            .finish()
+            .unwrap();
         assert_eq!(&gz[..4], &[0x1f, 0x8b, 8, 0], "no FNAME/FEXTRA/FCOMMENT flags");
         assert_eq!(&gz[4..8], &[0, 0, 0, 0], "mtime 0");
     }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use walkdir::WalkDir;
 
-use super::{LayerDigests, LayerWriter};
+use super::{Compression, LayerDigests, LayerWriter};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Node {
@@ -75,8 +75,8 @@ impl RootFs {
     }
 
     /// Writes the layer.
-    pub fn write<W: Write>(&self, out: W, gzip_level: u32) -> io::Result<(W, LayerDigests)> {
-        let mut layer = LayerWriter::new(out, gzip_level);
+    pub fn write<W: Write>(&self, out: W, compression: Compression) -> io::Result<(W, LayerDigests)> {
+        let mut layer = LayerWriter::new(out, compression)?;
         for (path, node) in &self.entries {
             match node {
                 Node::Dir { mode } => layer.directory(path, *mode)?,
@@ -146,7 +146,7 @@ mod tests {
 
     /// (name, kind, mode, link target) of each entry of the written layer.
     fn listing(rootfs: &RootFs) -> Vec<(String, EntryType, u32, Option<String>)> {
-        let (gz, _) = rootfs.write(Vec::new(), 6).unwrap();
+        let (gz, _) = rootfs.write(Vec::new(), Compression::Gzip(6)).unwrap();
         entries(&gz)
             .into_iter()
             .map(|(n, k, m, _, _, l, _)| (n, k, m, l))
@@ -231,9 +231,12 @@ mod tests {
         let b = package(dir.path(), "b-b", &["bin/b", "etc/y"], &[]);
         let (x, dx) = RootFs::plan(&[a.clone(), b.clone()])
             .unwrap()
-            .write(Vec::new(), 6)
+            .write(Vec::new(), Compression::Gzip(6))
             .unwrap();
-        let (y, dy) = RootFs::plan(&[a, b]).unwrap().write(Vec::new(), 6).unwrap();
+        let (y, dy) = RootFs::plan(&[a, b])
+            .unwrap()
+            .write(Vec::new(), Compression::Gzip(6))
+            .unwrap();
         assert_eq!((x, dx), (y, dy));
     }
 }
