@@ -267,6 +267,35 @@ fn podman_pulls_and_runs_both_formats() {
 }
 
 #[test]
+fn podman_runs_zstd_layers() {
+    let registry = Registry::start_with(&[("NIXERY_COMPRESSION", "zstd")]);
+    let home = tempfile::tempdir().unwrap();
+    let conf = home.path().join("containers.conf");
+    std::fs::write(
+        &conf,
+        "[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\nnetns = \"none\"\n[engine]\nruntime = \"runc\"\n",
+    )
+    .unwrap();
+    let output = Command::new("podman")
+        .env("CONTAINERS_CONF", &conf)
+        .args(["--root", home.path().join("root").to_str().unwrap()])
+        .args(["--runroot", home.path().join("runroot").to_str().unwrap()])
+        .args(["--storage-driver", "vfs", "run", "--rm", "--tls-verify=false"])
+        .arg(format!("{}/{IMAGE}", registry.address))
+        .arg("hello")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "Hello, world!\n");
+    let manifest = request(
+        "GET",
+        &registry.url(&format!("/v2/{IMAGE}/manifests/latest")),
+        &[("Accept", OCI_MANIFEST)],
+    );
+    assert!(String::from_utf8_lossy(&manifest.body).contains("tar+zstd"));
+}
+
+#[test]
 fn containerd_pulls_and_runs_both_formats() {
     let Some(containerd) = containerd() else { return };
     let address = containerd.socket.to_str().unwrap().to_owned();

@@ -155,3 +155,50 @@ fn learned_popularity_counts_built_images() {
     assert_eq!(count("hello-"), 2, "both images hold hello");
     assert_eq!(count("bash-interactive"), 1, "only shell/hello holds bash: {counts}");
 }
+
+#[test]
+fn zstd_layers_for_oci_manifests_and_gzip_for_docker() {
+    let registry = Registry::start_with(&[("NIXERY_COMPRESSION", "zstd")]);
+    let path = "/v2/shell/hello/manifests/latest";
+    let oci = common::request(
+        "GET",
+        &registry.url(path),
+        &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+    )
+    .json();
+    let docker = registry.get(path).json();
+    assert_eq!(
+        oci["config"]["digest"], docker["config"]["digest"],
+        "one config: same tar streams"
+    );
+    let config = registry.get(&format!(
+        "/v2/shell/hello/blobs/{}",
+        oci["config"]["digest"].as_str().unwrap()
+    ));
+    let diff_ids = config.json()["rootfs"]["diff_ids"].clone();
+    for (manifest, media_type) in [
+        (&oci, "application/vnd.oci.image.layer.v1.tar+zstd"),
+        (&docker, "application/vnd.docker.image.rootfs.diff.tar.gzip"),
+    ] {
+        for (layer, diff_id) in manifest["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(diff_ids.as_array().unwrap())
+        {
+            assert_eq!(layer["mediaType"], media_type);
+            let blob = registry.get(&format!("/v2/shell/hello/blobs/{}", layer["digest"].as_str().unwrap()));
+            assert_eq!(sha256(&blob.body), layer["digest"].as_str().unwrap());
+            let tar = if media_type.ends_with("zstd") {
+                zstd::stream::decode_all(&blob.body[..]).unwrap()
+            } else {
+                let mut tar = Vec::new();
+                flate2::read::MultiGzDecoder::new(&blob.body[..])
+                    .read_to_end(&mut tar)
+                    .unwrap();
+                tar
+            };
+            assert_eq!(sha256(&tar), diff_id.as_str().unwrap());
+        }
+    }
+}
