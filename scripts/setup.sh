@@ -10,8 +10,9 @@ set -euo pipefail
 packages=(nix-bin busybox-static skopeo umoci curl ca-certificates git)
 if [[ "${1:-}" == test ]]; then
   # podman runs containers with runc (crun refuses cgroups in hybrid mode);
-  # docker.io brings dockerd and containerd brings ctr (TOOLCHAIN.md §3).
-  packages+=(podman runc containerd docker.io)
+  # docker.io brings dockerd and containerd brings ctr (TOOLCHAIN.md §3);
+  # pigz and zstd are the packing benchmark's references.
+  packages+=(podman runc containerd docker.io pigz zstd)
 fi
 
 missing=()

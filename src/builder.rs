@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io::BufWriter;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -259,11 +260,12 @@ impl Builder {
         let layer_count = jobs.len();
         let plan_done = Instant::now();
 
-        let (gzip, gzip_new) = self.pack(&jobs, self.settings.gzip).await?;
+        let storing = AtomicU64::new(0);
+        let (gzip, gzip_new) = self.pack(&jobs, self.settings.gzip, &storing).await?;
         let (oci_layers, oci_new) = if self.settings.oci_layers == self.settings.gzip {
             (gzip.clone(), 0)
         } else {
-            self.pack(&jobs, self.settings.oci_layers).await?
+            self.pack(&jobs, self.settings.oci_layers, &storing).await?
         };
         let newly_packed = gzip_new + oci_new;
         let packing_done = Instant::now();
@@ -298,6 +300,7 @@ impl Builder {
             nix_ms = (nix_done - started).as_millis() as u64,
             plan_ms = (plan_done - nix_done).as_millis() as u64,
             packing_ms = (packing_done - plan_done).as_millis() as u64,
+            storage_ms = storing.load(Ordering::Relaxed) / 1000,
             manifest_ms = packing_done.elapsed().as_millis() as u64,
             total_ms = started.elapsed().as_millis() as u64,
             store_paths = realised.graph.paths.len(),
@@ -310,13 +313,15 @@ impl Builder {
 
     /// Every layer of `jobs` with `compression`, packed at most
     /// `parallel` at a time; and how many were packed now (not cached).
+    /// Adds the microseconds spent committing blobs to storage to `storing`.
     async fn pack(
         &self,
         jobs: &[LayerJob],
         compression: Compression,
+        storing: &AtomicU64,
     ) -> Result<(Vec<LayerDigests>, usize), BuildError> {
         let packed: Vec<(LayerDigests, bool)> = futures::stream::iter(jobs.iter().cloned())
-            .map(|job| self.layer(job, compression))
+            .map(|job| self.layer(job, compression, storing))
             .buffered(self.settings.parallel)
             .try_collect()
             .await?;
@@ -344,7 +349,12 @@ impl Builder {
     }
 
     /// A layer's digests, from the layer cache or packed now; `true` if packed now.
-    async fn layer(&self, job: LayerJob, compression: Compression) -> Result<(LayerDigests, bool), BuildError> {
+    async fn layer(
+        &self,
+        job: LayerJob,
+        compression: Compression,
+        storing: &AtomicU64,
+    ) -> Result<(LayerDigests, bool), BuildError> {
         let key = job.key(compression);
         if let Some(known) = self.caches.layer(&key).await?
             && self.storage.blob_size(&known.digest).await? == Some(known.size)
@@ -360,8 +370,10 @@ impl Builder {
         .await
         .expect("packing does not panic")
         .map_err(BuildError::Archive)?;
+        let committing = Instant::now();
         self.storage.commit(staged, &digests.digest).await?;
         self.caches.put_layer(&key, digests.clone()).await?;
+        storing.fetch_add(committing.elapsed().as_micros() as u64, Ordering::Relaxed);
         Ok((digests, true))
     }
 
