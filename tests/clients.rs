@@ -216,23 +216,36 @@ fn skopeo_pulls_both_formats_by_tag_and_digest() {
     }
 }
 
-#[test]
-fn podman_pulls_and_runs_both_formats() {
-    let home = tempfile::tempdir().unwrap();
-    let conf = home.path().join("containers.conf");
-    // Limits podman may set here, and runc (crun refuses this machine's cgroups).
-    std::fs::write(
-        &conf,
-        "[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\nnetns = \"none\"\n[engine]\nruntime = \"runc\"\n",
-    )
-    .unwrap();
-    let root = home.path().join("root");
-    let runroot = home.path().join("runroot");
-    let podman = |args: &[&str]| {
+/// podman with its own storage (vfs) and settings in a temporary folder.
+struct Podman {
+    home: tempfile::TempDir,
+}
+
+impl Podman {
+    fn new() -> Podman {
+        let home = tempfile::tempdir().unwrap();
+        // Limits podman may set here, and runc (crun refuses this machine's cgroups).
+        std::fs::write(
+            home.path().join("containers.conf"),
+            "[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\nnetns = \"none\"\n[engine]\nruntime = \"runc\"\n",
+        )
+        .unwrap();
+        Podman { home }
+    }
+
+    /// Runs podman with `args`; its standard output.
+    fn run(&self, args: &[&str]) -> String {
+        let at = |name: &str| self.home.path().join(name).display().to_string();
         let output = Command::new("podman")
-            .env("CONTAINERS_CONF", &conf)
-            .args(["--root", root.to_str().unwrap(), "--runroot", runroot.to_str().unwrap()])
-            .args(["--storage-driver", "vfs"])
+            .env("CONTAINERS_CONF", at("containers.conf"))
+            .args([
+                "--root",
+                &at("root"),
+                "--runroot",
+                &at("runroot"),
+                "--storage-driver",
+                "vfs",
+            ])
             .args(args)
             .output()
             .expect("podman is not installed: run scripts/setup.sh test");
@@ -242,7 +255,13 @@ fn podman_pulls_and_runs_both_formats() {
             String::from_utf8_lossy(&output.stderr)
         );
         String::from_utf8(output.stdout).unwrap()
-    };
+    }
+}
+
+#[test]
+fn podman_pulls_and_runs_both_formats() {
+    let podman = Podman::new();
+    let podman = |args: &[&str]| podman.run(args);
     for served in both_formats() {
         let tagged = format!("{}:latest", served.reference());
         podman(&["pull", "--tls-verify=false", &tagged]);
@@ -269,24 +288,9 @@ fn podman_pulls_and_runs_both_formats() {
 #[test]
 fn podman_runs_zstd_layers() {
     let registry = Registry::start_with(&[("NIXERY_COMPRESSION", "zstd")]);
-    let home = tempfile::tempdir().unwrap();
-    let conf = home.path().join("containers.conf");
-    std::fs::write(
-        &conf,
-        "[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\nnetns = \"none\"\n[engine]\nruntime = \"runc\"\n",
-    )
-    .unwrap();
-    let output = Command::new("podman")
-        .env("CONTAINERS_CONF", &conf)
-        .args(["--root", home.path().join("root").to_str().unwrap()])
-        .args(["--runroot", home.path().join("runroot").to_str().unwrap()])
-        .args(["--storage-driver", "vfs", "run", "--rm", "--tls-verify=false"])
-        .arg(format!("{}/{IMAGE}", registry.address))
-        .arg("hello")
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert_eq!(String::from_utf8_lossy(&output.stdout), "Hello, world!\n");
+    let image = format!("{}/{IMAGE}", registry.address);
+    let output = Podman::new().run(&["run", "--rm", "--tls-verify=false", &image, "hello"]);
+    assert_eq!(output, "Hello, world!\n");
     let manifest = request(
         "GET",
         &registry.url(&format!("/v2/{IMAGE}/manifests/latest")),
