@@ -186,10 +186,16 @@ fn updated(graph: &RuntimeGraph, name: &str, seed: u64, k: u64) -> Option<Runtim
     let pick = Sha256::digest(format!("{seed}:{k}:{name}"));
     let chosen =
         *candidates.get(u64::from_le_bytes(pick[..8].try_into().unwrap()) as usize % candidates.len().max(1))?;
-    let changed = RuntimeGraph::reach(chosen, &graph.user_indices(), |_| true);
+    let reached = RuntimeGraph::reach(chosen, &graph.user_indices(), |_| true);
+    let changed: HashSet<&str> = graph
+        .paths
+        .iter()
+        .zip(reached)
+        .filter(|(_, r)| *r)
+        .map(|(p, _)| p.path.as_str())
+        .collect();
     let rename = |path: &str| -> String {
-        let index = graph.paths.iter().position(|p| p.path == path).expect("in graph");
-        if !changed[index] {
+        if !changed.contains(path) {
             return path.to_owned();
         }
         let (hash, rest) = path
