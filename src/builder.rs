@@ -189,14 +189,7 @@ impl Builder {
         if let Some(record) = self.caches.index(&key).await? {
             return Ok(record);
         }
-        let record = ManifestRecord {
-            digest: document.digest.clone(),
-            media_type: format.media_type(true).to_owned(),
-            size: document.bytes.len() as u64,
-        };
-        self.storage
-            .put_blob(&document.digest, Bytes::from(document.bytes))
-            .await?;
+        let record = self.store_document(document, format.media_type(true)).await?;
         self.caches.put_index(&key, record.clone()).await?;
         Ok(record)
     }
@@ -337,13 +330,18 @@ impl Builder {
         compression: Compression,
     ) -> Result<ManifestRecord, BuildError> {
         let manifest = oci::manifest(format, config, layers, compression)?;
+        self.store_document(manifest, format.media_type(false)).await
+    }
+
+    /// Puts a manifest or index at its digest; its record.
+    async fn store_document(&self, document: oci::Document, media_type: &str) -> Result<ManifestRecord, BuildError> {
         let record = ManifestRecord {
-            digest: manifest.digest.clone(),
-            media_type: format.media_type(false).to_owned(),
-            size: manifest.bytes.len() as u64,
+            digest: document.digest.clone(),
+            media_type: media_type.to_owned(),
+            size: document.bytes.len() as u64,
         };
         self.storage
-            .put_blob(&manifest.digest, Bytes::from(manifest.bytes))
+            .put_blob(&document.digest, Bytes::from(document.bytes))
             .await?;
         Ok(record)
     }
