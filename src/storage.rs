@@ -4,8 +4,13 @@
 //! `object_store`. A layer is written to a staging file first and committed
 //! to its address only if nothing is there yet, after it was synced: a crash
 //! leaves at most garbage in `staging/`, never a wrong blob at an address.
+//! While a staging file is written the kernel is asked to start writing each
+//! completed stretch to disk, so the sync before the commit waits only for
+//! the tail.
 
+use std::io::{self, Write};
 use std::ops::Range;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -22,6 +27,8 @@ use crate::digest::Digest;
 /// Staging folder below the storage root, on the same filesystem so that a
 /// commit is a hard link.
 const STAGING: &str = "staging";
+/// Bytes of a staging file after which the kernel is asked to write them out.
+const WRITE_BEHIND: u64 = 8 << 20;
 const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
 const EMPTY_INDEX: &[u8] =
     br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
@@ -65,13 +72,19 @@ impl Storage {
     }
 
     /// A new staging file to write a blob into, before its digest is known.
-    pub fn stage(&self) -> std::io::Result<NamedTempFile> {
-        tempfile::Builder::new().prefix("blob-").tempfile_in(&self.staging)
+    pub fn stage(&self) -> io::Result<StagedBlob> {
+        let file = tempfile::Builder::new().prefix("blob-").tempfile_in(&self.staging)?;
+        Ok(StagedBlob {
+            file,
+            written: 0,
+            flushed: 0,
+        })
     }
 
     /// Syncs a staged blob and puts it at `digest` unless a blob is there
     /// already; the staging file is removed either way.
-    pub async fn commit(&self, staged: NamedTempFile, digest: &Digest) -> Result<(), StorageError> {
+    pub async fn commit(&self, staged: StagedBlob, digest: &Digest) -> Result<(), StorageError> {
+        let staged = staged.file;
         let staged = tokio::task::spawn_blocking(move || staged.as_file().sync_all().map(|_| staged))
             .await
             .expect("sync does not panic")?;
@@ -154,6 +167,44 @@ impl Storage {
     }
 }
 
+/// A blob being written to a staging file, until [`Storage::commit`].
+/// Dropped uncommitted, the file is removed.
+pub struct StagedBlob {
+    file: NamedTempFile,
+    written: u64,
+    /// Bytes handed to the kernel for writing out.
+    flushed: u64,
+}
+
+impl Write for StagedBlob {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        if self.written - self.flushed >= WRITE_BEHIND {
+            start_writeback(self.file.as_file(), self.flushed, self.written - self.flushed);
+            self.flushed = self.written;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Asks the kernel to start writing `len` bytes at `offset` to disk without
+/// waiting for it. Only a hint: the sync before the commit checks for errors.
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: the descriptor is open for the duration of the call (borrowed
+    // from `file`), and the call reads no memory of this process.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
 fn blob_path(digest: &Digest) -> StorePath {
     StorePath::from(format!("blobs/sha256/{}", digest.hex()))
 }
@@ -164,8 +215,6 @@ fn record_path(key: &str) -> StorePath {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-
     use super::*;
 
     async fn collect(stream: BlobStream) -> Vec<u8> {
@@ -182,7 +231,7 @@ mod tests {
 
         let mut staged = storage.stage().unwrap();
         staged.write_all(b"layer bytes").unwrap();
-        let staged_path = staged.path().to_owned();
+        let staged_path = staged.file.path().to_owned();
         let digest = Digest::of(b"layer bytes");
         storage.commit(staged, &digest).await.unwrap();
         assert!(!staged_path.exists(), "staging file removed");
@@ -203,6 +252,23 @@ mod tests {
             storage.read_blob_bytes(&digest).await.unwrap().unwrap(),
             &b"layer bytes"[..]
         );
+    }
+
+    #[tokio::test]
+    async fn a_blob_past_the_write_behind_stretch_commits_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::filesystem(dir.path()).await.unwrap();
+        let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+        let mut staged = storage.stage().unwrap();
+        let mut whole = Vec::new();
+        for _ in 0..(2 * WRITE_BEHIND / chunk.len() as u64 + 1) {
+            staged.write_all(&chunk).unwrap();
+            whole.extend_from_slice(&chunk);
+        }
+        assert_eq!(staged.flushed, 2 * WRITE_BEHIND, "two stretches handed to the kernel");
+        let digest = Digest::of(&whole);
+        storage.commit(staged, &digest).await.unwrap();
+        assert_eq!(storage.read_blob_bytes(&digest).await.unwrap().unwrap(), whole);
     }
 
     #[tokio::test]
