@@ -43,7 +43,7 @@ ms() { awk -v s="$1" 'BEGIN { print s * 1000 }'; }
 
 stages() {
   sed 's/\x1b\[[0-9;]*m//g' "$work/$1.log" | grep -E 'nix finished|built image' \
-    | grep -oE '(eval|build|query|nix|plan|packing|storage|manifest|total)_ms=[0-9]+|layers=[0-9]+|store_paths=[0-9]+' | tr '\n' ' '
+    | grep -oE '(eval|realise|nix|plan|packing|storage|manifest|total)_ms=[0-9]+|layers=[0-9]+|store_paths=[0-9]+' | tr '\n' ' '
 }
 
 if [[ -n $big ]]; then
