@@ -1,6 +1,9 @@
 //! The image pipeline: tag → revision → image cache → Nix → layer plan →
-//! packed layers → config and manifests (Docker and OCI) in storage, and an
-//! index over the architectures when asked for. One build per image (callers
+//! packed layers → config and manifests in storage, and an index over the
+//! architectures when asked for. One layer set serves every manifest format
+//! whose layers are compressed alike; a set is packed only when a client
+//! asks for a format that uses it (with zstd for OCI, the Docker gzip set
+//! waits for a Docker client). One build per image (callers
 //! asking for an image that is being built wait for that build), a bounded
 //! number of builds at once, and builds that finish even when the client
 //! that asked has gone. Each stage's duration is logged.
@@ -66,6 +69,24 @@ pub struct Settings {
     pub architectures: Vec<Arch>,
     /// The manifest format served to clients that accept both.
     pub preferred_format: Format,
+}
+
+impl Settings {
+    /// How the layers of `format` manifests are compressed.
+    fn compression(&self, format: Format) -> Compression {
+        match format {
+            Format::Docker => self.gzip,
+            Format::Oci => self.oci_layers,
+        }
+    }
+
+    /// The manifest formats whose layers are compressed with `compression`.
+    fn formats(&self, compression: Compression) -> Vec<Format> {
+        [Format::Docker, Format::Oci]
+            .into_iter()
+            .filter(|&f| self.compression(f) == compression)
+            .collect()
+    }
 }
 
 type BuildResult<T> = Result<T, Arc<BuildError>>;
@@ -138,48 +159,60 @@ impl Builder {
             .map_err(|e| Arc::new(e.into()))?
             .ok_or_else(|| Arc::new(BuildError::UnknownTag(request.tag.clone())))?;
         let architectures = self.architectures(request);
+        let format = choice.format;
         if !choice.index {
-            let image = self.image(request, architectures[0], &resolved).await?;
-            return Ok(image.manifest(choice.format).clone());
+            return self.image(request, architectures[0], &resolved, format).await;
         }
-        let images =
-            futures::future::try_join_all(architectures.iter().map(|&arch| self.image(request, arch, &resolved)))
-                .await?;
+        let manifests = futures::future::try_join_all(
+            architectures
+                .iter()
+                .map(|&arch| self.image(request, arch, &resolved, format)),
+        )
+        .await?;
         let entries: Vec<IndexEntry> = architectures
             .iter()
-            .zip(&images)
-            .map(|(&arch, image)| {
-                let manifest = image.manifest(choice.format);
-                IndexEntry {
-                    arch,
-                    digest: manifest.digest.clone(),
-                    size: manifest.size,
-                }
+            .zip(manifests)
+            .map(|(&arch, manifest)| IndexEntry {
+                arch,
+                digest: manifest.digest,
+                size: manifest.size,
             })
             .collect();
         self.index(choice.format, &entries).await.map_err(Arc::new)
     }
 
-    /// One architecture's image: cached, being built, or built now.
+    /// One architecture's manifest in `format`: cached, being built, or
+    /// built now.
     async fn image(
         self: &Arc<Self>,
         request: &ImageRequest,
         arch: Arch,
         resolved: &Resolved,
-    ) -> BuildResult<ImageRecord> {
-        let key = self.image_key(request, arch, resolved.revision.as_deref());
+        format: Format,
+    ) -> BuildResult<ManifestRecord> {
+        let compression = self.settings.compression(format);
+        let key = self.image_key(request, arch, resolved.revision.as_deref(), compression);
         let cacheable = resolved.revision.is_some();
-        if cacheable && let Some(record) = self.caches.image(&key).await.map_err(|e| Arc::new(e.into()))? {
+        let cached = match cacheable {
+            true => self.caches.image(&key).await.map_err(|e| Arc::new(e.into()))?,
+            false => None,
+        };
+        if let Some(manifest) = cached.as_ref().and_then(|record| record.manifest(format)) {
             tracing::debug!(image = %request, arch = arch.oci_name(), "image cache hit");
-            return Ok(record);
+            return Ok(manifest.clone());
         }
         let job = BuildJob {
             request: request.clone(),
             arch,
+            compression,
             resolved: resolved.clone(),
             cache_key: cacheable.then(|| key.clone()),
         };
-        self.join_build(key, job).await
+        let record = self.join_build(key, job).await?;
+        Ok(record
+            .manifest(format)
+            .expect("a build makes every format of its layer set")
+            .clone())
     }
 
     /// Stores the index over `entries` once and returns its record.
@@ -254,28 +287,20 @@ impl Builder {
         let plan_done = Instant::now();
 
         let storing = AtomicU64::new(0);
-        let (gzip, gzip_new) = self.pack(&jobs, self.settings.gzip, &storing).await?;
-        let (oci_layers, oci_new) = if self.settings.oci_layers == self.settings.gzip {
-            (gzip.clone(), 0)
-        } else {
-            self.pack(&jobs, self.settings.oci_layers, &storing).await?
-        };
-        let newly_packed = gzip_new + oci_new;
+        let (layers, newly_packed) = self.pack(&jobs, job.compression, &storing).await?;
         let packing_done = Instant::now();
 
         // The tar streams are the same whatever the compression: one config.
-        let config = oci::image_config(job.arch, &gzip, request.has_bash())?;
+        let config = oci::image_config(job.arch, &layers, request.has_bash())?;
         self.storage
             .put_blob(&config.digest, Bytes::from(config.bytes.clone()))
             .await?;
-        let record = ImageRecord {
-            docker: self
-                .put_manifest(Format::Docker, &config, &gzip, self.settings.gzip)
-                .await?,
-            oci: self
-                .put_manifest(Format::Oci, &config, &oci_layers, self.settings.oci_layers)
-                .await?,
-        };
+        let mut manifests = Vec::new();
+        for format in self.settings.formats(job.compression) {
+            let manifest = self.put_manifest(format, &config, &layers, job.compression).await?;
+            manifests.push((format, manifest));
+        }
+        let record = ImageRecord { manifests };
         if let Some(key) = &job.cache_key {
             self.caches.put_image(key, record.clone()).await?;
         }
@@ -288,8 +313,8 @@ impl Builder {
         tracing::info!(
             image = %request,
             arch = job.arch.oci_name(),
-            docker_digest = %record.docker.digest,
-            oci_digest = %record.oci.digest,
+            compression = ?job.compression,
+            digests = ?record.manifests.iter().map(|(_, m)| m.digest.as_str()).collect::<Vec<_>>(),
             nix_ms = (nix_done - started).as_millis() as u64,
             plan_ms = (plan_done - nix_done).as_millis() as u64,
             packing_ms = (packing_done - plan_done).as_millis() as u64,
@@ -375,8 +400,15 @@ impl Builder {
         Ok((digests, true))
     }
 
-    /// Everything that decides the manifests of one architecture's image.
-    fn image_key(&self, request: &ImageRequest, arch: Arch, revision: Option<&str>) -> String {
+    /// Everything that decides the manifests of one architecture's image
+    /// whose layers are compressed with `compression`.
+    fn image_key(
+        &self,
+        request: &ImageRequest,
+        arch: Arch,
+        revision: Option<&str>,
+        compression: Compression,
+    ) -> String {
         #[derive(Serialize)]
         struct Key<'a> {
             format: &'a str,
@@ -386,8 +418,8 @@ impl Builder {
             popularity: &'a str,
             layering: &'a str,
             layer_budget: usize,
-            gzip: Compression,
-            oci_layers: Compression,
+            compression: Compression,
+            formats: Vec<Format>,
         }
         let key = Key {
             format: FORMAT,
@@ -397,8 +429,8 @@ impl Builder {
             popularity: self.popularity.id(),
             layering: self.settings.layering.name(),
             layer_budget: self.settings.layer_budget,
-            gzip: self.settings.gzip,
-            oci_layers: self.settings.oci_layers,
+            compression,
+            formats: self.settings.formats(compression),
         };
         Digest::of(&serde_json::to_vec(&key).expect("keys serialise"))
             .hex()
@@ -410,6 +442,8 @@ impl Builder {
 struct BuildJob {
     request: ImageRequest,
     arch: Arch,
+    /// Of the layer set to pack.
+    compression: Compression,
     resolved: Resolved,
     /// Where to record the result; `None` when the revision is not pinned.
     cache_key: Option<String>,

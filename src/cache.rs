@@ -1,5 +1,5 @@
 //! Records of what was built, by key: which manifests an image resolved to
-//! (one per format), which index a multi-arch tag resolved to, and which
+//! (per layer set), which index a multi-arch tag resolved to, and which
 //! blob a layer's contents were packed into. Kept in
 //! memory (moka, bounded) in front of records in storage, so that a
 //! restarted registry finds them too.
@@ -25,19 +25,16 @@ pub struct ManifestRecord {
     pub size: u64,
 }
 
-/// One architecture's image, in both manifest formats.
+/// One architecture's image: the manifests of the formats that share one
+/// layer set (both, unless OCI manifests get other compression).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ImageRecord {
-    pub docker: ManifestRecord,
-    pub oci: ManifestRecord,
+    pub manifests: Vec<(Format, ManifestRecord)>,
 }
 
 impl ImageRecord {
-    pub fn manifest(&self, format: Format) -> &ManifestRecord {
-        match format {
-            Format::Docker => &self.docker,
-            Format::Oci => &self.oci,
-        }
+    pub fn manifest(&self, format: Format) -> Option<&ManifestRecord> {
+        self.manifests.iter().find(|(f, _)| *f == format).map(|(_, m)| m)
     }
 }
 

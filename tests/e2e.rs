@@ -166,7 +166,20 @@ fn zstd_layers_for_oci_manifests_and_gzip_for_docker() {
         &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
     )
     .json();
+    let gzip_blobs = || {
+        std::fs::read_dir(registry.storage().join("blobs/sha256"))
+            .unwrap()
+            .filter(|blob| {
+                std::fs::read(blob.as_ref().unwrap().path())
+                    .unwrap()
+                    .starts_with(&[0x1f, 0x8b])
+            })
+            .count()
+    };
+    assert_eq!(gzip_blobs(), 0, "the Docker layer set waits for a Docker client");
     let docker = registry.get(path).json();
+    assert_eq!(gzip_blobs(), docker["layers"].as_array().unwrap().len());
+    assert_eq!(registry.nix_runs(), 2, "one evaluation per layer set");
     assert_eq!(
         oci["config"]["digest"], docker["config"]["digest"],
         "one config: same tar streams"
