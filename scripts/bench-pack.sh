@@ -4,5 +4,5 @@
 # binaries, in one run. Arguments go to benches/pack.rs (--mb N, DIR ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh test > /dev/null
+scripts/setup.sh bench > /dev/null
 cargo bench --quiet --bench pack -- "$@"

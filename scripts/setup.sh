@@ -5,14 +5,18 @@
 #
 #   scripts/setup.sh        what running the registry needs
 #   scripts/setup.sh test   and the container engines the tests pull with
+#   scripts/setup.sh bench  and perf, which the benchmarks profile with
 set -euo pipefail
 
 packages=(nix-bin busybox-static skopeo umoci curl ca-certificates git)
-if [[ "${1:-}" == test ]]; then
+if [[ "${1:-}" == test || "${1:-}" == bench ]]; then
   # podman runs containers with runc (crun refuses cgroups in hybrid mode);
   # docker.io brings dockerd and containerd brings ctr (TOOLCHAIN.md §3);
   # pigz and zstd are the packing benchmark's references.
   packages+=(podman runc containerd docker.io pigz zstd)
+fi
+if [[ "${1:-}" == bench ]]; then
+  packages+=(linux-perf)
 fi
 
 missing=()
