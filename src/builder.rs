@@ -62,8 +62,10 @@ pub struct Settings {
     pub gzip: Compression,
     /// Layers of OCI manifests: `gzip`, or zstd.
     pub oci_layers: Compression,
-    /// Builds that may run at once; also the layers packed at once per build.
+    /// Layers packed at once per build.
     pub parallel: usize,
+    /// Builds that may run at once (others wait for a slot).
+    pub max_builds: usize,
     /// What a tag resolves to without the `arm64` meta-package; the first is
     /// the one for clients that read no index. Never empty.
     pub architectures: Vec<Arch>,
@@ -122,7 +124,7 @@ impl Builder {
             storage,
             popularity,
             learned,
-            build_slots: Semaphore::new(settings.parallel),
+            build_slots: Semaphore::new(settings.max_builds),
             settings,
             in_flight: Mutex::new(HashMap::new()),
         })

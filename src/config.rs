@@ -1,7 +1,10 @@
 //! Configuration: command-line flags and the environment variables the
 //! original Nixery reads (`PORT`, `NIXERY_PKGS_PATH`, `NIXERY_CHANNEL`,
 //! `NIXERY_PKGS_REPO`, `NIXERY_STORAGE_BACKEND`, `STORAGE_PATH`,
-//! `NIX_TIMEOUT`, `NIX_POPULARITY_URL`) plus ours, each with a flag of the
+//! `NIX_TIMEOUT`, `NIX_POPULARITY_URL`, `GCS_BUCKET`,
+//! `GOOGLE_APPLICATION_CREDENTIALS`, and the S3 backend's `S3_BUCKET`,
+//! `S3_ENDPOINT`, `AWS_REGION`, `S3_ACCESS_KEY`, `S3_SECRET_KEY`,
+//! `S3_USE_PATH_STYLE`) plus ours, each with a flag of the
 //! same meaning. The only module that reads the environment. Invalid
 //! settings stop the program at start with a message naming the setting.
 
@@ -32,7 +35,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the registry.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print, as JSON, how a strategy groups a runtime graph into layers
     /// (the registry's own code); `{"layers":[{"paths":[…],"size":N}]}` in
     /// manifest order.
@@ -62,6 +65,10 @@ pub struct LayersArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum StorageBackend {
     Filesystem,
+    S3,
+    Gcs,
+    /// In memory, lost at exit: for trying things out.
+    Memory,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -99,6 +106,26 @@ pub struct ServeArgs {
     /// Root folder of the filesystem storage backend.
     #[arg(long, env = "STORAGE_PATH")]
     storage_path: Option<PathBuf>,
+    #[command(flatten)]
+    s3: S3Args,
+    #[command(flatten)]
+    gcs: GcsArgs,
+    /// Answer blob GETs with a 307 redirect to a presigned URL of the bucket
+    /// instead of streaming them (default: on for s3 and gcs; those only).
+    #[arg(long, env = "NIXERY_BLOB_REDIRECT", action = clap::ArgAction::Set)]
+    blob_redirect: Option<bool>,
+    /// Seconds a presigned blob URL stays valid.
+    #[arg(long, env = "NIXERY_REDIRECT_TTL", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    redirect_ttl: u64,
+    /// Local folder where layers are packed before they are uploaded to an
+    /// s3 or gcs bucket (default: nixery-spool in the temporary folder).
+    #[arg(long, env = "NIXERY_SPOOL_PATH")]
+    spool_path: Option<PathBuf>,
+    /// Image builds that may run at once (default: one per core); requests
+    /// for other new images wait for a slot.
+    #[arg(long, env = "NIXERY_MAX_BUILDS", value_parser = clap::value_parser!(u16).range(1..))]
+    max_builds: Option<u16>,
     /// Seconds each Nix call (and each Nix builder) may take.
     #[arg(long, env = "NIX_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     nix_timeout: u64,
@@ -141,6 +168,47 @@ pub struct ServeArgs {
     pub log_format: LogFormat,
 }
 
+/// The S3 backend's settings.
+#[derive(Debug, Args)]
+struct S3Args {
+    /// Bucket of the s3 storage backend.
+    #[arg(long, env = "S3_BUCKET")]
+    s3_bucket: Option<String>,
+    /// Endpoint of an S3-compatible service (default: AWS).
+    #[arg(long, env = "S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    aws_region: String,
+    /// Access key (default: AWS_ACCESS_KEY_ID, else the instance's role).
+    #[arg(long, env = "S3_ACCESS_KEY", hide_env_values = true)]
+    s3_access_key: Option<String>,
+    #[arg(long, env = "S3_SECRET_KEY", hide_env_values = true)]
+    s3_secret_key: Option<String>,
+    #[arg(long, env = "AWS_ACCESS_KEY_ID", hide = true, hide_env_values = true)]
+    aws_access_key_id: Option<String>,
+    #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide = true, hide_env_values = true)]
+    aws_secret_access_key: Option<String>,
+    #[arg(long, env = "AWS_SESSION_TOKEN", hide = true, hide_env_values = true)]
+    aws_session_token: Option<String>,
+    /// Path-style URLs (`endpoint/bucket/key`); default: on when S3_ENDPOINT is set.
+    #[arg(long, env = "S3_USE_PATH_STYLE", action = clap::ArgAction::Set)]
+    s3_use_path_style: Option<bool>,
+}
+
+/// The GCS backend's settings.
+#[derive(Debug, Args)]
+struct GcsArgs {
+    /// Bucket of the gcs storage backend.
+    #[arg(long, env = "GCS_BUCKET")]
+    gcs_bucket: Option<String>,
+    /// Service account key file (also used to sign blob URLs).
+    #[arg(long, env = "GOOGLE_APPLICATION_CREDENTIALS")]
+    google_application_credentials: Option<PathBuf>,
+    /// Base URL of the GCS API, for an emulator (default: Google's).
+    #[arg(long, env = "GCS_ENDPOINT")]
+    gcs_endpoint: Option<String>,
+}
+
 /// Settings that are wrong together or point at nothing.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -152,12 +220,62 @@ pub enum ConfigError {
     MissingPkgsPath(PathBuf),
     #[error("the filesystem storage backend needs STORAGE_PATH (or --storage-path)")]
     NoStoragePath,
+    #[error("the {backend} storage backend needs {setting}")]
+    MissingSetting {
+        backend: &'static str,
+        setting: &'static str,
+    },
+    #[error("S3_ACCESS_KEY and S3_SECRET_KEY (or the AWS_ variables) must be set together")]
+    HalfCredentials,
+    #[error("NIXERY_BLOB_REDIRECT needs a bucket that can presign URLs (s3 or gcs), not {0}")]
+    RedirectWithoutBucket(&'static str),
 }
 
-/// Where to keep data.
+/// Where to keep data, and how blobs are served from it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StorageConfig {
+pub struct StorageConfig {
+    pub backend: Backend,
+    /// Lifetime of presigned URLs when blob GETs are redirected to them.
+    pub redirect: Option<Duration>,
+    /// Where layers are packed before upload (buckets only).
+    pub spool: PathBuf,
+}
+
+/// A storage backend and its settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
     Filesystem(PathBuf),
+    S3(S3Config),
+    Gcs(GcsConfig),
+    Memory,
+}
+
+impl Backend {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Filesystem(_) => "filesystem",
+            Backend::S3(_) => "s3",
+            Backend::Gcs(_) => "gcs",
+            Backend::Memory => "memory",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Config {
+    pub bucket: String,
+    pub endpoint: Option<String>,
+    pub region: String,
+    /// Access key id, secret and session token; `None`: the instance's role.
+    pub credentials: Option<(String, String, Option<String>)>,
+    pub path_style: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GcsConfig {
+    pub bucket: String,
+    pub credentials: Option<PathBuf>,
+    pub endpoint: Option<String>,
 }
 
 /// A checked configuration for `serve`.
@@ -166,6 +284,8 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     pub source: PackageSource,
     pub storage: StorageConfig,
+    /// `None`: one per core.
+    pub max_builds: Option<usize>,
     pub nix_timeout: Duration,
     pub popularity_url: Option<String>,
     pub learn_popularity: bool,
@@ -183,15 +303,12 @@ impl ServeArgs {
     /// Checks the settings against each other and the disk.
     pub fn check(self) -> Result<ServeConfig, ConfigError> {
         let source = self.source()?;
-        let storage = match self.storage_backend {
-            StorageBackend::Filesystem => {
-                StorageConfig::Filesystem(self.storage_path.ok_or(ConfigError::NoStoragePath)?)
-            }
-        };
+        let storage = self.storage()?;
         Ok(ServeConfig {
             listen: SocketAddr::new(self.listen_address, self.port),
             source,
             storage,
+            max_builds: self.max_builds.map(usize::from),
             nix_timeout: Duration::from_secs(self.nix_timeout),
             popularity_url: self.popularity_url,
             learn_popularity: self.learn_popularity,
@@ -209,6 +326,32 @@ impl ServeArgs {
                 seen
             }),
             manifest_format: self.manifest_format,
+        })
+    }
+
+    fn storage(&self) -> Result<StorageConfig, ConfigError> {
+        let backend = match self.storage_backend {
+            StorageBackend::Filesystem => {
+                Backend::Filesystem(self.storage_path.clone().ok_or(ConfigError::NoStoragePath)?)
+            }
+            StorageBackend::S3 => Backend::S3(self.s3.check()?),
+            StorageBackend::Gcs => Backend::Gcs(self.gcs.check()?),
+            StorageBackend::Memory => Backend::Memory,
+        };
+        let bucket = matches!(backend, Backend::S3(_) | Backend::Gcs(_));
+        let redirect = match (self.blob_redirect.unwrap_or(bucket), bucket) {
+            (false, _) => None,
+            (true, true) => Some(Duration::from_secs(self.redirect_ttl)),
+            (true, false) => return Err(ConfigError::RedirectWithoutBucket(backend.name())),
+        };
+        let spool = self
+            .spool_path
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join("nixery-spool"));
+        Ok(StorageConfig {
+            backend,
+            redirect,
+            spool,
         })
     }
 
@@ -241,6 +384,45 @@ impl ServeArgs {
     }
 }
 
+impl S3Args {
+    fn check(&self) -> Result<S3Config, ConfigError> {
+        let bucket = self.s3_bucket.clone().ok_or(ConfigError::MissingSetting {
+            backend: "s3",
+            setting: "S3_BUCKET",
+        })?;
+        let key = self.s3_access_key.clone().or_else(|| self.aws_access_key_id.clone());
+        let secret = self
+            .s3_secret_key
+            .clone()
+            .or_else(|| self.aws_secret_access_key.clone());
+        let credentials = match (key, secret) {
+            (Some(key), Some(secret)) => Some((key, secret, self.aws_session_token.clone())),
+            (None, None) => None,
+            _ => return Err(ConfigError::HalfCredentials),
+        };
+        Ok(S3Config {
+            bucket,
+            endpoint: self.s3_endpoint.clone(),
+            region: self.aws_region.clone(),
+            credentials,
+            path_style: self.s3_use_path_style.unwrap_or(self.s3_endpoint.is_some()),
+        })
+    }
+}
+
+impl GcsArgs {
+    fn check(&self) -> Result<GcsConfig, ConfigError> {
+        Ok(GcsConfig {
+            bucket: self.gcs_bucket.clone().ok_or(ConfigError::MissingSetting {
+                backend: "gcs",
+                setting: "GCS_BUCKET",
+            })?,
+            credentials: self.google_application_credentials.clone(),
+            endpoint: self.gcs_endpoint.clone(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,7 +431,7 @@ mod tests {
     fn args(flags: &[&str]) -> Result<ServeArgs, clap::Error> {
         let cli = Cli::try_parse_from(["nixery", "serve"].iter().chain(flags))?;
         match cli.command {
-            Command::Serve(args) => Ok(args),
+            Command::Serve(args) => Ok(*args),
             Command::Layers(_) => unreachable!("serve was asked for"),
         }
     }
@@ -272,7 +454,8 @@ mod tests {
         .check()
         .unwrap();
         assert_eq!(config.listen, "127.0.0.1:5000".parse().unwrap());
-        assert_eq!(config.storage, StorageConfig::Filesystem("/tmp/x".into()));
+        assert_eq!(config.storage.backend, Backend::Filesystem("/tmp/x".into()));
+        assert_eq!(config.storage.redirect, None, "a folder cannot presign");
         assert_eq!(config.nix_timeout, Duration::from_secs(60));
         assert_eq!(config.layer_budget, 94);
         assert!(matches!(config.source, PackageSource::Path { .. }));
@@ -324,7 +507,8 @@ mod tests {
     fn bad_values_are_refused_by_name() {
         for (flags, needle) in [
             (&["--port", "http"][..], "--port"),
-            (&["--storage-backend", "gcs"][..], "filesystem"),
+            (&["--storage-backend", "azure"][..], "filesystem"),
+            (&["--redirect-ttl", "0"][..], "--redirect-ttl"),
             (&["--nix-timeout", "0"][..], "--nix-timeout"),
             (&["--layer-budget", "500"][..], "--layer-budget"),
             (&["--gzip-level", "13"][..], "--gzip-level"),
@@ -339,5 +523,44 @@ mod tests {
         }
         let error = args(&["--channel", "c"]).unwrap().check().unwrap_err();
         assert_eq!(error, ConfigError::NoStoragePath);
+    }
+
+    #[test]
+    fn buckets_need_their_settings_and_redirect_by_default() {
+        let storage = |flags: &[&str]| {
+            let mut all = vec!["--channel", "c"];
+            all.extend_from_slice(flags);
+            args(&all).unwrap().storage()
+        };
+        let missing = |backend, setting| ConfigError::MissingSetting { backend, setting };
+        assert_eq!(storage(&["--storage-backend", "s3"]), Err(missing("s3", "S3_BUCKET")));
+        assert_eq!(
+            storage(&["--storage-backend", "gcs"]),
+            Err(missing("gcs", "GCS_BUCKET"))
+        );
+
+        let s3 = [
+            "--storage-backend",
+            "s3",
+            "--s3-bucket",
+            "b",
+            "--s3-endpoint",
+            "http://127.0.0.1:1",
+        ];
+        let config = storage(&s3).unwrap();
+        assert_eq!(config.redirect, Some(Duration::from_secs(300)));
+        let Backend::S3(s3_config) = config.backend else {
+            panic!("s3")
+        };
+        assert!(s3_config.path_style, "an endpoint of its own means path style");
+        assert_eq!(s3_config.region, "us-east-1");
+
+        let streamed = storage(&[&s3[..], &["--blob-redirect", "false"]].concat()).unwrap();
+        assert_eq!(streamed.redirect, None);
+        let half = storage(&[&s3[..], &["--s3-access-key", "k"]].concat());
+        assert_eq!(half, Err(ConfigError::HalfCredentials));
+
+        let memory = storage(&["--storage-backend", "memory", "--blob-redirect", "true"]);
+        assert_eq!(memory, Err(ConfigError::RedirectWithoutBucket("memory")));
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use nixery::builder::{Builder, Settings};
-use nixery::config::{Cli, Command, LayersArgs, LogFormat, ServeConfig, StorageConfig};
+use nixery::config::{Cli, Command, LayersArgs, LogFormat, ServeConfig};
 use nixery::layers::{self, Popularity, RuntimeGraph};
 use nixery::learning::Learned;
 use nixery::nix::Nix;
@@ -66,11 +66,9 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn serve(config: ServeConfig) -> anyhow::Result<()> {
-    let storage = match &config.storage {
-        StorageConfig::Filesystem(root) => Storage::filesystem(root)
-            .await
-            .with_context(|| format!("cannot use STORAGE_PATH {}", root.display()))?,
-    };
+    let storage = Storage::open(&config.storage)
+        .await
+        .with_context(|| format!("cannot use the {} storage backend", config.storage.backend.name()))?;
     let mut popularity = match &config.popularity_url {
         Some(url) => Popularity::load(url).await?,
         None => Popularity::default(),
@@ -89,6 +87,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         gzip: config.gzip,
         oci_layers: config.oci_layers,
         parallel,
+        max_builds: config.max_builds.unwrap_or(parallel),
         architectures: config.architectures,
         preferred_format: config.manifest_format,
     };

@@ -28,6 +28,8 @@ use crate::oci;
 use crate::source::LATEST;
 use crate::storage::StorageError;
 
+/// Seconds a client should wait after storage was unavailable.
+const RETRY_AFTER_SECONDS: &str = "5";
 /// Larger blobs are never manifests; they are not read to find out.
 const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
 const API_VERSION: &str = "registry/2.0";
@@ -289,6 +291,14 @@ async fn blob(
     };
     let storage = builder.storage();
     let size = storage.blob_size(&digest).await?.ok_or_else(unknown)?;
+    if !head && let Some(url) = storage.blob_url(&digest).await? {
+        return Ok(Response::builder()
+            .status(StatusCode::TEMPORARY_REDIRECT)
+            .header(header::LOCATION, url)
+            .header("Docker-Content-Digest", digest.to_string())
+            .body(Body::empty())
+            .expect("headers are valid"));
+    }
     let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         Some(value) => byte_range(value, size).map_err(|()| RegistryError::range_not_satisfiable(size))?,
         None => None,
@@ -365,6 +375,8 @@ pub struct RegistryError {
     message: String,
     detail: serde_json::Value,
     content_range: Option<String>,
+    /// Tell the client when to try again.
+    retry_after: bool,
 }
 
 impl RegistryError {
@@ -375,6 +387,7 @@ impl RegistryError {
             message: message.into(),
             detail: json!(null),
             content_range: None,
+            retry_after: false,
         }
     }
 
@@ -428,6 +441,17 @@ impl RegistryError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", message)
     }
 
+    /// Storage cannot be reached or failed: worth retrying later.
+    fn unavailable(error: &StorageError) -> Self {
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            format!("storage is unavailable: {error}"),
+        );
+        e.retry_after = true;
+        e
+    }
+
     fn from_build(error: &BuildError) -> Self {
         match error {
             BuildError::Nix(NixError::NotFound(packages)) => {
@@ -446,6 +470,7 @@ impl RegistryError {
             BuildError::UnknownTag(tag) => Self::manifest_unknown(format!(
                 "tag {tag:?} names no revision of the package set (try {LATEST:?})"
             )),
+            BuildError::Storage(error) => Self::unavailable(error),
             other => Self::internal(format!("image build failed: {other}")),
         }
     }
@@ -471,7 +496,7 @@ impl From<DigestError> for RegistryError {
 impl From<StorageError> for RegistryError {
     fn from(e: StorageError) -> Self {
         tracing::error!(error = %e, "storage failed");
-        Self::internal(format!("storage failed: {e}"))
+        Self::unavailable(&e)
     }
 }
 
@@ -487,6 +512,11 @@ impl IntoResponse for RegistryError {
             response
                 .headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        }
+        if self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
         }
         if let Some(range) = self.content_range {
             response

@@ -1,0 +1,564 @@
+//! Where bytes live. Blobs (layers, configs, manifests) sit at their content
+//! address, `blobs/sha256/<hex>`, so the storage root (a folder or a bucket)
+//! is an OCI image layout; small cache records sit under `cache/`.
+//! Everything goes through `object_store` (backends in `backend.rs`).
+//!
+//! A layer is packed into a staged file and reaches its content address only
+//! once its digest is known, and only if nothing is there yet:
+//! - in a folder, the file is packed in `staging/` below the root, synced and
+//!   hard-linked to its address (the kernel is asked to write each completed
+//!   8 MiB while packing goes on, so the sync waits only for the tail);
+//! - in a bucket, the file is packed in a local spool folder, uploaded to
+//!   `staging/<name>` in the bucket, checked for its size, copied to its
+//!   address (copy-if-absent where the bucket has it; where it has not, S3,
+//!   after a check that nothing is there: a copy of the same digest writes
+//!   the same bytes), and the staging object is deleted.
+//!
+//! A crash leaves at most garbage under `staging/`, never a wrong blob at an
+//! address; staging objects older than an hour are deleted at start.
+
+mod backend;
+
+use std::io::{self, Write};
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path as StorePath;
+use object_store::signer::Signer;
+use object_store::{
+    GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart,
+};
+use tempfile::NamedTempFile;
+use tokio::io::AsyncReadExt;
+
+use crate::config::{Backend, StorageConfig};
+use crate::digest::Digest;
+
+/// Staging prefix in the store; in a folder, also where layers are packed
+/// (the same filesystem, so that a commit is a hard link).
+const STAGING: &str = "staging";
+/// Staging objects older than this belong to no running build.
+const STALE: Duration = Duration::from_secs(3600);
+/// Bytes of a staged file after which the kernel is asked to write them out;
+/// also the part size of multipart uploads.
+const WRITE_BEHIND: u64 = 8 << 20;
+/// Parts of one upload in flight at once.
+const UPLOAD_CONCURRENCY: usize = 4;
+const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
+const EMPTY_INDEX: &[u8] =
+    br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("object store failed: {0}")]
+    Store(#[from] object_store::Error),
+    #[error("the upload of {digest} to staging has {found} bytes, not {expected}")]
+    UploadSize { digest: Digest, expected: u64, found: u64 },
+}
+
+/// A stream of a blob's bytes.
+pub type BlobStream = BoxStream<'static, Result<Bytes, StorageError>>;
+
+/// The registry's storage.
+#[derive(Clone, Debug)]
+pub struct Storage {
+    store: Arc<dyn ObjectStore>,
+    /// Presigns blob URLs, and for how long, when blob GETs are redirected.
+    redirect: Option<(Arc<dyn Signer>, Duration)>,
+    spool: Spool,
+}
+
+/// Where staged blobs are written.
+#[derive(Clone, Debug)]
+enum Spool {
+    /// `staging/` inside the storage folder: committed by a link.
+    InStore(PathBuf),
+    /// A local folder: committed by an upload.
+    Local(PathBuf),
+}
+
+impl Storage {
+    /// Opens the configured storage, writes the OCI layout files if missing
+    /// and deletes stale staging objects.
+    pub async fn open(config: &StorageConfig) -> Result<Self, StorageError> {
+        let opened = backend::open(&config.backend).await?;
+        let spool = match &config.backend {
+            Backend::Filesystem(root) => Spool::InStore(root.join(STAGING)),
+            _ => Spool::Local(config.spool.clone()),
+        };
+        let redirect = match (opened.signer, config.redirect) {
+            (Some(signer), Some(ttl)) => Some((signer, ttl)),
+            _ => None,
+        };
+        let storage = Storage {
+            store: opened.store,
+            redirect,
+            spool,
+        };
+        tokio::fs::create_dir_all(storage.spool_dir()).await?;
+        storage
+            .put_if_absent(&StorePath::from("oci-layout"), Bytes::from_static(OCI_LAYOUT))
+            .await?;
+        storage
+            .put_if_absent(&StorePath::from("index.json"), Bytes::from_static(EMPTY_INDEX))
+            .await?;
+        storage.remove_stale_staging().await?;
+        Ok(storage)
+    }
+
+    /// Storage in a local folder, created if missing.
+    pub async fn filesystem(root: &Path) -> Result<Self, StorageError> {
+        Self::open(&StorageConfig {
+            backend: Backend::Filesystem(root.to_owned()),
+            redirect: None,
+            spool: root.join(STAGING),
+        })
+        .await
+    }
+
+    fn spool_dir(&self) -> &Path {
+        match &self.spool {
+            Spool::InStore(dir) | Spool::Local(dir) => dir,
+        }
+    }
+
+    /// A new staging file to write a blob into, before its digest is known.
+    pub fn stage(&self) -> io::Result<StagedBlob> {
+        let file = tempfile::Builder::new().prefix("blob-").tempfile_in(self.spool_dir())?;
+        Ok(StagedBlob {
+            file,
+            written: 0,
+            flushed: 0,
+        })
+    }
+
+    /// Puts a staged blob at `digest` unless a blob is there already; the
+    /// staged file is removed either way.
+    pub async fn commit(&self, staged: StagedBlob, digest: &Digest) -> Result<(), StorageError> {
+        let name = staged
+            .file
+            .path()
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("tempfile names are UTF-8")
+            .to_owned();
+        let staging = StorePath::from(format!("{STAGING}/{name}"));
+        match self.spool {
+            Spool::InStore(_) => {
+                let file = staged.file;
+                let file = tokio::task::spawn_blocking(move || file.as_file().sync_all().map(|_| file))
+                    .await
+                    .expect("sync does not panic")?;
+                let committed = self.copy_if_absent(&staging, &blob_path(digest)).await;
+                drop(file);
+                committed
+            }
+            Spool::Local(_) => {
+                if self.blob_size(digest).await?.is_some() {
+                    return Ok(());
+                }
+                let uploaded = self.upload_and_copy(&staged, &staging, digest).await;
+                if let Err(object_store::Error::NotFound { .. }) | Ok(()) = self.store.delete(&staging).await {
+                } else {
+                    tracing::warn!(%staging, "could not delete a staging object; it goes at the next start");
+                }
+                uploaded
+            }
+        }
+    }
+
+    /// Uploads a staged file to `staging`, checks its size there and copies
+    /// it to the blob's address.
+    async fn upload_and_copy(
+        &self,
+        staged: &StagedBlob,
+        staging: &StorePath,
+        digest: &Digest,
+    ) -> Result<(), StorageError> {
+        self.upload(staged.file.path(), staging).await?;
+        let found = self.store.head(staging).await?.size;
+        if found != staged.written {
+            return Err(StorageError::UploadSize {
+                digest: digest.clone(),
+                expected: staged.written,
+                found,
+            });
+        }
+        self.copy_if_absent(staging, &blob_path(digest)).await
+    }
+
+    /// Streams a local file to `to`: in one request when small, else in
+    /// parts, a few at a time.
+    async fn upload(&self, file: &Path, to: &StorePath) -> Result<(), StorageError> {
+        let mut file = tokio::fs::File::open(file).await?;
+        let size = file.metadata().await?.len();
+        if size <= WRITE_BEHIND {
+            let mut bytes = Vec::with_capacity(size as usize);
+            file.read_to_end(&mut bytes).await?;
+            self.store.put(to, PutPayload::from(bytes)).await?;
+            return Ok(());
+        }
+        let mut upload =
+            WriteMultipart::new_with_chunk_size(self.store.put_multipart(to).await?, WRITE_BEHIND as usize);
+        let mut buffer = vec![0; WRITE_BEHIND as usize];
+        loop {
+            let n = match file.read(&mut buffer).await {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = upload.abort().await;
+                    return Err(e.into());
+                }
+            };
+            upload.write(&buffer[..n]);
+            if let Err(e) = upload.wait_for_capacity(UPLOAD_CONCURRENCY).await {
+                let _ = upload.abort().await;
+                return Err(e.into());
+            }
+        }
+        upload.finish().await?;
+        Ok(())
+    }
+
+    /// Copies `from` to `to` unless something is at `to`. A bucket without
+    /// copy-if-absent (S3) gets a plain copy: callers checked that `to` was
+    /// empty, and `to` is a content address, so a racing copy writes the
+    /// same bytes.
+    async fn copy_if_absent(&self, from: &StorePath, to: &StorePath) -> Result<(), StorageError> {
+        match self.store.copy_if_not_exists(from, to).await {
+            Ok(()) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+            Err(object_store::Error::NotSupported { .. } | object_store::Error::NotImplemented { .. }) => {
+                Ok(self.store.copy(from, to).await?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes staging objects (and spooled files) older than [`STALE`]:
+    /// what builds that were killed left.
+    async fn remove_stale_staging(&self) -> Result<(), StorageError> {
+        let cutoff = SystemTime::now() - STALE;
+        let stale: Vec<StorePath> = self
+            .store
+            .list(Some(&StorePath::from(STAGING)))
+            .try_filter(|meta| std::future::ready(SystemTime::from(meta.last_modified) < cutoff))
+            .map_ok(|meta| meta.location)
+            .try_collect()
+            .await?;
+        for location in &stale {
+            match self.store.delete(location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if let Spool::Local(dir) = &self.spool {
+            remove_stale_files(dir)?;
+        }
+        if !stale.is_empty() {
+            tracing::info!(count = stale.len(), "deleted stale staging objects");
+        }
+        Ok(())
+    }
+
+    /// Puts a small blob at its address unless it is there already.
+    pub async fn put_blob(&self, digest: &Digest, bytes: Bytes) -> Result<(), StorageError> {
+        self.put_if_absent(&blob_path(digest), bytes).await
+    }
+
+    /// The size of a blob, or `None` if there is none at `digest`.
+    pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
+        match self.store.head(&blob_path(digest)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A presigned URL of a blob when blob GETs are redirected.
+    pub async fn blob_url(&self, digest: &Digest) -> Result<Option<String>, StorageError> {
+        match &self.redirect {
+            Some((signer, ttl)) => Ok(Some(
+                signer
+                    .signed_url(http::Method::GET, &blob_path(digest), *ttl)
+                    .await?
+                    .to_string(),
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Streams a blob, or the byte range of it; `None` if there is none.
+    pub async fn read_blob(
+        &self,
+        digest: &Digest,
+        range: Option<Range<u64>>,
+    ) -> Result<Option<BlobStream>, StorageError> {
+        let options = GetOptions {
+            range: range.map(GetRange::Bounded),
+            ..Default::default()
+        };
+        match self.store.get_opts(&blob_path(digest), options).await {
+            Ok(result) => Ok(Some(result.into_stream().map_err(StorageError::from).boxed())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A small blob's bytes, or `None` if there is none.
+    pub async fn read_blob_bytes(&self, digest: &Digest) -> Result<Option<Bytes>, StorageError> {
+        self.get(&blob_path(digest)).await
+    }
+
+    /// The cache record at `key` (a `/`-separated path below `cache/`).
+    pub async fn get_record(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
+        self.get(&record_path(key)).await
+    }
+
+    /// Writes (or replaces) the cache record at `key`.
+    pub async fn put_record(&self, key: &str, bytes: Bytes) -> Result<(), StorageError> {
+        self.store.put(&record_path(key), PutPayload::from_bytes(bytes)).await?;
+        Ok(())
+    }
+
+    async fn get(&self, path: &StorePath) -> Result<Option<Bytes>, StorageError> {
+        match self.store.get(path).await {
+            Ok(result) => Ok(Some(result.bytes().await?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A put that never replaces: conditional where the store has it, else
+    /// after a check (content addresses only, so a race writes the same bytes).
+    async fn put_if_absent(&self, path: &StorePath, bytes: Bytes) -> Result<(), StorageError> {
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(path, PutPayload::from_bytes(bytes.clone()), options)
+            .await
+        {
+            Ok(_) | Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(()),
+            Err(object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. }) => {
+                match self.store.head(path).await {
+                    Ok(_) => Ok(()),
+                    Err(object_store::Error::NotFound { .. }) => {
+                        self.store.put(path, PutPayload::from_bytes(bytes)).await?;
+                        Ok(())
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Removes the files in `dir` last written before [`STALE`] ago.
+fn remove_stale_files(dir: &Path) -> io::Result<()> {
+    let cutoff = SystemTime::now() - STALE;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.metadata()?.modified()? < cutoff {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// A blob being written to a staging file, until [`Storage::commit`].
+/// Dropped uncommitted, the file is removed.
+pub struct StagedBlob {
+    file: NamedTempFile,
+    written: u64,
+    /// Bytes handed to the kernel for writing out.
+    flushed: u64,
+}
+
+impl Write for StagedBlob {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        if self.written - self.flushed >= WRITE_BEHIND {
+            start_writeback(self.file.as_file(), self.flushed, self.written - self.flushed);
+            self.flushed = self.written;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Asks the kernel to start writing `len` bytes at `offset` to disk without
+/// waiting for it. Only a hint: the sync before the commit checks for errors.
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: the descriptor is open for the duration of the call (borrowed
+    // from `file`), and the call reads no memory of this process.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+fn blob_path(digest: &Digest) -> StorePath {
+    StorePath::from(format!("blobs/sha256/{}", digest.hex()))
+}
+
+fn record_path(key: &str) -> StorePath {
+    StorePath::from(format!("cache/{key}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn collect(stream: BlobStream) -> Vec<u8> {
+        let chunks: Vec<Bytes> = stream.try_collect().await.unwrap();
+        chunks.concat()
+    }
+
+    #[tokio::test]
+    async fn layout_and_blob_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::filesystem(dir.path()).await.unwrap();
+        assert_eq!(std::fs::read(dir.path().join("oci-layout")).unwrap(), OCI_LAYOUT);
+        assert!(dir.path().join("index.json").exists());
+
+        let mut staged = storage.stage().unwrap();
+        staged.write_all(b"layer bytes").unwrap();
+        let staged_path = staged.file.path().to_owned();
+        let digest = Digest::of(b"layer bytes");
+        storage.commit(staged, &digest).await.unwrap();
+        assert!(!staged_path.exists(), "staging file removed");
+        assert_eq!(
+            std::fs::read(dir.path().join("blobs/sha256").join(digest.hex())).unwrap(),
+            b"layer bytes"
+        );
+        assert_eq!(storage.blob_size(&digest).await.unwrap(), Some(11));
+        assert_eq!(
+            collect(storage.read_blob(&digest, None).await.unwrap().unwrap()).await,
+            b"layer bytes"
+        );
+        assert_eq!(
+            collect(storage.read_blob(&digest, Some(6..11)).await.unwrap().unwrap()).await,
+            b"bytes"
+        );
+        assert_eq!(
+            storage.read_blob_bytes(&digest).await.unwrap().unwrap(),
+            &b"layer bytes"[..]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_blob_past_the_write_behind_stretch_commits_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::filesystem(dir.path()).await.unwrap();
+        let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+        let mut staged = storage.stage().unwrap();
+        let mut whole = Vec::new();
+        for _ in 0..(2 * WRITE_BEHIND / chunk.len() as u64 + 1) {
+            staged.write_all(&chunk).unwrap();
+            whole.extend_from_slice(&chunk);
+        }
+        assert_eq!(staged.flushed, 2 * WRITE_BEHIND, "two stretches handed to the kernel");
+        let digest = Digest::of(&whole);
+        storage.commit(staged, &digest).await.unwrap();
+        assert_eq!(storage.read_blob_bytes(&digest).await.unwrap().unwrap(), whole);
+    }
+
+    #[tokio::test]
+    async fn a_bucket_commit_goes_through_staging_and_leaves_nothing_behind() {
+        let spool = tempfile::tempdir().unwrap();
+        let storage = Storage::open(&StorageConfig {
+            backend: Backend::Memory,
+            redirect: None,
+            spool: spool.path().to_owned(),
+        })
+        .await
+        .unwrap();
+        for size in [11, 3 * WRITE_BEHIND as usize + 5] {
+            let bytes: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
+            let mut staged = storage.stage().unwrap();
+            staged.write_all(&bytes).unwrap();
+            let digest = Digest::of(&bytes);
+            storage.commit(staged, &digest).await.unwrap();
+            assert_eq!(storage.read_blob_bytes(&digest).await.unwrap().unwrap(), bytes);
+        }
+        let staging: Vec<_> = storage
+            .store
+            .list(Some(&StorePath::from(STAGING)))
+            .try_collect()
+            .await
+            .unwrap();
+        assert!(staging.is_empty(), "{staging:?}");
+        assert_eq!(std::fs::read_dir(spool.path()).unwrap().count(), 0, "spool emptied");
+    }
+
+    #[tokio::test]
+    async fn stale_staging_files_go_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        Storage::filesystem(dir.path()).await.unwrap();
+        let staging = dir.path().join(STAGING);
+        let (old, new) = (staging.join("blob-old"), staging.join("blob-new"));
+        for file in [&old, &new] {
+            std::fs::write(file, b"partial").unwrap();
+        }
+        let two_hours_ago = SystemTime::now() - 2 * STALE;
+        std::fs::File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(two_hours_ago)
+            .unwrap();
+        Storage::filesystem(dir.path()).await.unwrap();
+        assert!(!old.exists(), "a killed build's leftover is deleted");
+        assert!(new.exists(), "a running build's file is kept");
+    }
+
+    #[tokio::test]
+    async fn an_existing_blob_is_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::filesystem(dir.path()).await.unwrap();
+        let digest = Digest::of(b"x");
+        storage.put_blob(&digest, Bytes::from_static(b"x")).await.unwrap();
+        let mut staged = storage.stage().unwrap();
+        staged.write_all(b"something else").unwrap();
+        storage.commit(staged, &digest).await.unwrap();
+        storage.put_blob(&digest, Bytes::from_static(b"other")).await.unwrap();
+        assert_eq!(storage.read_blob_bytes(&digest).await.unwrap().unwrap(), &b"x"[..]);
+        assert_eq!(std::fs::read_dir(dir.path().join(STAGING)).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn missing_things_are_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::filesystem(dir.path()).await.unwrap();
+        let digest = Digest::of(b"absent");
+        assert_eq!(storage.blob_size(&digest).await.unwrap(), None);
+        assert!(storage.read_blob(&digest, None).await.unwrap().is_none());
+        assert_eq!(storage.get_record("manifests/x").await.unwrap(), None);
+        storage
+            .put_record("manifests/x", Bytes::from_static(b"1"))
+            .await
+            .unwrap();
+        storage
+            .put_record("manifests/x", Bytes::from_static(b"2"))
+            .await
+            .unwrap();
+        assert_eq!(storage.get_record("manifests/x").await.unwrap().unwrap(), &b"2"[..]);
+    }
+}
