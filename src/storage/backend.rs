@@ -1,5 +1,6 @@
 //! Opening the object store a configuration names: a local folder, an S3 or
-//! GCS bucket, or memory; and, for buckets, the signer of presigned URLs.
+//! GCS bucket, or memory; for buckets, the signer of presigned URLs; for
+//! GCS, the JSON API client that writes (`gcs.rs`).
 //! Requests to buckets give up after a few quick retries, so that clients
 //! hear of an unreachable bucket in seconds rather than minutes.
 
@@ -16,6 +17,7 @@ use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
 use crate::config::{Backend, GcsConfig, S3Config};
 
 use super::StorageError;
+use super::gcs::JsonWrites;
 
 /// How long a bucket request may take before it is retried or fails.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -29,6 +31,8 @@ pub struct Opened {
     pub store: Arc<dyn ObjectStore>,
     /// For buckets: what presigns URLs.
     pub signer: Option<Arc<dyn Signer>>,
+    /// For GCS: where writes go instead of `store`.
+    pub gcs: Option<Arc<JsonWrites>>,
 }
 
 /// Opens `backend`; a filesystem root is created if missing.
@@ -40,6 +44,7 @@ pub async fn open(backend: &Backend) -> Result<Opened, StorageError> {
             Opened {
                 store: Arc::new(store),
                 signer: None,
+                gcs: None,
             }
         }
         Backend::S3(config) => {
@@ -47,18 +52,22 @@ pub async fn open(backend: &Backend) -> Result<Opened, StorageError> {
             Opened {
                 store: s3.clone(),
                 signer: Some(s3),
+                gcs: None,
             }
         }
         Backend::Gcs(config) => {
             let gcs = Arc::new(gcs(config).build()?);
+            let writes = JsonWrites::new(config.endpoint.as_deref(), &config.bucket, gcs.credentials().clone())?;
             Opened {
                 store: gcs.clone(),
                 signer: Some(gcs),
+                gcs: Some(Arc::new(writes)),
             }
         }
         Backend::Memory => Opened {
             store: Arc::new(InMemory::new()),
             signer: None,
+            gcs: None,
         },
     })
 }

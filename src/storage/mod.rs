@@ -18,6 +18,7 @@
 //! address; staging objects older than an hour are deleted at start.
 
 mod backend;
+mod gcs;
 
 use std::io::{self, Write};
 use std::ops::Range;
@@ -73,6 +74,8 @@ pub struct Storage {
     store: Arc<dyn ObjectStore>,
     /// Presigns blob URLs, and for how long, when blob GETs are redirected.
     redirect: Option<(Arc<dyn Signer>, Duration)>,
+    /// For GCS: the JSON API, which all writes go through.
+    gcs: Option<Arc<gcs::JsonWrites>>,
     spool: Spool,
 }
 
@@ -101,6 +104,7 @@ impl Storage {
         let storage = Storage {
             store: opened.store,
             redirect,
+            gcs: opened.gcs,
             spool,
         };
         tokio::fs::create_dir_all(storage.spool_dir()).await?;
@@ -166,7 +170,7 @@ impl Storage {
                     return Ok(());
                 }
                 let uploaded = self.upload_and_copy(&staged, &staging, digest).await;
-                if let Err(object_store::Error::NotFound { .. }) | Ok(()) = self.store.delete(&staging).await {
+                if let Err(object_store::Error::NotFound { .. }) | Ok(()) = self.delete(&staging).await {
                 } else {
                     tracing::warn!(%staging, "could not delete a staging object; it goes at the next start");
                 }
@@ -199,6 +203,9 @@ impl Storage {
     /// parts, a few at a time.
     async fn upload(&self, file: &Path, to: &StorePath) -> Result<(), StorageError> {
         let mut file = tokio::fs::File::open(file).await?;
+        if let Some(gcs) = &self.gcs {
+            return Ok(gcs.upload_file(to, file).await?);
+        }
         let size = file.metadata().await?.len();
         if size <= WRITE_BEHIND {
             let mut bytes = Vec::with_capacity(size as usize);
@@ -233,7 +240,11 @@ impl Storage {
     /// empty, and `to` is a content address, so a racing copy writes the
     /// same bytes.
     async fn copy_if_absent(&self, from: &StorePath, to: &StorePath) -> Result<(), StorageError> {
-        match self.store.copy_if_not_exists(from, to).await {
+        let copied = match &self.gcs {
+            Some(gcs) => gcs.copy_if_absent(from, to).await,
+            None => self.store.copy_if_not_exists(from, to).await,
+        };
+        match copied {
             Ok(()) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
             Err(object_store::Error::NotSupported { .. } | object_store::Error::NotImplemented { .. }) => {
                 Ok(self.store.copy(from, to).await?)
@@ -254,7 +265,7 @@ impl Storage {
             .try_collect()
             .await?;
         for location in &stale {
-            match self.store.delete(location).await {
+            match self.delete(location).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -324,8 +335,19 @@ impl Storage {
 
     /// Writes (or replaces) the cache record at `key`.
     pub async fn put_record(&self, key: &str, bytes: Bytes) -> Result<(), StorageError> {
-        self.store.put(&record_path(key), PutPayload::from_bytes(bytes)).await?;
+        let path = record_path(key);
+        match &self.gcs {
+            Some(gcs) => gcs.put(&path, bytes, false).await?,
+            None => drop(self.store.put(&path, PutPayload::from_bytes(bytes)).await?),
+        }
         Ok(())
+    }
+
+    async fn delete(&self, path: &StorePath) -> Result<(), object_store::Error> {
+        match &self.gcs {
+            Some(gcs) => gcs.delete(path).await,
+            None => self.store.delete(path).await,
+        }
     }
 
     async fn get(&self, path: &StorePath) -> Result<Option<Bytes>, StorageError> {
@@ -343,12 +365,18 @@ impl Storage {
             mode: PutMode::Create,
             ..Default::default()
         };
-        match self
-            .store
-            .put_opts(path, PutPayload::from_bytes(bytes.clone()), options)
-            .await
-        {
-            Ok(_) | Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(()),
+        let put = match &self.gcs {
+            Some(gcs) => gcs.put(path, bytes.clone(), true).await,
+            None => self
+                .store
+                .put_opts(path, PutPayload::from_bytes(bytes.clone()), options)
+                .await
+                .map(drop),
+        };
+        match put {
+            Ok(()) | Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
+                Ok(())
+            }
             Err(object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. }) => {
                 match self.store.head(path).await {
                     Ok(_) => Ok(()),

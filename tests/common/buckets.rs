@@ -1,6 +1,7 @@
-//! A real S3 object store for the storage tests: SeaweedFS, installed from
-//! PyPI by `scripts/setup.sh test` and linked into `NIXERY_TEST_TOOLS`
-//! (default `/opt/nixery-test/bin`), started in a temporary folder on free
+//! Real object stores for the storage tests: SeaweedFS for S3 and
+//! fake-gcs-server for GCS, both Go servers that PyPI wheels ship, installed
+//! by `scripts/setup.sh test` and linked into `NIXERY_TEST_TOOLS` (default
+//! `/opt/nixery-test/bin`). Each is started in a temporary folder on free
 //! loopback ports with one bucket, `nixery`, and killed (SIGKILL) when
 //! dropped.
 
@@ -12,11 +13,19 @@ use std::time::{Duration, Instant};
 
 use object_store::ObjectStore;
 use object_store::aws::AmazonS3Builder;
+use object_store::gcp::GoogleCloudStorageBuilder;
 
 pub const BUCKET: &str = "nixery";
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    S3,
+    Gcs,
+}
+
 /// A running object store with one bucket.
 pub struct ObjectServer {
+    pub kind: Kind,
     child: Option<Child>,
     program: PathBuf,
     args: Vec<String>,
@@ -60,6 +69,7 @@ impl ObjectServer {
         .into();
         let endpoint = format!("http://127.0.0.1:{}", ports[6]);
         let mut server = ObjectServer {
+            kind: Kind::S3,
             child: None,
             program: tools().join("weed"),
             args,
@@ -85,6 +95,53 @@ impl ObjectServer {
         server
     }
 
+    /// fake-gcs-server, keeping objects in its folder.
+    pub fn fake_gcs() -> ObjectServer {
+        let dir = tempfile::Builder::new().prefix("nxgcs").tempdir().unwrap();
+        let ports = free_ports(1);
+        let endpoint = format!("http://127.0.0.1:{}", ports[0]);
+        let args: Vec<String> = [
+            "-scheme",
+            "http",
+            "-host",
+            "127.0.0.1",
+            "-port",
+            &ports[0].to_string(),
+            "-backend",
+            "filesystem",
+            "-filesystem-root",
+            &dir.path().join("data").display().to_string(),
+            "-external-url",
+            &endpoint,
+            "-public-host",
+            &format!("127.0.0.1:{}", ports[0]),
+            "-log-level",
+            "warn",
+        ]
+        .map(str::to_owned)
+        .into();
+        let mut server = ObjectServer {
+            kind: Kind::Gcs,
+            child: None,
+            program: tools().join("fake-gcs-server"),
+            args,
+            ports,
+            endpoint,
+            dir,
+        };
+        server.start();
+        let buckets = format!("{}/storage/v1/b?project=test", server.endpoint);
+        let created = http()
+            .post(&buckets)
+            .header("content-type", "application/json")
+            .body(format!(r#"{{"name":"{BUCKET}"}}"#))
+            .send()
+            .unwrap();
+        assert!(created.status().is_success(), "bucket: {}", created.status());
+        server.write_service_account();
+        server
+    }
+
     /// Starts the process and waits until it answers HTTP.
     fn start(&mut self) {
         assert!(
@@ -101,7 +158,10 @@ impl ObjectServer {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let probe = format!("{}/", self.endpoint);
+        let probe = match self.kind {
+            Kind::S3 => format!("{}/", self.endpoint),
+            Kind::Gcs => format!("{}/storage/v1/b", self.endpoint),
+        };
         retry_until("the object store answers", || {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("the object store exited with {status}: {}", self.log());
@@ -136,33 +196,75 @@ impl ObjectServer {
         std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
     }
 
+    fn service_account(&self) -> PathBuf {
+        self.dir.path().join("service-account.json")
+    }
+
+    /// A service account whose key signs URLs and tokens locally (object_store
+    /// makes self-signed JWTs; no token server is asked); fake-gcs-server
+    /// checks no signature.
+    fn write_service_account(&self) {
+        let key = Command::new("openssl")
+            .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"])
+            .output()
+            .unwrap();
+        assert!(key.status.success(), "openssl genpkey failed");
+        let account = serde_json::json!({
+            "type": "service_account",
+            "private_key": String::from_utf8(key.stdout).unwrap(),
+            "private_key_id": "test",
+            "client_email": "nixery@test.iam.gserviceaccount.com",
+            "gcs_base_url": self.endpoint,
+        });
+        std::fs::write(self.service_account(), account.to_string()).unwrap();
+    }
+
     /// The environment that makes a registry use this bucket.
     pub fn registry_env(&self) -> Vec<(String, String)> {
-        [
-            ("NIXERY_STORAGE_BACKEND", "s3"),
-            ("S3_BUCKET", BUCKET),
-            ("S3_ENDPOINT", &self.endpoint),
-            ("S3_ACCESS_KEY", "test"),
-            ("S3_SECRET_KEY", "test"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
+        let account = self.service_account().display().to_string();
+        let pairs = match self.kind {
+            Kind::S3 => vec![
+                ("NIXERY_STORAGE_BACKEND", "s3"),
+                ("S3_BUCKET", BUCKET),
+                ("S3_ENDPOINT", &self.endpoint),
+                ("S3_ACCESS_KEY", "test"),
+                ("S3_SECRET_KEY", "test"),
+            ],
+            Kind::Gcs => vec![
+                ("NIXERY_STORAGE_BACKEND", "gcs"),
+                ("GCS_BUCKET", BUCKET),
+                ("GCS_ENDPOINT", &self.endpoint),
+                ("GOOGLE_APPLICATION_CREDENTIALS", &account),
+            ],
+        };
+        pairs.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
     }
 
     /// A client of the bucket, for checking what the registry left in it.
     pub fn store(&self) -> Arc<dyn ObjectStore> {
-        Arc::new(
-            AmazonS3Builder::new()
-                .with_bucket_name(BUCKET)
-                .with_endpoint(&self.endpoint)
-                .with_region("us-east-1")
-                .with_access_key_id("test")
-                .with_secret_access_key("test")
-                .with_client_options(object_store::ClientOptions::new().with_allow_http(true))
-                .build()
-                .unwrap(),
-        )
+        let options = object_store::ClientOptions::new().with_allow_http(true);
+        match self.kind {
+            Kind::S3 => Arc::new(
+                AmazonS3Builder::new()
+                    .with_bucket_name(BUCKET)
+                    .with_endpoint(&self.endpoint)
+                    .with_region("us-east-1")
+                    .with_access_key_id("test")
+                    .with_secret_access_key("test")
+                    .with_client_options(options)
+                    .build()
+                    .unwrap(),
+            ),
+            Kind::Gcs => Arc::new(
+                GoogleCloudStorageBuilder::new()
+                    .with_bucket_name(BUCKET)
+                    .with_service_account_path(self.service_account().display().to_string())
+                    .with_base_url(&self.endpoint)
+                    .with_client_options(options)
+                    .build()
+                    .unwrap(),
+            ),
+        }
     }
 }
 
