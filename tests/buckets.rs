@@ -138,9 +138,13 @@ fn s3_redirects_and_a_second_replica_serves_without_nix() {
     pull(&b, IMAGE);
     eprintln!("warm pull through replica B: {:?}", started.elapsed());
     assert_eq!(b.nix_runs(), 0, "replica B ran no Nix");
-    let layer = b.get(&format!("/v2/{IMAGE}/blobs/{}", digests[1]));
+    let layer_path = format!("/v2/{IMAGE}/blobs/{}", digests[1]);
+    let layer = b.get(&layer_path);
     assert_eq!(layer.status, 200);
     assert_eq!(sha256(&layer.body), digests[1]);
+    let part = common::request("GET", &b.url(&layer_path), &[("Range", "bytes=10-19")]);
+    assert_eq!(part.status, 206);
+    assert_eq!(part.body, layer.body[10..20]);
     assert_eq!(blob_digests(&b, IMAGE), digests);
     assert_eq!(b.nix_runs(), 0);
 
