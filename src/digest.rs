@@ -27,6 +27,13 @@ impl Digest {
         Self::from_hash(Sha256::digest(bytes).as_slice())
     }
 
+    /// The digest of everything `reader` yields.
+    pub fn of_reader(mut reader: impl io::Read) -> io::Result<Self> {
+        let mut hashing = DigestWriter::new(io::sink());
+        io::copy(&mut reader, &mut hashing)?;
+        Ok(hashing.finish().1)
+    }
+
     fn from_hash(hash: &[u8]) -> Self {
         Digest(format!("sha256:{}", hex::encode(hash)))
     }
@@ -167,6 +174,12 @@ mod tests {
             format!("sha512:{}", "a".repeat(128)).parse::<Digest>(),
             Err(DigestError::UnsupportedAlgorithm("sha512".into()))
         );
+    }
+
+    #[test]
+    fn a_reader_hashes_like_its_bytes() {
+        let bytes = vec![7u8; 100_000];
+        assert_eq!(Digest::of_reader(&bytes[..]).unwrap(), Digest::of(&bytes));
     }
 
     #[test]

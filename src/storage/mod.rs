@@ -8,11 +8,12 @@
 //! - in a folder, the file is packed in `staging/` below the root, synced and
 //!   hard-linked to its address (the kernel is asked to write each completed
 //!   8 MiB while packing goes on, so the sync waits only for the tail);
-//! - in a bucket, the file is packed in a local spool folder, uploaded to
-//!   `staging/<name>` in the bucket, checked for its size, copied to its
-//!   address (copy-if-absent where the bucket has it; where it has not, S3,
-//!   after a check that nothing is there: a copy of the same digest writes
-//!   the same bytes), and the staging object is deleted.
+//! - in a bucket, the file is packed in a local spool folder; once the file
+//!   is hashed again and found to hold the digest, it is uploaded to
+//!   `staging/<name>` in the bucket, checked for its size there and copied to
+//!   its address (copy-if-absent where the bucket has it; where it has not,
+//!   S3, after a check that nothing is there: a copy of the same digest
+//!   writes the same bytes), and the staging object is deleted.
 //!
 //! A crash leaves at most garbage under `staging/`, never a wrong blob at an
 //! address; staging objects older than an hour are deleted at start.
@@ -63,6 +64,8 @@ pub enum StorageError {
     Store(#[from] object_store::Error),
     #[error("the upload of {digest} to staging has {found} bytes, not {expected}")]
     UploadSize { digest: Digest, expected: u64, found: u64 },
+    #[error("the staged file of {digest} holds bytes whose digest is {found}")]
+    StagedDigest { digest: Digest, found: Digest },
 }
 
 /// A stream of a blob's bytes.
@@ -179,14 +182,24 @@ impl Storage {
         }
     }
 
-    /// Uploads a staged file to `staging`, checks its size there and copies
-    /// it to the blob's address.
+    /// Checks that a staged file holds `digest`'s bytes, uploads it to
+    /// `staging`, checks its size there and copies it to the blob's address.
     async fn upload_and_copy(
         &self,
         staged: &StagedBlob,
         staging: &StorePath,
         digest: &Digest,
     ) -> Result<(), StorageError> {
+        let file = staged.file.reopen()?;
+        let found = tokio::task::spawn_blocking(move || Digest::of_reader(file))
+            .await
+            .expect("hashing does not panic")?;
+        if found != *digest {
+            return Err(StorageError::StagedDigest {
+                digest: digest.clone(),
+                found,
+            });
+        }
         self.upload(staged.file.path(), staging).await?;
         let found = self.store.head(staging).await?.size;
         if found != staged.written {
@@ -534,6 +547,13 @@ mod tests {
             .unwrap();
         assert!(staging.is_empty(), "{staging:?}");
         assert_eq!(std::fs::read_dir(spool.path()).unwrap().count(), 0, "spool emptied");
+
+        let mut wrong = storage.stage().unwrap();
+        wrong.write_all(b"not what the digest says").unwrap();
+        let digest = Digest::of(b"something else");
+        let refused = storage.commit(wrong, &digest).await;
+        assert!(matches!(refused, Err(StorageError::StagedDigest { .. })), "{refused:?}");
+        assert_eq!(storage.blob_size(&digest).await.unwrap(), None);
     }
 
     #[tokio::test]
