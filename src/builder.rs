@@ -28,14 +28,19 @@ use crate::digest::Digest;
 use crate::image::{self, Arch, ImageRequest};
 use crate::layers::{self, Popularity};
 use crate::learning::Learned;
+use crate::meta::{MetaPackages, User};
 use crate::negotiate::Choice;
-use crate::nix::{Nix, NixError};
+use crate::nix::{Nix, NixError, Realised};
 use crate::oci::{self, Format, IndexEntry, OciError};
 use crate::source::{PackageSource, Resolved, SourceError};
 use crate::storage::{Storage, StorageError};
 
-/// Bumped when anything that shapes images changes, so old records miss.
+/// Bumped when anything that shapes store-path layers changes, so old
+/// layer records miss.
 const FORMAT: &str = "nixery-v2";
+/// Bumped when anything else that shapes images (configs, the root
+/// filesystem layer) changes, so old image records miss.
+const IMAGE_FORMAT: &str = "nixery-image-v3";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -71,6 +76,10 @@ pub struct Settings {
     pub architectures: Vec<Arch>,
     /// The manifest format served to clients that accept both.
     pub preferred_format: Format,
+    /// What leading image name components stand for.
+    pub meta_packages: MetaPackages,
+    /// Whether an image of one package runs its `meta.mainProgram`.
+    pub entrypoint: bool,
 }
 
 impl Settings {
@@ -141,6 +150,10 @@ impl Builder {
 
     pub fn preferred_format(&self) -> Format {
         self.settings.preferred_format
+    }
+
+    pub fn meta_packages(&self) -> &MetaPackages {
+        &self.settings.meta_packages
     }
 
     /// The architectures a request's tag resolves to.
@@ -279,12 +292,17 @@ impl Builder {
         };
         let plan = layers::plan(self.settings.layering, &realised.graph, inputs);
         let outputs = realised.outputs.clone();
-        let rootfs = tokio::task::spawn_blocking(move || RootFs::plan(&outputs))
+        let user = request.user.clone();
+        let rootfs = tokio::task::spawn_blocking(move || RootFs::plan(&outputs, user.as_ref()))
             .await
             .expect("planning does not panic")
             .map_err(BuildError::Archive)?;
         let mut jobs: Vec<LayerJob> = plan.into_iter().map(|layer| LayerJob::Store(layer.paths)).collect();
-        jobs.push(LayerJob::Root(realised.outputs.clone(), rootfs));
+        jobs.push(LayerJob::Root(
+            realised.outputs.clone(),
+            request.user.clone(),
+            rootfs,
+        ));
         let layer_count = jobs.len();
         let plan_done = Instant::now();
 
@@ -293,7 +311,13 @@ impl Builder {
         let packing_done = Instant::now();
 
         // The tar streams are the same whatever the compression: one config.
-        let config = oci::image_config(job.arch, &layers, request.has_bash())?;
+        let runtime = oci::Runtime {
+            bash: request.has_bash(),
+            user: request.user.clone(),
+            entrypoint: self.entrypoint(request, &realised),
+            labels: job.resolved.labels.clone(),
+        };
+        let config = oci::image_config(job.arch, &layers, &runtime)?;
         self.storage
             .put_blob(&config.digest, Bytes::from(config.bytes.clone()))
             .await?;
@@ -402,6 +426,16 @@ impl Builder {
         Ok((digests, true))
     }
 
+    /// The program an image of one package runs: that package's
+    /// `meta.mainProgram`, when the setting allows it and the file exists.
+    fn entrypoint(&self, request: &ImageRequest, realised: &Realised) -> Option<String> {
+        let sole = request.sole_package().filter(|_| self.settings.entrypoint)?;
+        let index = request.packages.iter().position(|p| p == sole)?;
+        let program = realised.main_programs[index].as_ref()?;
+        let path = format!("{}/bin/{program}", realised.outputs[index]);
+        std::path::Path::new(&path).exists().then_some(path)
+    }
+
     /// Everything that decides the manifests of one architecture's image
     /// whose layers are compressed with `compression`.
     fn image_key(
@@ -417,6 +451,8 @@ impl Builder {
             arch: &'a str,
             revision: Option<&'a str>,
             packages: &'a [String],
+            user: Option<&'a User>,
+            entrypoint: bool,
             popularity: &'a str,
             layering: &'a str,
             layer_budget: usize,
@@ -424,10 +460,12 @@ impl Builder {
             formats: Vec<Format>,
         }
         let key = Key {
-            format: FORMAT,
+            format: IMAGE_FORMAT,
             arch: arch.oci_name(),
             revision,
             packages: &request.packages,
+            user: request.user.as_ref(),
+            entrypoint: self.settings.entrypoint,
             popularity: self.popularity.id(),
             layering: self.settings.layering.name(),
             layer_budget: self.settings.layer_budget,
@@ -456,25 +494,26 @@ struct BuildJob {
 enum LayerJob {
     /// Whole store paths.
     Store(Vec<String>),
-    /// The root filesystem of these packages.
-    Root(Vec<String>, RootFs),
+    /// The root filesystem of these packages, with this user.
+    Root(Vec<String>, Option<User>, RootFs),
 }
 
 impl LayerJob {
     /// What identifies the layer's bytes: store paths never change contents.
     fn key(&self, compression: Compression) -> String {
-        let (kind, paths) = match self {
-            LayerJob::Store(paths) => ("store", paths),
-            LayerJob::Root(packages, _) => ("rootfs", packages),
+        let key = match self {
+            LayerJob::Store(paths) => serde_json::json!([FORMAT, "store", compression, paths]),
+            LayerJob::Root(packages, user, _) => {
+                serde_json::json!([IMAGE_FORMAT, "rootfs", compression, packages, user])
+            }
         };
-        let key = serde_json::json!([FORMAT, kind, compression, paths]);
         Digest::of(key.to_string().as_bytes()).hex().to_owned()
     }
 
     fn pack<W: std::io::Write>(self, out: W, compression: Compression) -> std::io::Result<(W, LayerDigests)> {
         match self {
             LayerJob::Store(paths) => archive::write_store_layer(&paths, out, compression),
-            LayerJob::Root(_, rootfs) => rootfs.write(out, compression),
+            LayerJob::Root(_, _, rootfs) => rootfs.write(out, compression),
         }
     }
 }

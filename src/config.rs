@@ -1,7 +1,7 @@
 //! Configuration: command-line flags and the environment variables the
 //! original Nixery reads (`PORT`, `NIXERY_PKGS_PATH`, `NIXERY_CHANNEL`,
 //! `NIXERY_PKGS_REPO`, `NIXERY_STORAGE_BACKEND`, `STORAGE_PATH`,
-//! `NIX_TIMEOUT`, `NIX_POPULARITY_URL`, `GCS_BUCKET`,
+//! `NIX_TIMEOUT`, `NIX_POPULARITY_URL`, `NIXERY_DEFAULT_TAG`, `GCS_BUCKET`,
 //! `GOOGLE_APPLICATION_CREDENTIALS`, and the S3 backend's `S3_BUCKET`,
 //! `S3_ENDPOINT`, `AWS_REGION`, `S3_ACCESS_KEY`, `S3_SECRET_KEY`,
 //! `S3_USE_PATH_STYLE`) plus ours, each with a flag of the
@@ -19,7 +19,8 @@ use crate::archive::{Compression, DEFAULT_GZIP_LEVEL, DEFAULT_ZSTD_LEVEL};
 use crate::image::Arch;
 use crate::layers::{DEFAULT_BUDGET, Strategy};
 use crate::oci::Format;
-use crate::source::PackageSource;
+use crate::meta::MetaPackages;
+use crate::source::{Channel, DEFAULT_CHANNEL_URL, PackageSource};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -94,12 +95,31 @@ pub struct ServeArgs {
     /// A package set on local disk (a folder with default.nix, or a file).
     #[arg(long, env = "NIXERY_PKGS_PATH")]
     pkgs_path: Option<PathBuf>,
-    /// A nixpkgs branch or commit, fetched from GitHub.
+    /// A nixpkgs branch or commit, fetched as a tarball.
     #[arg(long, env = "NIXERY_CHANNEL")]
     channel: Option<String>,
+    /// Where channel tarballs come from; `{channel}` is the branch or commit.
+    #[arg(long, env = "NIXERY_CHANNEL_URL", default_value = DEFAULT_CHANNEL_URL)]
+    channel_url: String,
+    /// Other channels an image tag may select, comma-separated; `commits`
+    /// lets a tag name any nixpkgs commit.
+    #[arg(long, env = "NIXERY_CHANNEL_TAGS", value_delimiter = ',')]
+    channel_tags: Vec<String>,
     /// A git repository holding a package set; image tags select revisions.
     #[arg(long, env = "NIXERY_PKGS_REPO")]
     pkgs_repo: Option<String>,
+    /// The branch or tag `latest` names in the git repository (default: HEAD).
+    #[arg(long, env = "NIXERY_DEFAULT_TAG")]
+    default_tag: Option<String>,
+    /// A flake whose legacyPackages (or packages) are the package set.
+    #[arg(long, env = "NIXERY_FLAKE")]
+    flake: Option<String>,
+    /// A TOML file of meta-packages, replacing shell, arm64 and nonroot.
+    #[arg(long, env = "NIXERY_META_PACKAGES")]
+    meta_packages: Option<PathBuf>,
+    /// Make an image of one package run its meta.mainProgram.
+    #[arg(long, env = "NIXERY_ENTRYPOINT", default_value_t = true, action = clap::ArgAction::Set)]
+    entrypoint: bool,
     /// Where blobs and cache records are kept.
     #[arg(long, env = "NIXERY_STORAGE_BACKEND", value_enum, default_value = "filesystem")]
     storage_backend: StorageBackend,
@@ -212,8 +232,14 @@ struct GcsArgs {
 /// Settings that are wrong together or point at nothing.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("no package source: set one of NIXERY_PKGS_PATH, NIXERY_CHANNEL or NIXERY_PKGS_REPO")]
+    #[error("no package source: set one of NIXERY_PKGS_PATH, NIXERY_CHANNEL, NIXERY_PKGS_REPO or NIXERY_FLAKE")]
     NoSource,
+    #[error("NIXERY_CHANNEL_URL {0:?} has no {{channel}} for the branch or commit")]
+    ChannelUrl(String),
+    #[error("{0} applies to NIXERY_PKGS_REPO only")]
+    GitOnly(&'static str),
+    #[error("NIXERY_META_PACKAGES: {0}")]
+    MetaPackages(String),
     #[error("more than one package source is set ({0}): set only one")]
     SeveralSources(String),
     #[error("NIXERY_PKGS_PATH {0} does not exist")]
@@ -297,6 +323,8 @@ pub struct ServeConfig {
     /// Never empty, no duplicates, in the order configured.
     pub architectures: Vec<Arch>,
     pub manifest_format: Format,
+    pub meta_packages: MetaPackages,
+    pub entrypoint: bool,
 }
 
 impl ServeArgs {
@@ -304,6 +332,10 @@ impl ServeArgs {
     pub fn check(self) -> Result<ServeConfig, ConfigError> {
         let source = self.source()?;
         let storage = self.storage()?;
+        let meta_packages = match &self.meta_packages {
+            Some(path) => MetaPackages::load(path).map_err(|e| ConfigError::MetaPackages(e.to_string()))?,
+            None => MetaPackages::default(),
+        };
         Ok(ServeConfig {
             listen: SocketAddr::new(self.listen_address, self.port),
             source,
@@ -326,6 +358,8 @@ impl ServeArgs {
                 seen
             }),
             manifest_format: self.manifest_format,
+            meta_packages,
+            entrypoint: self.entrypoint,
         })
     }
 
@@ -360,12 +394,16 @@ impl ServeArgs {
             self.pkgs_path.as_ref().map(|_| "NIXERY_PKGS_PATH"),
             self.channel.as_ref().map(|_| "NIXERY_CHANNEL"),
             self.pkgs_repo.as_ref().map(|_| "NIXERY_PKGS_REPO"),
+            self.flake.as_ref().map(|_| "NIXERY_FLAKE"),
         ]
         .into_iter()
         .flatten()
         .collect();
         if set.len() > 1 {
             return Err(ConfigError::SeveralSources(set.join(", ")));
+        }
+        if self.default_tag.is_some() && self.pkgs_repo.is_none() {
+            return Err(ConfigError::GitOnly("NIXERY_DEFAULT_TAG"));
         }
         if let Some(path) = &self.pkgs_path {
             let path = std::path::absolute(path).map_err(|_| ConfigError::MissingPkgsPath(path.clone()))?;
@@ -375,10 +413,20 @@ impl ServeArgs {
             return Ok(PackageSource::path(path));
         }
         if let Some(channel) = &self.channel {
-            return Ok(PackageSource::Channel(channel.clone()));
+            if !self.channel_url.contains("{channel}") {
+                return Err(ConfigError::ChannelUrl(self.channel_url.clone()));
+            }
+            return Ok(PackageSource::Channel(Channel {
+                channel: channel.clone(),
+                url_template: self.channel_url.clone(),
+                allowed_tags: self.channel_tags.clone(),
+            }));
         }
         if let Some(repo) = &self.pkgs_repo {
-            return Ok(PackageSource::git(repo.clone()));
+            return Ok(PackageSource::git(repo.clone(), self.default_tag.clone()));
+        }
+        if let Some(flake) = &self.flake {
+            return Ok(PackageSource::flake(flake.clone()));
         }
         Err(ConfigError::NoSource)
     }

@@ -1,11 +1,13 @@
 //! Image names: the Docker reference grammar for repository names and tags,
-//! the meta-packages (`shell`, `arm64`), and the canonical image request the
-//! rest of nixery works from. Nothing here runs Nix.
+//! the meta-packages they start with (`meta.rs`), and the canonical image
+//! request the rest of nixery works from. Nothing here runs Nix.
 
 use std::fmt;
 use std::sync::LazyLock;
 
 use regex::Regex;
+
+use crate::meta::{MetaPackages, User};
 
 /// Longest repository name clients accept (the Docker reference limit).
 const MAX_NAME_LEN: usize = 255;
@@ -18,9 +20,6 @@ static TAG: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^[A-Za-z0-9_][A-Za-z
 
 /// Packages every image gets, as in the original since 2019-10.
 pub const ALWAYS: [&str; 2] = ["cacert", "iana-etc"];
-
-/// What the `shell` meta-package stands for.
-const SHELL: [&str; 4] = ["bashInteractive", "coreutils", "moreutils", "nano"];
 
 /// The package whose presence makes `bash` the image's default command.
 pub const BASH: &str = "bashInteractive";
@@ -85,31 +84,35 @@ pub struct ImageRequest {
     /// The packages to install, meta-packages expanded and `cacert` and
     /// `iana-etc` added, sorted and without duplicates.
     pub packages: Vec<String>,
-    /// `Some(Arm64)` when the name starts with the `arm64` meta-package;
+    /// The packages the name asks for, meta-packages expanded, without the
+    /// ones every image gets.
+    pub requested: Vec<String>,
+    /// Set when a leading meta-package pins an architecture (`arm64`);
     /// otherwise the registry's configured architectures apply.
     pub pinned_arch: Option<Arch>,
+    /// The user the image runs as when a meta-package names one; else root.
+    pub user: Option<User>,
 }
 
 impl ImageRequest {
     /// Parses the repository name of a pull (`shell/git/htop`) and its tag.
     /// Meta-packages count only as a leading run of components; elsewhere
-    /// `shell` and `arm64` are ordinary package names, as in the original.
-    pub fn parse(name: &str, tag: &str) -> Result<Self, NameError> {
+    /// their names are ordinary package names, as in the original.
+    pub fn parse(name: &str, tag: &str, metas: &MetaPackages) -> Result<Self, NameError> {
         validate_name(name)?;
         if !TAG.is_match(tag) {
             return Err(NameError::InvalidTag(tag.to_owned()));
         }
         let components: Vec<&str> = name.split('/').collect();
-        let meta_len = components
-            .iter()
-            .take_while(|c| matches!(**c, "shell" | "arm64"))
-            .count();
+        let meta_len = components.iter().take_while(|c| metas.get(c).is_some()).count();
         let (meta, named) = components.split_at(meta_len);
+        let meta: Vec<_> = meta.iter().filter_map(|c| metas.get(c)).collect();
 
-        let mut packages: Vec<String> = named.iter().map(|s| s.to_string()).collect();
-        if meta.contains(&"shell") {
-            packages.extend(SHELL.iter().map(|s| s.to_string()));
-        }
+        let mut requested: Vec<String> = named.iter().map(|s| s.to_string()).collect();
+        requested.extend(meta.iter().flat_map(|m| m.packages.iter().cloned()));
+        requested.sort();
+        requested.dedup();
+        let mut packages = requested.clone();
         packages.extend(ALWAYS.iter().map(|s| s.to_string()));
         packages.sort();
         packages.dedup();
@@ -122,8 +125,18 @@ impl ImageRequest {
             name: canonical.join("/"),
             tag: tag.to_owned(),
             packages,
-            pinned_arch: meta.contains(&"arm64").then_some(Arch::Arm64),
+            requested,
+            pinned_arch: meta.iter().find_map(|m| m.architecture),
+            user: meta.iter().find_map(|m| m.user.clone()),
         })
+    }
+
+    /// The one package the name asks for, if it asks for exactly one.
+    pub fn sole_package(&self) -> Option<&str> {
+        match self.requested.as_slice() {
+            [one] => Some(one),
+            _ => None,
+        }
     }
 
     /// Whether the image's default command is `bash`.
@@ -160,7 +173,7 @@ mod tests {
     use super::*;
 
     fn parse(name: &str) -> ImageRequest {
-        ImageRequest::parse(name, "latest").unwrap()
+        ImageRequest::parse(name, "latest", &MetaPackages::default()).unwrap()
     }
 
     fn strings(items: &[&str]) -> Vec<String> {
@@ -253,6 +266,16 @@ mod tests {
     }
 
     #[test]
+    fn nonroot_names_a_user_and_no_package() {
+        let r = parse("nonroot/hello");
+        assert_eq!(r.user.as_ref().map(|u| u.uid), Some(1000));
+        assert_eq!(r.sole_package(), Some("hello"));
+        assert_eq!(parse("hello").user, None);
+        assert_eq!(parse("shell/hello").sole_package(), None, "shell adds packages");
+        assert_eq!(parse("hello/git").sole_package(), None);
+    }
+
+    #[test]
     fn order_does_not_matter() {
         assert_eq!(parse("shell/htop/git").packages, parse("shell/git/htop").packages);
         assert_eq!(parse("arm64/shell/htop").name, parse("shell/arm64/htop").name);
@@ -269,20 +292,20 @@ mod tests {
             "a---b",
             "tools.jq/x.y",
         ] {
-            assert!(ImageRequest::parse(good, "latest").is_ok(), "{good}");
+            assert!(ImageRequest::parse(good, "latest", &MetaPackages::default()).is_ok(), "{good}");
         }
         for bad in [
             "", "Hello", "a//b", "/a", "a/", "_a", "a.", "a..b", "a___b", "a+b", "a b", "a/../b",
         ] {
             assert_eq!(
-                ImageRequest::parse(bad, "latest"),
+                ImageRequest::parse(bad, "latest", &MetaPackages::default()),
                 Err(NameError::InvalidName(bad.to_owned())),
                 "{bad:?}"
             );
         }
         let long = vec!["abcdefghij"; 24].join("/");
         assert!(long.len() > MAX_NAME_LEN);
-        assert_eq!(ImageRequest::parse(&long, "latest"), Err(NameError::NameTooLong));
+        assert_eq!(ImageRequest::parse(&long, "latest", &MetaPackages::default()), Err(NameError::NameTooLong));
     }
 
     #[test]
@@ -300,7 +323,7 @@ mod tests {
         ] {
             assert!(!is_tag(bad), "{bad}");
             assert_eq!(
-                ImageRequest::parse("hello", bad),
+                ImageRequest::parse("hello", bad, &MetaPackages::default()),
                 Err(NameError::InvalidTag(bad.to_owned()))
             );
         }

@@ -10,6 +10,7 @@ pub mod digest;
 pub mod image;
 pub mod layers;
 pub mod learning;
+pub mod meta;
 pub mod negotiate;
 pub mod nix;
 pub mod oci;

@@ -90,6 +90,8 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         max_builds: config.max_builds.unwrap_or(parallel),
         architectures: config.architectures,
         preferred_format: config.manifest_format,
+        meta_packages: config.meta_packages,
+        entrypoint: config.entrypoint,
     };
     let builder = Builder::new(
         config.source,

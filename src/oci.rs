@@ -6,11 +6,14 @@ use oci_spec::image::{
     Arch as OciArch, ConfigBuilder, Descriptor, DescriptorBuilder, ImageConfigurationBuilder, ImageIndexBuilder,
     ImageManifestBuilder, MediaType, Os, PlatformBuilder, RootFsBuilder,
 };
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 
 use crate::archive::{Compression, LayerDigests};
 use crate::digest::Digest;
 use crate::image::Arch;
+use crate::meta::User;
 
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
@@ -28,6 +31,8 @@ const MANIFEST_TYPES: [&str; 4] = [DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_MA
 /// Where images look for programs and CA certificates.
 const PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const SSL_CERT_FILE: &str = "SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt";
+const NIX_SSL_CERT_FILE: &str = "NIX_SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt";
+const LANG: &str = "LANG=C.UTF-8";
 
 /// A manifest family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -111,13 +116,35 @@ pub enum OciError {
     Json(#[from] serde_json::Error),
 }
 
-/// The image config: architecture, `PATH` and `SSL_CERT_FILE`, `bash` as
-/// the command when the image has it, and the layers' diff_ids in order.
-pub fn image_config(arch: Arch, layers: &[LayerDigests], bash: bool) -> Result<Document, OciError> {
-    let mut config = ConfigBuilder::default().env(vec![PATH.to_owned(), SSL_CERT_FILE.to_owned()]);
-    if bash {
-        config = config.cmd(vec!["bash".to_owned()]);
+/// How a container of an image runs, besides what its layers hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Runtime {
+    /// `bash` is the command (unless there is an entrypoint).
+    pub bash: bool,
+    /// The user to run as; root when `None`.
+    pub user: Option<User>,
+    /// The program to run, from the sole requested package's `mainProgram`.
+    pub entrypoint: Option<String>,
+    /// Labels, such as the package source and its revision.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The image config: architecture; `PATH`, the CA bundle, `LANG` and `HOME`
+/// in the environment; the user, the entrypoint or else `bash` as the
+/// command, and the labels of `runtime`; the layers' diff_ids in order.
+pub fn image_config(arch: Arch, layers: &[LayerDigests], runtime: &Runtime) -> Result<Document, OciError> {
+    let home = runtime.user.as_ref().map_or_else(|| "/root".to_owned(), User::home);
+    let env = [PATH, SSL_CERT_FILE, NIX_SSL_CERT_FILE, LANG].map(str::to_owned);
+    let mut config = ConfigBuilder::default().env([&env[..], &[format!("HOME={home}")]].concat());
+    if let Some(user) = &runtime.user {
+        config = config.user(format!("{}:{}", user.uid, user.gid)).working_dir(home);
     }
+    match &runtime.entrypoint {
+        Some(program) => config = config.entrypoint(vec![program.clone()]),
+        None if runtime.bash => config = config.cmd(vec!["bash".to_owned()]),
+        None => {}
+    }
+
     let rootfs = RootFsBuilder::default()
         .typ("layers")
         .diff_ids(layers.iter().map(|l| l.diff_id.to_string()).collect::<Vec<_>>())
@@ -128,7 +155,13 @@ pub fn image_config(arch: Arch, layers: &[LayerDigests], bash: bool) -> Result<D
         .config(config.build()?)
         .rootfs(rootfs)
         .build()?;
-    Ok(Document::new(serde_json::to_vec(&image)?))
+    // oci-spec keeps labels in a HashMap, whose order changes from run to
+    // run: they are added to the JSON value instead, in sorted order.
+    let mut value = serde_json::to_value(&image)?;
+    if !runtime.labels.is_empty() {
+        value["config"]["Labels"] = serde_json::to_value(&runtime.labels)?;
+    }
+    Ok(Document::new(serde_json::to_vec(&value)?))
 }
 
 fn oci_arch(arch: Arch) -> OciArch {
@@ -243,23 +276,57 @@ mod tests {
     /// The exact bytes: a change here changes every image's digest.
     #[test]
     fn config_bytes_are_pinned() {
-        let config = image_config(Arch::Amd64, &[layer(1)], true).unwrap();
+        let bash = Runtime {
+            bash: true,
+            ..Runtime::default()
+        };
+        let config = image_config(Arch::Amd64, &[layer(1)], &bash).unwrap();
         assert_eq!(
             String::from_utf8(config.bytes.clone()).unwrap(),
             format!(
-                r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["{PATH}","{SSL_CERT_FILE}"],"Cmd":["bash"]}},"rootfs":{{"type":"layers","diff_ids":["{}"]}}}}"#,
+                r#"{{"architecture":"amd64","config":{{"Cmd":["bash"],"Env":["{PATH}","{SSL_CERT_FILE}","{NIX_SSL_CERT_FILE}","{LANG}","HOME=/root"]}},"os":"linux","rootfs":{{"diff_ids":["{}"],"type":"layers"}}}}"#,
                 Digest::of(&[1, 1])
             )
         );
-        let arm = image_config(Arch::Arm64, &[], false).unwrap();
+        let arm = image_config(Arch::Arm64, &[], &Runtime::default()).unwrap();
         let text = String::from_utf8(arm.bytes).unwrap();
         assert!(text.starts_with(r#"{"architecture":"arm64","#), "{text}");
         assert!(!text.contains("Cmd"));
     }
 
     #[test]
+    fn users_entrypoints_and_labels_go_into_the_config() {
+        let runtime = Runtime {
+            bash: true,
+            user: Some(User {
+                name: "app".into(),
+                uid: 10,
+                gid: 20,
+                home: None,
+            }),
+            entrypoint: Some("/nix/store/x-hello/bin/hello".into()),
+            labels: BTreeMap::from([
+                ("org.opencontainers.image.source".into(), "s".into()),
+                ("org.opencontainers.image.revision".into(), "r".into()),
+            ]),
+        };
+        let config: serde_json::Value =
+            serde_json::from_slice(&image_config(Arch::Amd64, &[], &runtime).unwrap().bytes).unwrap();
+        let config = &config["config"];
+        assert_eq!(config["User"], "10:20");
+        assert_eq!(config["WorkingDir"], "/home/app");
+        assert_eq!(config["Entrypoint"], serde_json::json!(["/nix/store/x-hello/bin/hello"]));
+        assert!(config.get("Cmd").is_none(), "the entrypoint replaces bash");
+        assert!(config["Env"].as_array().unwrap().contains(&"HOME=/home/app".into()));
+        assert_eq!(
+            serde_json::to_string(&config["Labels"]).unwrap(),
+            r#"{"org.opencontainers.image.revision":"r","org.opencontainers.image.source":"s"}"#
+        );
+    }
+
+    #[test]
     fn manifest_bytes_are_pinned() {
-        let config = image_config(Arch::Amd64, &[layer(1), layer(2)], false).unwrap();
+        let config = image_config(Arch::Amd64, &[layer(1), layer(2)], &Runtime::default()).unwrap();
         let manifest = manifest(Format::Docker, &config, &[layer(1), layer(2)], GZIP).unwrap();
         let expected = format!(
             concat!(
@@ -282,7 +349,7 @@ mod tests {
 
     #[test]
     fn oci_manifests_differ_only_in_media_types() {
-        let config = image_config(Arch::Amd64, &[layer(1)], false).unwrap();
+        let config = image_config(Arch::Amd64, &[layer(1)], &Runtime::default()).unwrap();
         let docker = manifest(Format::Docker, &config, &[layer(1)], GZIP).unwrap();
         let oci = manifest(Format::Oci, &config, &[layer(1)], GZIP).unwrap();
         assert_ne!(docker.digest, oci.digest);

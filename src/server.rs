@@ -148,7 +148,7 @@ async fn manifest(
             "{reference:?} is not a valid tag"
         )));
     }
-    let request = ImageRequest::parse(name, reference)?;
+    let request = ImageRequest::parse(name, reference, builder.meta_packages())?;
     let multi_arch = builder.architectures(&request).len() > 1;
     let choice = negotiate::choose(headers, multi_arch, builder.preferred_format());
     let record = builder

@@ -1,7 +1,8 @@
 //! Package sources: where the package set comes from (a local path, a
-//! nixpkgs channel, a git repository), which image tags name a revision of
-//! it, what Nix is told to import for such a tag, and the revision string
-//! that identifies the package set's contents so images can be cached.
+//! nixpkgs channel tarball, a git repository, a flake), which image tags name
+//! a revision of it, what Nix is told to import for such a tag, the revision
+//! string that identifies the package set's contents so images can be
+//! cached, and the labels that tell an image's users where it came from.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,8 +14,17 @@ use walkdir::WalkDir;
 
 /// How long a path source's content hash is trusted before it is taken again.
 const PATH_REVISION_TTL: Duration = Duration::from_secs(5);
-/// How long a git repository's list of refs is trusted.
+/// How long a git repository's list of refs, or a flake's lock, is trusted.
 const GIT_REFS_TTL: Duration = Duration::from_secs(10);
+/// How long locking a flake may take.
+const FLAKE_LOCK_TIMEOUT: Duration = Duration::from_secs(60);
+/// Where nixpkgs channel tarballs come from unless configured otherwise;
+/// `{channel}` is the branch or commit.
+pub const DEFAULT_CHANNEL_URL: &str = "https://github.com/NixOS/nixpkgs/archive/{channel}.tar.gz";
+/// The channel allow-list entry that lets a tag name any nixpkgs commit.
+pub const ANY_COMMIT: &str = "commits";
+const SOURCE_LABEL: &str = "org.opencontainers.image.source";
+const REVISION_LABEL: &str = "org.opencontainers.image.revision";
 /// How long listing a git repository's refs may take.
 const GIT_LIST_TIMEOUT: Duration = Duration::from_secs(30);
 /// The tag that names a source's default revision.
@@ -28,13 +38,42 @@ pub enum PackageSource {
         path: PathBuf,
         revision: Mutex<Option<(Instant, String)>>,
     },
-    /// A nixpkgs branch or commit on GitHub (`NIXERY_CHANNEL`).
-    Channel(String),
+    /// A nixpkgs branch or commit, fetched as a tarball (`NIXERY_CHANNEL`).
+    Channel(Channel),
     /// A git repository; the tag picks the revision (`NIXERY_PKGS_REPO`).
     Git {
         url: String,
+        /// What `latest` names instead of `HEAD` (`NIXERY_DEFAULT_TAG`).
+        default_tag: Option<String>,
         refs: Mutex<Option<(Instant, GitRefs)>>,
     },
+    /// A flake's `legacyPackages` (or `packages`) (`NIXERY_FLAKE`).
+    Flake {
+        reference: String,
+        locked: Mutex<Option<(Instant, LockedFlake)>>,
+    },
+}
+
+/// A channel source: the channel `latest` names, where tarballs come from,
+/// and the other channels (or any commit) a tag may name.
+#[derive(Debug)]
+pub struct Channel {
+    pub channel: String,
+    /// A URL with `{channel}` where the branch or commit goes.
+    pub url_template: String,
+    /// Channel names a tag may select, and [`ANY_COMMIT`] for any commit.
+    pub allowed_tags: Vec<String>,
+}
+
+/// A flake locked to its current contents.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LockedFlake {
+    /// The locked flake reference Nix evaluates.
+    url: String,
+    /// Its content hash.
+    nar_hash: String,
+    /// Its commit, for flakes in git.
+    rev: Option<String>,
 }
 
 /// The `srcType`/`srcArgs` pair the lookup expression imports from.
@@ -51,6 +90,16 @@ pub struct Resolved {
     /// What identifies the packages the tag names; `None` when only Nix can
     /// tell (an unpinned channel), so images must not be cached.
     pub revision: Option<String>,
+    /// The image's labels: the source and, when known, its revision.
+    pub labels: BTreeMap<String, String>,
+}
+
+fn labels(source: &str, revision: Option<&str>) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::from([(SOURCE_LABEL.to_owned(), source.to_owned())]);
+    if let Some(revision) = revision {
+        labels.insert(REVISION_LABEL.to_owned(), revision.to_owned());
+    }
+    labels
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +108,8 @@ pub enum SourceError {
     Hash(#[from] std::io::Error),
     #[error("listing the refs of {url} failed: {reason}")]
     GitList { url: String, reason: String },
+    #[error("locking the flake {reference} failed: {reason}")]
+    FlakeLock { reference: String, reason: String },
 }
 
 /// A git repository's branches and tags and the commits they point at.
@@ -78,38 +129,52 @@ impl PackageSource {
         }
     }
 
-    pub fn git(url: String) -> Self {
+    pub fn git(url: String, default_tag: Option<String>) -> Self {
         PackageSource::Git {
             url,
+            default_tag,
             refs: Mutex::new(None),
         }
     }
 
+    pub fn flake(reference: String) -> Self {
+        PackageSource::Flake {
+            reference,
+            locked: Mutex::new(None),
+        }
+    }
+
     /// What an image with this tag is built from, or `None` when the tag
-    /// names no revision of this source. Path and channel sources have one
-    /// revision, `latest`; a git source has `latest` (its `HEAD`), its
-    /// branches and tags, and any commit by its 40-hex id.
+    /// names no revision of this source. Path and flake sources have one
+    /// revision, `latest`; a channel has `latest` and the channels (or
+    /// commits) its allow-list names; a git source has `latest` (its `HEAD`,
+    /// or the default tag), its branches and tags, and any commit by its
+    /// 40-hex id.
     pub async fn resolve(&self, tag: &str) -> Result<Option<Resolved>, SourceError> {
         match self {
             PackageSource::Path { path, revision } => {
                 if tag != LATEST {
                     return Ok(None);
                 }
-                let revision = Some(format!("path:{}", path_revision(path, revision).await?));
+                let hash = path_revision(path, revision).await?;
                 let nix = NixSource {
                     kind: "path",
                     args: path.display().to_string(),
                 };
-                Ok(Some(Resolved { nix, revision }))
+                // Not the folder, which differs from machine to machine.
+                let labels = labels("path", Some(&hash));
+                Ok(Some(Resolved {
+                    nix,
+                    revision: Some(format!("path:{hash}")),
+                    labels,
+                }))
             }
-            PackageSource::Channel(channel) => Ok((tag == LATEST).then(|| Resolved {
-                nix: NixSource {
-                    kind: "nixpkgs",
-                    args: channel.clone(),
-                },
-                revision: is_commit(channel).then(|| format!("nixpkgs:{channel}")),
-            })),
-            PackageSource::Git { url, refs } => {
+            PackageSource::Channel(channel) => Ok(channel.resolve(tag)),
+            PackageSource::Git { url, default_tag, refs } => {
+                let tag = match (tag, default_tag) {
+                    (LATEST, Some(default)) => default.as_str(),
+                    _ => tag,
+                };
                 let pinned = if is_commit(tag) {
                     Some((None, tag.to_owned()))
                 } else {
@@ -123,14 +188,40 @@ impl PackageSource {
                 };
                 Ok(pinned.map(|(reference, commit)| git_resolved(url, reference, commit)))
             }
+            PackageSource::Flake { reference, locked } => {
+                if tag != LATEST {
+                    return Ok(None);
+                }
+                let lock = lock_flake(reference, locked).await?;
+                Ok(Some(Resolved {
+                    nix: NixSource {
+                        kind: "flake",
+                        args: lock.url.clone(),
+                    },
+                    revision: Some(format!("flake:{}", lock.nar_hash)),
+                    labels: labels(reference, Some(lock.rev.as_deref().unwrap_or(&lock.nar_hash))),
+                }))
+            }
         }
     }
 
     /// Every tag `resolve` accepts that can be listed (not bare commits), sorted.
     pub async fn tags(&self) -> Result<Vec<String>, SourceError> {
         match self {
-            PackageSource::Path { .. } | PackageSource::Channel(_) => Ok(vec![LATEST.to_owned()]),
-            PackageSource::Git { url, refs } => {
+            PackageSource::Path { .. } | PackageSource::Flake { .. } => Ok(vec![LATEST.to_owned()]),
+            PackageSource::Channel(channel) => {
+                let mut tags: Vec<String> = channel
+                    .allowed_tags
+                    .iter()
+                    .filter(|t| *t != ANY_COMMIT && crate::image::is_tag(t))
+                    .cloned()
+                    .chain([LATEST.to_owned()])
+                    .collect();
+                tags.sort();
+                tags.dedup();
+                Ok(tags)
+            }
+            PackageSource::Git { url, refs, .. } => {
                 let refs = git_refs(url, refs).await?;
                 let mut tags: Vec<String> = refs
                     .named
@@ -161,6 +252,74 @@ fn git_resolved(url: &str, reference: Option<String>, commit: String) -> Resolve
             args: spec.to_string(),
         },
         revision: Some(format!("git:{url}#{commit}")),
+        labels: labels(url, Some(&commit)),
+    }
+}
+
+impl Channel {
+    /// `latest` is the configured channel; another tag must be on the
+    /// allow-list, or be a commit when the list allows any.
+    fn resolve(&self, tag: &str) -> Option<Resolved> {
+        let channel = if tag == LATEST {
+            self.channel.as_str()
+        } else if self.allowed_tags.iter().any(|t| t == tag)
+            || (is_commit(tag) && self.allowed_tags.iter().any(|t| t == ANY_COMMIT))
+        {
+            tag
+        } else {
+            return None;
+        };
+        let url = self.url_template.replace("{channel}", channel);
+        let pinned = is_commit(channel);
+        Some(Resolved {
+            nix: NixSource {
+                kind: "tarball",
+                args: url.clone(),
+            },
+            revision: pinned.then(|| format!("tarball:{url}")),
+            labels: labels(&url, pinned.then_some(channel)),
+        })
+    }
+}
+
+/// The flake locked now, or within the last few seconds.
+async fn lock_flake(reference: &str, known: &Mutex<Option<(Instant, LockedFlake)>>) -> Result<LockedFlake, SourceError> {
+    if let Some((at, lock)) = known.lock().expect("not poisoned").as_ref()
+        && at.elapsed() < GIT_REFS_TTL
+    {
+        return Ok(lock.clone());
+    }
+    let failed = |reason: String| SourceError::FlakeLock {
+        reference: reference.to_owned(),
+        reason,
+    };
+    let metadata = tokio::process::Command::new("nix")
+        .args(["--extra-experimental-features", "nix-command flakes"])
+        .args(["flake", "metadata", "--json", "--", reference])
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(FLAKE_LOCK_TIMEOUT, metadata)
+        .await
+        .map_err(|_| failed(format!("no answer in {} s", FLAKE_LOCK_TIMEOUT.as_secs())))?
+        .map_err(|e| failed(e.to_string()))?;
+    if !output.status.success() {
+        return Err(failed(String::from_utf8_lossy(&output.stderr).trim().to_owned()));
+    }
+    let lock = LockedFlake::parse(&output.stdout).map_err(failed)?;
+    *known.lock().expect("not poisoned") = Some((Instant::now(), lock.clone()));
+    Ok(lock)
+}
+
+impl LockedFlake {
+    /// Reads `nix flake metadata --json`.
+    fn parse(json: &[u8]) -> Result<Self, String> {
+        let metadata: serde_json::Value = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+        let text = |value: &serde_json::Value| value.as_str().map(str::to_owned);
+        Ok(LockedFlake {
+            url: text(&metadata["url"]).ok_or("no locked url")?,
+            nar_hash: text(&metadata["locked"]["narHash"]).ok_or("no narHash")?,
+            rev: text(&metadata["locked"]["rev"]),
+        })
     }
 }
 
@@ -289,14 +448,48 @@ mod tests {
         assert_eq!(source.resolve("missing-tag").await.unwrap(), None);
         assert_eq!(source.tags().await.unwrap(), ["latest"]);
 
-        let unpinned = PackageSource::Channel("nixos-unstable".into());
-        assert_eq!(unpinned.resolve("latest").await.unwrap().unwrap().revision, None);
+    }
+
+    fn channel(name: &str, allowed: &[&str]) -> PackageSource {
+        PackageSource::Channel(Channel {
+            channel: name.into(),
+            url_template: "http://mirror/{channel}.tar.gz".into(),
+            allowed_tags: allowed.iter().map(|t| t.to_string()).collect(),
+        })
+    }
+
+    #[tokio::test]
+    async fn channels_serve_latest_and_their_allow_list() {
+        let unpinned = channel("nixos-unstable", &[]);
+        let latest = unpinned.resolve("latest").await.unwrap().unwrap();
+        assert_eq!(latest.revision, None, "a branch moves: not cached");
+        assert_eq!(latest.nix.args, "http://mirror/nixos-unstable.tar.gz");
         assert_eq!(unpinned.resolve("v1").await.unwrap(), None);
-        let pinned = PackageSource::Channel(COMMIT.into());
+        assert_eq!(unpinned.resolve(COMMIT).await.unwrap(), None, "commits need the allow-list");
+
+        let pinned = channel(COMMIT, &["nixos-24.05", ANY_COMMIT]);
+        let latest = pinned.resolve("latest").await.unwrap().unwrap();
         assert_eq!(
-            pinned.resolve("latest").await.unwrap().unwrap().revision,
-            Some(format!("nixpkgs:{COMMIT}"))
+            latest.revision,
+            Some(format!("tarball:http://mirror/{COMMIT}.tar.gz"))
         );
+        assert_eq!(latest.labels[REVISION_LABEL], COMMIT);
+        let other = pinned.resolve("nixos-24.05").await.unwrap().unwrap();
+        assert_eq!(other.nix.args, "http://mirror/nixos-24.05.tar.gz");
+        let commit = pinned.resolve(OTHER).await.unwrap().unwrap();
+        assert_eq!(commit.nix.args, format!("http://mirror/{OTHER}.tar.gz"));
+        assert_eq!(pinned.resolve("nixos-23.11").await.unwrap(), None);
+        assert_eq!(pinned.tags().await.unwrap(), ["latest", "nixos-24.05"]);
+    }
+
+    #[test]
+    fn flake_metadata_gives_the_lock() {
+        let json = br#"{"locked":{"narHash":"sha256-x","rev":"abc","type":"git"},"url":"git+file:///r?rev=abc","originalUrl":"git+file:///r"}"#;
+        let lock = LockedFlake::parse(json).unwrap();
+        assert_eq!(lock.url, "git+file:///r?rev=abc");
+        assert_eq!(lock.nar_hash, "sha256-x");
+        assert_eq!(lock.rev.as_deref(), Some("abc"));
+        assert!(LockedFlake::parse(b"{}").is_err());
     }
 
     #[test]
@@ -338,7 +531,7 @@ mod tests {
     #[tokio::test]
     async fn a_git_repository_that_cannot_be_listed_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        let source = PackageSource::git(dir.path().join("nothing").display().to_string());
+        let source = PackageSource::git(dir.path().join("nothing").display().to_string(), None);
         assert!(matches!(source.resolve("main").await, Err(SourceError::GitList { .. })));
         let commit = source.resolve(COMMIT).await.unwrap().unwrap();
         assert_eq!(

@@ -56,9 +56,20 @@ impl<W: Write> LayerWriter<W> {
         Ok(LayerWriter { tar })
     }
 
-    /// A directory entry; `name` is relative to `/`.
+    /// A directory entry of root's; `name` is relative to `/`.
     pub fn directory(&mut self, name: &str, mode: u32) -> io::Result<()> {
+        self.directory_owned(name, mode, (0, 0))
+    }
+
+    /// A directory entry owned by `(uid, gid)`.
+    pub fn directory_owned(&mut self, name: &str, mode: u32, (uid, gid): (u32, u32)) -> io::Result<()> {
         let mut header = header(EntryType::Directory, mode, 0);
+        if (uid, gid) != (0, 0) {
+            header.set_uid(uid.into());
+            header.set_gid(gid.into());
+            header.set_username("")?;
+            header.set_groupname("")?;
+        }
         self.tar.append_data(&mut header, name, io::empty())
     }
 

@@ -6,9 +6,12 @@
 # derivations it names are written to the store, ready to realise.
 #
 # Returns one record per package: { name, status = "ok" | "missing" |
-# "notPackage", drv, out, output } (the last three when ok; not named
-# drvPath/outPath, which would make toJSON print the record as a string).
+# "notPackage" | "evalError", drv, out, output, mainProgram } (the last four
+# when ok; not named drvPath/outPath, which would make toJSON print the
+# record as a string). With `catch`, a package whose evaluation throws is an
+# "evalError"; without, the throw ends the evaluation with Nix's message.
 {
+  catch ? true,
   srcType,
   srcArgs,
   system,
@@ -16,17 +19,24 @@
   packages,
 }:
 let
-  source =
+  imported = source: import source { inherit system; };
+
+  # A flake's package set: legacyPackages (nixpkgs' way), else packages.
+  flakePackages =
+    flake: flake.legacyPackages.${system} or flake.packages.${system}
+      or (throw "the flake has neither legacyPackages.${system} nor packages.${system}");
+
+  pkgs =
     if srcType == "path" then
-      srcArgs
-    else if srcType == "nixpkgs" then
-      builtins.fetchTarball "https://github.com/NixOS/nixpkgs/archive/${srcArgs}.tar.gz"
+      imported srcArgs
+    else if srcType == "tarball" then
+      imported (builtins.fetchTarball srcArgs)
     else if srcType == "git" then
-      builtins.fetchGit (builtins.fromJSON srcArgs)
+      imported (builtins.fetchGit (builtins.fromJSON srcArgs))
+    else if srcType == "flake" then
+      flakePackages (builtins.getFlake srcArgs)
     else
       throw "unknown package source type ${srcType}";
-
-  pkgs = import source { inherit system; };
 
   upper = [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ];
   lower = [ "a" "b" "c" "d" "e" "f" "g" "h" "i" "j" "k" "l" "m" "n" "o" "p" "q" "r" "s" "t" "u" "v" "w" "x" "y" "z" ];
@@ -57,10 +67,14 @@ let
 
   isDerivation = value: builtins.isAttrs value && (value.type or null) == "derivation";
 
+  attempt = value: if catch then builtins.tryEval value else { success = true; inherit value; };
+
   describe =
     request:
     let
       found = find request.path;
+      drv = attempt found.drvPath;
+      mainProgram = attempt (found.meta.mainProgram or null);
     in
     if found == null then
       {
@@ -72,13 +86,20 @@ let
         inherit (request) name;
         status = "notPackage";
       }
+    else if !drv.success then
+      {
+        inherit (request) name;
+        status = "evalError";
+      }
     else
       {
         inherit (request) name;
         status = "ok";
-        drv = found.drvPath;
+        drv = drv.value;
         out = found.outPath;
         output = found.outputName or "out";
+        mainProgram =
+          if mainProgram.success && builtins.isString mainProgram.value then mainProgram.value else null;
       };
 in
 map describe (builtins.fromJSON packages)

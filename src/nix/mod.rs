@@ -1,7 +1,9 @@
 //! Running Nix: evaluating package names against the package set, realising
 //! them, and reading the runtime graph of their closure. This is the only
 //! module that starts Nix. Nix's log is streamed line by line to the
-//! registry's log while it runs; every call has a deadline.
+//! registry's log while it runs; `NIX_TIMEOUT` bounds the whole of it (and,
+//! through `--timeout`, each builder). Failures name the packages that
+//! failed and the first line of Nix's error.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -26,12 +28,12 @@ pub enum NixError {
     NotFound(Vec<String>),
     #[error("not packages but attribute sets: {}", .0.join(", "))]
     NotAPackage(Vec<String>),
-    #[error("Nix evaluation failed: {0}")]
-    Eval(String),
-    #[error("Nix build failed: {0}")]
-    Build(String),
-    #[error("Nix {stage} timed out after {} s", .after.as_secs())]
-    Timeout { stage: &'static str, after: Duration },
+    #[error("Nix could not evaluate {}: {error}", names(.packages))]
+    Eval { packages: Vec<String>, error: String },
+    #[error("Nix could not build {}: {error}", names(.packages))]
+    Build { packages: Vec<String>, error: String },
+    #[error("Nix took longer than NIX_TIMEOUT ({} s) to evaluate and build the packages", .after.as_secs())]
+    Timeout { after: Duration },
     #[error("could not run {program}: {source}")]
     Spawn {
         program: &'static str,
@@ -43,16 +45,34 @@ pub enum NixError {
     Graph(#[from] GraphError),
 }
 
+/// `a, b`, or `the package set` when no package is to blame.
+fn names(packages: &[String]) -> String {
+    match packages {
+        [] => "the package set".to_owned(),
+        _ => packages.join(", "),
+    }
+}
+
 /// What Nix produced for one image.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Realised {
     /// The store path of each requested package, in request order.
     pub outputs: Vec<String>,
+    /// Each package's `meta.mainProgram`, when it has one.
+    pub main_programs: Vec<Option<String>>,
     /// Their closure.
     pub graph: RuntimeGraph,
 }
 
-/// Runs Nix with a deadline for each call.
+/// One package as the lookup expression found it.
+struct Found {
+    drv: String,
+    output: String,
+    out: String,
+    main_program: Option<String>,
+}
+
+/// Runs Nix within a deadline.
 #[derive(Clone, Debug)]
 pub struct Nix {
     timeout: Duration,
@@ -65,26 +85,39 @@ struct Lookup {
     drv: Option<String>,
     out: Option<String>,
     output: Option<String>,
+    #[serde(rename = "mainProgram")]
+    main_program: Option<String>,
 }
 
 impl Nix {
-    /// `timeout` bounds each Nix call and, through `--timeout`, each builder.
+    /// `timeout` bounds all Nix does for one image and each builder.
     pub fn new(timeout: Duration) -> Self {
         Nix { timeout }
     }
 
     /// Evaluates and realises `packages` for `system` from `source` and
-    /// reads the closure's runtime graph.
+    /// reads the closure's runtime graph, within the timeout (Nix is killed
+    /// when it runs out).
     pub async fn realise(&self, source: &NixSource, system: &str, packages: &[String]) -> Result<Realised, NixError> {
+        tokio::time::timeout(self.timeout, self.realise_unbounded(source, system, packages))
+            .await
+            .map_err(|_| NixError::Timeout { after: self.timeout })?
+    }
+
+    async fn realise_unbounded(
+        &self,
+        source: &NixSource,
+        system: &str,
+        packages: &[String],
+    ) -> Result<Realised, NixError> {
         let started = Instant::now();
-        let found = self.evaluate(source, system, packages).await?;
+        let found = self.evaluate(source, system, packages, true).await?;
         let evaluated = Instant::now();
-        let targets: Vec<String> = found.iter().map(|(drv, output, _)| format!("{drv}!{output}")).collect();
-        let outputs: Vec<String> = found.into_iter().map(|(_, _, out)| out).collect();
+        let outputs: Vec<String> = found.iter().map(|f| f.out.clone()).collect();
         let (graph, built) = match self.present_closure(&outputs).await {
             Some(graph) => (graph, false),
             None => {
-                self.build(&targets).await?;
+                self.build(packages, &found).await?;
                 (self.runtime_graph(&outputs).await?, true)
             }
         };
@@ -94,7 +127,11 @@ impl Nix {
             realise_ms = evaluated.elapsed().as_millis() as u64,
             "nix finished"
         );
-        Ok(Realised { outputs, graph })
+        Ok(Realised {
+            outputs,
+            main_programs: found.into_iter().map(|f| f.main_program).collect(),
+            graph,
+        })
     }
 
     /// The closure's graph without a build, when every output is already in
@@ -111,27 +148,35 @@ impl Nix {
         self.runtime_graph(outputs).await.ok()
     }
 
-    /// Looks the packages up; returns (drv, output name, out path) of each.
+    /// Looks the packages up. With `catch`, a package whose evaluation
+    /// throws is looked up again alone, without catching, for Nix's message.
     async fn evaluate(
         &self,
         source: &NixSource,
         system: &str,
         packages: &[String],
-    ) -> Result<Vec<(String, String, String)>, NixError> {
+        catch: bool,
+    ) -> Result<Vec<Found>, NixError> {
         let requests: Vec<serde_json::Value> = packages
             .iter()
             .map(|name| serde_json::json!({ "name": name, "path": attribute_path(name) }))
             .collect();
         let mut cmd = Command::new("nix-instantiate");
+        if source.kind == "flake" {
+            cmd.args(["--extra-experimental-features", "nix-command flakes"]);
+        }
         cmd.args(["--read-write-mode", "--eval", "--strict", "--json", "--expr", EVAL_NIX])
+            .args(["--arg", "catch", if catch { "true" } else { "false" }])
             .args(["--argstr", "srcType", source.kind])
             .args(["--argstr", "srcArgs", &source.args])
             .args(["--argstr", "system", system])
             .args(["--argstr", "packages", &serde_json::Value::from(requests).to_string()]);
-        let stdout = self
-            .run("evaluation", "nix-instantiate", cmd)
-            .await
-            .map_err(|e| e.into_nix(NixError::Eval))?;
+        let stdout = self.run("evaluation", "nix-instantiate", cmd).await.map_err(|e| {
+            e.into_nix(|error| NixError::Eval {
+                packages: if catch { vec![] } else { packages.to_vec() },
+                error,
+            })
+        })?;
         let lookups: Vec<Lookup> = serde_json::from_slice(&stdout).map_err(|e| NixError::Output {
             stage: "evaluation",
             detail: e.to_string(),
@@ -144,17 +189,33 @@ impl Nix {
                 .map(|l| l.name.clone())
                 .collect()
         };
-        let (missing, not_packages) = (named("missing"), named("notPackage"));
+        let (missing, not_packages, failing) = (named("missing"), named("notPackage"), named("evalError"));
         if !missing.is_empty() {
             return Err(NixError::NotFound(missing));
         }
         if !not_packages.is_empty() {
             return Err(NixError::NotAPackage(not_packages));
         }
+        if let Some(first) = failing.first() {
+            let alone = Box::pin(self.evaluate(source, system, std::slice::from_ref(first), false)).await;
+            let error = match alone {
+                Err(NixError::Eval { error, .. }) => error,
+                _ => "its evaluation failed (the registry's log has Nix's output)".to_owned(),
+            };
+            return Err(NixError::Eval {
+                packages: failing,
+                error,
+            });
+        }
         lookups
             .into_iter()
             .map(|l| match (l.drv, l.output, l.out) {
-                (Some(drv), Some(output), Some(out)) if l.status == "ok" => Ok((drv, output, out)),
+                (Some(drv), Some(output), Some(out)) if l.status == "ok" => Ok(Found {
+                    drv,
+                    output,
+                    out,
+                    main_program: l.main_program,
+                }),
                 _ => Err(NixError::Output {
                     stage: "evaluation",
                     detail: format!("bad record for {}", l.name),
@@ -163,20 +224,28 @@ impl Nix {
             .collect()
     }
 
-    async fn build(&self, targets: &[String]) -> Result<(), NixError> {
+    /// Builds what `found` needs, going on past failures, so that the
+    /// packages left without their output are the ones to blame.
+    async fn build(&self, packages: &[String], found: &[Found]) -> Result<(), NixError> {
+        let targets = found.iter().map(|f| format!("{}!{}", f.drv, f.output));
         let mut cmd = Command::new("nix-store");
-        cmd.args(["--realise", "--timeout", &self.timeout.as_secs().max(1).to_string()])
+        cmd.args(["--realise", "--keep-going", "--timeout", &self.timeout.as_secs().max(1).to_string()])
             .args(targets);
         match self.run("build", "nix-store", cmd).await {
             Ok(_) => Ok(()),
             Err(RunError::Failed {
                 code: Some(EXIT_TIMED_OUT),
                 ..
-            }) => Err(NixError::Timeout {
-                stage: "build",
-                after: self.timeout,
-            }),
-            Err(e) => Err(e.into_nix(NixError::Build)),
+            }) => Err(NixError::Timeout { after: self.timeout }),
+            Err(e) => {
+                let failed: Vec<String> = packages
+                    .iter()
+                    .zip(found)
+                    .filter(|(_, f)| std::path::Path::new(&f.out).symlink_metadata().is_err())
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                Err(e.into_nix(|error| NixError::Build { packages: failed, error }))
+            }
         }
     }
 
@@ -225,12 +294,7 @@ impl Nix {
                 })
             }
         };
-        tokio::time::timeout(self.timeout, work)
-            .await
-            .map_err(|_| RunError::TimedOut {
-                stage,
-                after: self.timeout,
-            })?
+        work.await
     }
 }
 
@@ -244,10 +308,6 @@ enum RunError {
         code: Option<i32>,
         stderr: Vec<String>,
     },
-    TimedOut {
-        stage: &'static str,
-        after: Duration,
-    },
 }
 
 impl RunError {
@@ -255,28 +315,22 @@ impl RunError {
     fn into_nix(self, failed: impl FnOnce(String) -> NixError) -> NixError {
         match self {
             RunError::Spawn { program, source } => NixError::Spawn { program, source },
-            RunError::TimedOut { stage, after } => NixError::Timeout { stage, after },
             RunError::Failed { code, stderr } => failed(summarise(code, &stderr)),
         }
     }
 }
 
-/// The lines from the first `error:` on, or the last lines if none says so.
+/// The first line that says `error:`, or else the last line Nix wrote.
 fn summarise(code: Option<i32>, stderr: &[String]) -> String {
-    let from = stderr
-        .iter()
-        .position(|l| l.trim_start().starts_with("error:"))
-        .unwrap_or(0);
-    let text = stderr[from..]
-        .iter()
-        .map(|l| l.trim())
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ");
-    match (text.is_empty(), code) {
-        (false, _) => text,
-        (true, Some(code)) => format!("exited with status {code}"),
-        (true, None) => "killed by a signal".to_owned(),
+    let mut lines = stderr.iter().map(|l| l.trim()).filter(|l| !l.is_empty());
+    let line = lines
+        .clone()
+        .find(|l| l.starts_with("error:"))
+        .or_else(|| lines.next_back());
+    match (line, code) {
+        (Some(line), _) => line.trim_end_matches([';', ':']).to_owned(),
+        (None, Some(code)) => format!("exited with status {code}"),
+        (None, None) => "killed by a signal".to_owned(),
     }
 }
 
@@ -321,15 +375,18 @@ mod tests {
     fn summaries_start_at_the_error() {
         let lines: Vec<String> = [
             "building '/nix/store/x.drv'...",
-            "error: builder for 'x' failed",
-            "  with exit code 3",
+            "error: builder for '/nix/store/x.drv' failed with exit code 3;",
+            "       last 10 log lines:",
+            "       > oops",
         ]
         .map(String::from)
         .to_vec();
         assert_eq!(
             summarise(Some(100), &lines),
-            "error: builder for 'x' failed with exit code 3"
+            "error: builder for '/nix/store/x.drv' failed with exit code 3"
         );
+        let plain: Vec<String> = ["warning: x", "something broke"].map(String::from).to_vec();
+        assert_eq!(summarise(Some(1), &plain), "something broke");
         assert_eq!(summarise(Some(1), &[]), "exited with status 1");
         assert_eq!(summarise(None, &[]), "killed by a signal");
     }
