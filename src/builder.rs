@@ -298,11 +298,7 @@ impl Builder {
             .expect("planning does not panic")
             .map_err(BuildError::Archive)?;
         let mut jobs: Vec<LayerJob> = plan.into_iter().map(|layer| LayerJob::Store(layer.paths)).collect();
-        jobs.push(LayerJob::Root(
-            realised.outputs.clone(),
-            request.user.clone(),
-            rootfs,
-        ));
+        jobs.push(LayerJob::Root(realised.outputs.clone(), request.user.clone(), rootfs));
         let layer_count = jobs.len();
         let plan_done = Instant::now();
 

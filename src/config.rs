@@ -18,8 +18,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::archive::{Compression, DEFAULT_GZIP_LEVEL, DEFAULT_ZSTD_LEVEL};
 use crate::image::Arch;
 use crate::layers::{DEFAULT_BUDGET, Strategy};
-use crate::oci::Format;
 use crate::meta::MetaPackages;
+use crate::oci::Format;
 use crate::source::{Channel, DEFAULT_CHANNEL_URL, PackageSource};
 
 #[derive(Debug, Parser)]

@@ -292,7 +292,10 @@ mod tests {
             "a---b",
             "tools.jq/x.y",
         ] {
-            assert!(ImageRequest::parse(good, "latest", &MetaPackages::default()).is_ok(), "{good}");
+            assert!(
+                ImageRequest::parse(good, "latest", &MetaPackages::default()).is_ok(),
+                "{good}"
+            );
         }
         for bad in [
             "", "Hello", "a//b", "/a", "a/", "_a", "a.", "a..b", "a___b", "a+b", "a b", "a/../b",
@@ -305,7 +308,10 @@ mod tests {
         }
         let long = vec!["abcdefghij"; 24].join("/");
         assert!(long.len() > MAX_NAME_LEN);
-        assert_eq!(ImageRequest::parse(&long, "latest", &MetaPackages::default()), Err(NameError::NameTooLong));
+        assert_eq!(
+            ImageRequest::parse(&long, "latest", &MetaPackages::default()),
+            Err(NameError::NameTooLong)
+        );
     }
 
     #[test]

@@ -171,7 +171,10 @@ mod tests {
         let defaults = MetaPackages::default();
         assert_eq!(defaults.names().collect::<Vec<_>>(), ["arm64", "nonroot", "shell"]);
         assert_eq!(defaults.get("arm64").unwrap().architecture, Some(Arch::Arm64));
-        assert_eq!(defaults.get("nonroot").unwrap().user.as_ref().unwrap().home(), "/home/nixery");
+        assert_eq!(
+            defaults.get("nonroot").unwrap().user.as_ref().unwrap().home(),
+            "/home/nixery"
+        );
     }
 
     #[test]

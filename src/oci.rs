@@ -315,7 +315,10 @@ mod tests {
         let config = &config["config"];
         assert_eq!(config["User"], "10:20");
         assert_eq!(config["WorkingDir"], "/home/app");
-        assert_eq!(config["Entrypoint"], serde_json::json!(["/nix/store/x-hello/bin/hello"]));
+        assert_eq!(
+            config["Entrypoint"],
+            serde_json::json!(["/nix/store/x-hello/bin/hello"])
+        );
         assert!(config.get("Cmd").is_none(), "the entrypoint replaces bash");
         assert!(config["Env"].as_array().unwrap().contains(&"HOME=/home/app".into()));
         assert_eq!(

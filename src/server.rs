@@ -471,6 +471,11 @@ impl RegistryError {
                 "tag {tag:?} names no revision of the package set (try {LATEST:?})"
             )),
             BuildError::Storage(error) => Self::unavailable(error),
+            BuildError::Nix(nix @ (NixError::Eval { packages, .. } | NixError::Build { packages, .. })) => {
+                let mut e = Self::internal(nix.to_string());
+                e.detail = json!({ "packages": packages });
+                e
+            }
             other => Self::internal(format!("image build failed: {other}")),
         }
     }

@@ -283,7 +283,10 @@ impl Channel {
 }
 
 /// The flake locked now, or within the last few seconds.
-async fn lock_flake(reference: &str, known: &Mutex<Option<(Instant, LockedFlake)>>) -> Result<LockedFlake, SourceError> {
+async fn lock_flake(
+    reference: &str,
+    known: &Mutex<Option<(Instant, LockedFlake)>>,
+) -> Result<LockedFlake, SourceError> {
     if let Some((at, lock)) = known.lock().expect("not poisoned").as_ref()
         && at.elapsed() < GIT_REFS_TTL
     {
@@ -447,7 +450,6 @@ mod tests {
         assert!(latest.revision.unwrap().starts_with("path:"));
         assert_eq!(source.resolve("missing-tag").await.unwrap(), None);
         assert_eq!(source.tags().await.unwrap(), ["latest"]);
-
     }
 
     fn channel(name: &str, allowed: &[&str]) -> PackageSource {
@@ -465,14 +467,15 @@ mod tests {
         assert_eq!(latest.revision, None, "a branch moves: not cached");
         assert_eq!(latest.nix.args, "http://mirror/nixos-unstable.tar.gz");
         assert_eq!(unpinned.resolve("v1").await.unwrap(), None);
-        assert_eq!(unpinned.resolve(COMMIT).await.unwrap(), None, "commits need the allow-list");
+        assert_eq!(
+            unpinned.resolve(COMMIT).await.unwrap(),
+            None,
+            "commits need the allow-list"
+        );
 
         let pinned = channel(COMMIT, &["nixos-24.05", ANY_COMMIT]);
         let latest = pinned.resolve("latest").await.unwrap().unwrap();
-        assert_eq!(
-            latest.revision,
-            Some(format!("tarball:http://mirror/{COMMIT}.tar.gz"))
-        );
+        assert_eq!(latest.revision, Some(format!("tarball:http://mirror/{COMMIT}.tar.gz")));
         assert_eq!(latest.labels[REVISION_LABEL], COMMIT);
         let other = pinned.resolve("nixos-24.05").await.unwrap().unwrap();
         assert_eq!(other.nix.args, "http://mirror/nixos-24.05.tar.gz");

@@ -116,9 +116,7 @@ impl RootFs {
             match node {
                 Node::Dir { mode, owner } => layer.directory_owned(path, *mode, *owner)?,
                 Node::Link(target) => layer.symlink(path, target)?,
-                Node::File { mode, contents } => {
-                    layer.file(path, *mode, contents.len() as u64, contents.as_bytes())?
-                }
+                Node::File { mode, contents } => layer.file(path, *mode, contents.len() as u64, contents.as_bytes())?,
             }
         }
         layer.finish()
@@ -249,7 +247,16 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            ["bin", "bin/hello", "etc", "etc/group", "etc/nsswitch.conf", "etc/passwd", "root", "tmp"]
+            [
+                "bin",
+                "bin/hello",
+                "etc",
+                "etc/group",
+                "etc/nsswitch.conf",
+                "etc/passwd",
+                "root",
+                "tmp"
+            ]
         );
     }
 

@@ -69,35 +69,36 @@ let
 
   attempt = value: if catch then builtins.tryEval value else { success = true; inherit value; };
 
+  # Everything that can throw is attempted: the value the name leads to,
+  # whether it is a derivation, and its drvPath.
   describe =
     request:
     let
-      found = find request.path;
-      drv = attempt found.drvPath;
-      mainProgram = attempt (found.meta.mainProgram or null);
+      found = attempt (find request.path);
+      isPackage = attempt (isDerivation found.value);
+      drv = attempt found.value.drvPath;
+      mainProgram = attempt (found.value.meta.mainProgram or null);
+      record = status: {
+        inherit (request) name;
+        inherit status;
+      };
     in
-    if found == null then
-      {
-        inherit (request) name;
-        status = "missing";
-      }
-    else if !(isDerivation found) then
-      {
-        inherit (request) name;
-        status = "notPackage";
-      }
+    if !found.success then
+      record "evalError"
+    else if found.value == null then
+      record "missing"
+    else if !isPackage.success then
+      record "evalError"
+    else if !isPackage.value then
+      record "notPackage"
     else if !drv.success then
-      {
-        inherit (request) name;
-        status = "evalError";
-      }
+      record "evalError"
     else
-      {
-        inherit (request) name;
-        status = "ok";
+      record "ok"
+      // {
         drv = drv.value;
-        out = found.outPath;
-        output = found.outputName or "out";
+        out = found.value.outPath;
+        output = found.value.outputName or "out";
         mainProgram =
           if mainProgram.success && builtins.isString mainProgram.value then mainProgram.value else null;
       };

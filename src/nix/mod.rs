@@ -229,8 +229,13 @@ impl Nix {
     async fn build(&self, packages: &[String], found: &[Found]) -> Result<(), NixError> {
         let targets = found.iter().map(|f| format!("{}!{}", f.drv, f.output));
         let mut cmd = Command::new("nix-store");
-        cmd.args(["--realise", "--keep-going", "--timeout", &self.timeout.as_secs().max(1).to_string()])
-            .args(targets);
+        cmd.args([
+            "--realise",
+            "--keep-going",
+            "--timeout",
+            &self.timeout.as_secs().max(1).to_string(),
+        ])
+        .args(targets);
         match self.run("build", "nix-store", cmd).await {
             Ok(_) => Ok(()),
             Err(RunError::Failed {
@@ -244,7 +249,10 @@ impl Nix {
                     .filter(|(_, f)| std::path::Path::new(&f.out).symlink_metadata().is_err())
                     .map(|(name, _)| name.clone())
                     .collect();
-                Err(e.into_nix(|error| NixError::Build { packages: failed, error }))
+                Err(e.into_nix(|error| NixError::Build {
+                    packages: failed,
+                    error,
+                }))
             }
         }
     }

@@ -192,6 +192,82 @@ pub fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
+/// An image pulled with skopeo and unpacked with umoci.
+pub struct Unpacked {
+    _dir: tempfile::TempDir,
+    pub rootfs: PathBuf,
+    /// The runtime config umoci made from the image config (`process`:
+    /// args, env, user, cwd).
+    pub process: Value,
+    /// The image config.
+    pub config: Value,
+}
+
+impl Unpacked {
+    /// Pulls `image:tag` from `registry` and unpacks it.
+    pub fn pull(registry: &Registry, image: &str, tag: &str) -> Unpacked {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = dir.path().join("oci");
+        skopeo_copy(
+            &format!("docker://{}/{image}:{tag}", registry.address),
+            &format!("oci:{}:{tag}", layout.display()),
+        );
+        let bundle = dir.path().join("bundle");
+        let reference = format!("{}:{tag}", layout.display());
+        run("umoci", &["unpack", "--image", &reference, bundle.to_str().unwrap()]);
+        let runtime: Value = serde_json::from_slice(&std::fs::read(bundle.join("config.json")).unwrap()).unwrap();
+        let blob = |digest: &Value| -> Value {
+            let hex = &digest.as_str().unwrap()["sha256:".len()..];
+            serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap()).unwrap()
+        };
+        let index: Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+        let manifest = blob(&index["manifests"][0]["digest"]);
+        let config = blob(&manifest["config"]["digest"]);
+        Unpacked {
+            rootfs: bundle.join("rootfs"),
+            process: runtime["process"].clone(),
+            config,
+            _dir: dir,
+        }
+    }
+
+    /// Runs `args` in a chroot of the image as its user, with its
+    /// environment and (when it has a shell to get there) working directory;
+    /// returns stdout.
+    pub fn run(&self, args: &[&str]) -> String {
+        let user = &self.process["user"];
+        let userspec = format!("{}:{}", user["uid"], user["gid"]);
+        let env: Vec<String> = self.process["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e.as_str().unwrap().to_owned())
+            .collect();
+        let cwd = self.process["cwd"].as_str().unwrap_or("/");
+        let mut command: Vec<String> = vec!["-i".into()];
+        command.extend(env);
+        command.extend(["chroot".into(), format!("--userspec={userspec}")]);
+        command.push(self.rootfs.display().to_string());
+        if cwd != "/" {
+            command.extend(["/bin/sh", "-c", r#"cd "$0" && exec "$@""#, cwd].map(String::from));
+        }
+        command.extend(args.iter().map(|a| a.to_string()));
+        let borrowed: Vec<&str> = command.iter().map(String::as_str).collect();
+        run("env", &borrowed)
+    }
+
+    /// Runs the image's own command (entrypoint and cmd).
+    pub fn run_default(&self) -> String {
+        let args: Vec<String> = self.process["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect();
+        self.run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+}
+
 /// Pulls `source` (a docker:// reference) into the OCI layout `destination`.
 pub fn skopeo_copy(source: &str, destination: &str) {
     run("skopeo", &["copy", "--src-tls-verify=false", source, destination]);

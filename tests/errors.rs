@@ -1,0 +1,84 @@
+//! Errors a user can act on: when Nix fails, the client's message names the
+//! package that failed and the first line of Nix's error, the registry's log
+//! has all of Nix's output, and `NIX_TIMEOUT` bounds all of Nix's work.
+
+mod common;
+
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use common::Registry;
+
+/// The shipped package set plus a package that fails to evaluate, one whose
+/// builder fails, and one whose evaluation waits on a server that never
+/// answers (at `hang`).
+fn troubled_package_set(hang: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let nix = format!(
+        r#"{{ system ? builtins.currentSystem }}:
+        let pkgs = import {pkgs} {{ inherit system; }};
+        in pkgs // {{
+          broken = throw "broken is marked as broken";
+          failing = derivation {{
+            name = "failing-1.0";
+            inherit system;
+            builder = "/bin/sh";
+            args = [ "-c" "echo compiling; echo 'failing: compiler exploded' >&2; exit 3" ];
+          }};
+          hanging = import (builtins.fetchurl "{hang}");
+        }}"#,
+        pkgs = concat!(env!("CARGO_MANIFEST_DIR"), "/pkgs"),
+    );
+    std::fs::write(dir.path().join("default.nix"), nix).unwrap();
+    dir
+}
+
+fn message(response: &common::Response) -> String {
+    assert_eq!(response.error_code(), "UNKNOWN");
+    response.json()["errors"][0]["message"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn nix_failures_name_the_package_and_the_first_error_line() {
+    // Accepts connections and never answers.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let hang = format!("http://{}/never.nix", silent.local_addr().unwrap());
+    let set = troubled_package_set(&hang);
+    let registry = Registry::start_with(&[("NIXERY_PKGS_PATH", set.path().to_str().unwrap()), ("NIX_TIMEOUT", "4")]);
+
+    let broken = registry.get("/v2/hello/broken/manifests/latest");
+    assert_eq!(broken.status, 500);
+    assert_eq!(
+        message(&broken),
+        "Nix could not evaluate broken: error: broken is marked as broken"
+    );
+    assert_eq!(
+        broken.json()["errors"][0]["detail"]["packages"],
+        serde_json::json!(["broken"])
+    );
+
+    let failing = registry.get("/v2/hello/failing/manifests/latest");
+    let text = message(&failing);
+    assert!(
+        text.starts_with("Nix could not build failing: error: builder for '/nix/store/"),
+        "{text}"
+    );
+    assert!(text.ends_with("-failing-1.0.drv' failed with exit code 3"), "{text}");
+    assert!(
+        registry.log().contains("failing: compiler exploded"),
+        "the builder's output is logged"
+    );
+
+    let started = Instant::now();
+    let hanging = registry.get("/v2/hanging/manifests/latest");
+    assert!(message(&hanging).contains("NIX_TIMEOUT (4 s)"), "{}", message(&hanging));
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "bounded: {:?}",
+        started.elapsed()
+    );
+    drop(silent);
+
+    // Nothing failed for good: other images still build.
+    assert_eq!(registry.get("/v2/hello/manifests/latest").status, 200);
+}
