@@ -34,10 +34,7 @@ pub const LATEST: &str = "latest";
 #[derive(Debug)]
 pub enum PackageSource {
     /// A package set on local disk (`NIXERY_PKGS_PATH`).
-    Path {
-        path: PathBuf,
-        revision: Mutex<Option<(Instant, String)>>,
-    },
+    Path { path: PathBuf, revision: Fresh<String> },
     /// A nixpkgs branch or commit, fetched as a tarball (`NIXERY_CHANNEL`).
     Channel(Channel),
     /// A git repository; the tag picks the revision (`NIXERY_PKGS_REPO`).
@@ -45,12 +42,12 @@ pub enum PackageSource {
         url: String,
         /// What `latest` names instead of `HEAD` (`NIXERY_DEFAULT_TAG`).
         default_tag: Option<String>,
-        refs: Mutex<Option<(Instant, GitRefs)>>,
+        refs: Fresh<GitRefs>,
     },
     /// A flake's `legacyPackages` (or `packages`) (`NIXERY_FLAKE`).
     Flake {
         reference: String,
-        locked: Mutex<Option<(Instant, LockedFlake)>>,
+        locked: Fresh<LockedFlake>,
     },
 }
 
@@ -125,7 +122,7 @@ impl PackageSource {
     pub fn path(path: PathBuf) -> Self {
         PackageSource::Path {
             path,
-            revision: Mutex::new(None),
+            revision: Fresh::default(),
         }
     }
 
@@ -133,14 +130,14 @@ impl PackageSource {
         PackageSource::Git {
             url,
             default_tag,
-            refs: Mutex::new(None),
+            refs: Fresh::default(),
         }
     }
 
     pub fn flake(reference: String) -> Self {
         PackageSource::Flake {
             reference,
-            locked: Mutex::new(None),
+            locked: Fresh::default(),
         }
     }
 
@@ -283,34 +280,21 @@ impl Channel {
 }
 
 /// The flake locked now, or within the last few seconds.
-async fn lock_flake(
-    reference: &str,
-    known: &Mutex<Option<(Instant, LockedFlake)>>,
-) -> Result<LockedFlake, SourceError> {
-    if let Some((at, lock)) = known.lock().expect("not poisoned").as_ref()
-        && at.elapsed() < GIT_REFS_TTL
-    {
-        return Ok(lock.clone());
+async fn lock_flake(reference: &str, known: &Fresh<LockedFlake>) -> Result<LockedFlake, SourceError> {
+    if let Some(lock) = known.get(GIT_REFS_TTL) {
+        return Ok(lock);
     }
     let failed = |reason: String| SourceError::FlakeLock {
         reference: reference.to_owned(),
         reason,
     };
-    let metadata = tokio::process::Command::new("nix")
+    let mut metadata = tokio::process::Command::new("nix");
+    metadata
         .args(["--extra-experimental-features", "nix-command flakes"])
-        .args(["flake", "metadata", "--json", "--", reference])
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(FLAKE_LOCK_TIMEOUT, metadata)
-        .await
-        .map_err(|_| failed(format!("no answer in {} s", FLAKE_LOCK_TIMEOUT.as_secs())))?
-        .map_err(|e| failed(e.to_string()))?;
-    if !output.status.success() {
-        return Err(failed(String::from_utf8_lossy(&output.stderr).trim().to_owned()));
-    }
-    let lock = LockedFlake::parse(&output.stdout).map_err(failed)?;
-    *known.lock().expect("not poisoned") = Some((Instant::now(), lock.clone()));
-    Ok(lock)
+        .args(["flake", "metadata", "--json", "--", reference]);
+    let stdout = output_of(metadata, FLAKE_LOCK_TIMEOUT).await.map_err(failed)?;
+    let lock = LockedFlake::parse(&stdout).map_err(failed)?;
+    Ok(known.set(lock))
 }
 
 impl LockedFlake {
@@ -326,45 +310,73 @@ impl LockedFlake {
     }
 }
 
-async fn path_revision(path: &Path, known: &Mutex<Option<(Instant, String)>>) -> std::io::Result<String> {
-    if let Some((at, hash)) = known.lock().expect("not poisoned").as_ref()
-        && at.elapsed() < PATH_REVISION_TTL
-    {
-        return Ok(hash.clone());
+async fn path_revision(path: &Path, known: &Fresh<String>) -> std::io::Result<String> {
+    if let Some(hash) = known.get(PATH_REVISION_TTL) {
+        return Ok(hash);
     }
     let root = path.to_owned();
     let hash = tokio::task::spawn_blocking(move || tree_hash(&root))
         .await
         .expect("hashing does not panic")?;
-    *known.lock().expect("not poisoned") = Some((Instant::now(), hash.clone()));
-    Ok(hash)
+    Ok(known.set(hash))
 }
 
-async fn git_refs(url: &str, known: &Mutex<Option<(Instant, GitRefs)>>) -> Result<GitRefs, SourceError> {
-    if let Some((at, refs)) = known.lock().expect("not poisoned").as_ref()
-        && at.elapsed() < GIT_REFS_TTL
-    {
-        return Ok(refs.clone());
+async fn git_refs(url: &str, known: &Fresh<GitRefs>) -> Result<GitRefs, SourceError> {
+    if let Some(refs) = known.get(GIT_REFS_TTL) {
+        return Ok(refs);
     }
-    let failed = |reason: String| SourceError::GitList {
-        url: url.to_owned(),
-        reason,
-    };
-    let listing = tokio::process::Command::new("git")
+    let mut listing = tokio::process::Command::new("git");
+    listing
         .args(["ls-remote", "--symref", "--", url])
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(GIT_LIST_TIMEOUT, listing)
+        .env("GIT_TERMINAL_PROMPT", "0");
+    let stdout = output_of(listing, GIT_LIST_TIMEOUT)
         .await
-        .map_err(|_| failed(format!("no answer in {} s", GIT_LIST_TIMEOUT.as_secs())))?
-        .map_err(|e| failed(e.to_string()))?;
-    if !output.status.success() {
-        return Err(failed(String::from_utf8_lossy(&output.stderr).trim().to_owned()));
+        .map_err(|reason| SourceError::GitList {
+            url: url.to_owned(),
+            reason,
+        })?;
+    Ok(known.set(GitRefs::parse(&String::from_utf8_lossy(&stdout))))
+}
+
+/// A command's stdout, or why there is none: it could not start, said no
+/// in time, or failed (its stderr).
+async fn output_of(mut command: tokio::process::Command, timeout: Duration) -> Result<Vec<u8>, String> {
+    let running = command.kill_on_drop(true).output();
+    let output = tokio::time::timeout(timeout, running)
+        .await
+        .map_err(|_| format!("no answer in {} s", timeout.as_secs()))?
+        .map_err(|e| e.to_string())?;
+    if output.status.success() {
+        Ok(output.stdout)
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
     }
-    let refs = GitRefs::parse(&String::from_utf8_lossy(&output.stdout));
-    *known.lock().expect("not poisoned") = Some((Instant::now(), refs.clone()));
-    Ok(refs)
+}
+
+/// A value worked out at some moment, trusted for a while.
+#[derive(Debug)]
+pub struct Fresh<T>(Mutex<Option<(Instant, T)>>);
+
+impl<T> Default for Fresh<T> {
+    fn default() -> Self {
+        Fresh(Mutex::new(None))
+    }
+}
+
+impl<T: Clone> Fresh<T> {
+    /// The value, if it was set less than `ttl` ago.
+    fn get(&self, ttl: Duration) -> Option<T> {
+        let known = self.0.lock().expect("not poisoned");
+        known
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < ttl)
+            .map(|(_, value)| value.clone())
+    }
+
+    fn set(&self, value: T) -> T {
+        *self.0.lock().expect("not poisoned") = Some((Instant::now(), value.clone()));
+        value
+    }
 }
 
 impl GitRefs {

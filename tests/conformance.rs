@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::process::Command;
 
 use common::{Registry, Response, request, sha256};
 use serde_json::Value;
@@ -339,26 +338,7 @@ fn writes_are_refused_and_unknown_routes_are_json_404s() {
 /// A git repository holding the package set, with two branches and a tag.
 fn package_repository() -> tempfile::TempDir {
     let repo = tempfile::tempdir().unwrap();
-    let git = |args: &[&str]| {
-        let output = Command::new("git")
-            .args([
-                "-c",
-                "user.name=t",
-                "-c",
-                "user.email=t@localhost",
-                "-c",
-                "init.defaultBranch=main",
-            ])
-            .args(args)
-            .current_dir(repo.path())
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
+    let git = |args: &[&str]| common::git(repo.path(), args);
     git(&["init", "-q"]);
     let pkgs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pkgs/default.nix");
     std::fs::copy(pkgs, repo.path().join("default.nix")).unwrap();

@@ -11,7 +11,7 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
 
-use common::{Registry, Unpacked};
+use common::{Registry, Unpacked, git};
 
 const PKGS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/pkgs/default.nix");
 
@@ -21,28 +21,6 @@ fn package_set(dir: &Path, greeting: &str) {
     let text = std::fs::read_to_string(PKGS).unwrap();
     assert!(text.contains("Hello, world!"));
     std::fs::write(dir.join("default.nix"), text.replace("Hello, world!", greeting)).unwrap();
-}
-
-fn git(repo: &Path, args: &[&str]) -> String {
-    let output = Command::new("git")
-        .args([
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@localhost",
-            "-c",
-            "init.defaultBranch=main",
-        ])
-        .args(args)
-        .current_dir(repo)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap().trim().to_owned()
 }
 
 fn greeting(registry: &Registry, tag: &str) -> String {

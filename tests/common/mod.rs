@@ -268,6 +268,30 @@ impl Unpacked {
     }
 }
 
+/// Runs git in `repo` as a test user, with `main` as the default branch;
+/// returns its stdout, trimmed.
+pub fn git(repo: &Path, args: &[&str]) -> String {
+    let output = Command::new("git")
+        .args([
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@localhost",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .current_dir(repo)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
 /// Pulls `source` (a docker:// reference) into the OCI layout `destination`.
 pub fn skopeo_copy(source: &str, destination: &str) {
     run("skopeo", &["copy", "--src-tls-verify=false", source, destination]);
