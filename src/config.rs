@@ -183,6 +183,9 @@ pub struct ServeArgs {
     /// clients that accept one get that one.
     #[arg(long, env = "NIXERY_MANIFEST_FORMAT", default_value = "oci")]
     manifest_format: Format,
+    /// Seconds open requests and builds may take to finish after SIGTERM.
+    #[arg(long, env = "NIXERY_SHUTDOWN_TIMEOUT", default_value_t = 30)]
+    shutdown_timeout: u64,
     /// Log format.
     #[arg(long, env = "NIXERY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -325,6 +328,7 @@ pub struct ServeConfig {
     pub manifest_format: Format,
     pub meta_packages: MetaPackages,
     pub entrypoint: bool,
+    pub shutdown_timeout: Duration,
 }
 
 impl ServeArgs {
@@ -360,6 +364,7 @@ impl ServeArgs {
             manifest_format: self.manifest_format,
             meta_packages,
             entrypoint: self.entrypoint,
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
         })
     }
 

@@ -2,6 +2,7 @@
 //! packages named in the image path. See the README's "Design" section for
 //! how a request flows through these modules.
 
+pub mod activity;
 pub mod archive;
 pub mod builder;
 pub mod cache;
@@ -11,9 +12,11 @@ pub mod image;
 pub mod layers;
 pub mod learning;
 pub mod meta;
+pub mod metrics;
 pub mod negotiate;
 pub mod nix;
 pub mod oci;
 pub mod server;
 pub mod source;
 pub mod storage;
+pub mod web;

@@ -1,5 +1,6 @@
 //! The `nixery` command: reads the configuration, wires the modules
-//! together and serves the registry until SIGINT or SIGTERM.
+//! together and serves the registry until SIGINT or SIGTERM, then lets open
+//! requests and builds finish.
 
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use nixery::builder::{Builder, Settings};
 use nixery::config::{Cli, Command, LayersArgs, LogFormat, ServeConfig};
 use nixery::layers::{self, Popularity, RuntimeGraph};
 use nixery::learning::Learned;
+use nixery::metrics::Metrics;
 use nixery::nix::Nix;
 use nixery::server;
 use nixery::storage::Storage;
@@ -93,13 +95,15 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         meta_packages: config.meta_packages,
         entrypoint: config.entrypoint,
     };
+    let metrics = Arc::new(Metrics::default());
     let builder = Builder::new(
         config.source,
-        Nix::new(config.nix_timeout),
+        Nix::new(config.nix_timeout, Arc::clone(&metrics)),
         storage,
         popularity,
         learned,
         settings,
+        metrics,
     );
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -110,13 +114,52 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     eprintln!(
         "nixery is serving on http://{address}\n  pull an image: skopeo copy --src-tls-verify=false docker://{address}/shell/hello oci:hello:latest\n  or:            docker pull {address}/shell/hello"
     );
-    axum::serve(listener, server::router(Arc::clone(&builder)))
-        .with_graceful_shutdown(shutdown())
-        .await?;
+    serve_until_stopped(listener, builder, config.shutdown_timeout).await
+}
+
+/// Serves until SIGINT or SIGTERM; then stops accepting connections and
+/// lets open requests and running builds finish, for at most `grace`.
+async fn serve_until_stopped(
+    listener: tokio::net::TcpListener,
+    builder: Arc<Builder>,
+    grace: std::time::Duration,
+) -> anyhow::Result<()> {
+    let (stopped_at, mut stopping) = tokio::sync::watch::channel(None);
+    let server = axum::serve(listener, server::router(Arc::clone(&builder))).with_graceful_shutdown(async move {
+        stop_signal().await;
+        tracing::info!(
+            grace_seconds = grace.as_secs(),
+            "stopping: no new connections; finishing requests and builds"
+        );
+        let _ = stopped_at.send(Some(tokio::time::Instant::now()));
+    });
+    let deadline = async {
+        let _ = stopping.wait_for(Option::is_some).await;
+        let since = stopping.borrow().expect("set");
+        tokio::time::sleep_until(since + grace).await;
+        since
+    };
+    let since = tokio::select! {
+        served = server => {
+            served?;
+            stopping.borrow().expect("stopped by a signal")
+        }
+        since = deadline => {
+            tracing::warn!("requests were still open when the shutdown grace ran out");
+            since
+        }
+    };
+    while !builder.idle() && since.elapsed() < grace {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    match builder.idle() {
+        true => tracing::info!("stopped"),
+        false => tracing::warn!("builds were still running when the shutdown grace ran out"),
+    }
     Ok(())
 }
 
-async fn shutdown() {
+async fn stop_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

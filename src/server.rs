@@ -1,8 +1,11 @@
 //! The HTTP side: the registry's read API under `/v2/` (manifests by tag
 //! and digest, blobs, tags/list, referrers), its error envelope, GET/HEAD
-//! parity, digest headers and byte ranges. It parses requests and maps
-//! results to responses; the negotiate module picks the manifest format and
-//! the builder makes images.
+//! parity, digest headers and byte ranges; `/metrics`, `/healthz` and
+//! `/readyz`; the web pages (`web.rs`) at `/` and `/image/<name>`. Every
+//! request gets an id (`x-request-id`) that its log lines, and those of a
+//! build it starts, carry. It parses requests and maps results to
+//! responses; the negotiate module picks the manifest format and the builder
+//! makes images.
 
 use std::collections::HashMap;
 
@@ -11,9 +14,11 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
+use axum::extract::Request;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use bytes::Bytes;
@@ -27,6 +32,7 @@ use crate::nix::NixError;
 use crate::oci;
 use crate::source::LATEST;
 use crate::storage::StorageError;
+use crate::web;
 
 /// Seconds a client should wait after storage was unavailable.
 const RETRY_AFTER_SECONDS: &str = "5";
@@ -36,14 +42,96 @@ const API_VERSION: &str = "registry/2.0";
 
 /// The registry's routes.
 pub fn router(builder: Arc<Builder>) -> Router {
+    use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
     Router::new()
         .route("/v2", any(ping))
         .route("/v2/", any(ping))
         .route("/v2/{*rest}", any(registry))
         .layer(axum::middleware::map_response(add_api_version))
-        .route("/", get(index))
+        .route("/", get(web::index))
+        .route("/image/{*name}", get(web::image))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&builder),
+            count_request,
+        ))
         .with_state(builder)
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// The span of a request's log lines: its id, method and path.
+fn request_span(request: &Request) -> tracing::Span {
+    let id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    tracing::info_span!("request", id, method = %request.method(), uri = %request.uri())
+}
+
+/// Counts requests by route and status, and the bytes of manifests and
+/// blobs served.
+async fn count_request(State(builder): State<Arc<Builder>>, request: Request, next: Next) -> Response {
+    let route = route_of(request.uri().path());
+    let get = request.method() == Method::GET;
+    let response = next.run(request).await;
+    let metrics = builder.metrics();
+    metrics.request(route, response.status().as_u16());
+    let length = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    if let (true, true, Some(length), "manifest" | "blob") = (get, response.status().is_success(), length, route) {
+        metrics.served(route, length);
+    }
+    response
+}
+
+/// The route a path belongs to, for metrics.
+fn route_of(path: &str) -> &'static str {
+    let Some(rest) = path.strip_prefix("/v2") else {
+        return match path {
+            "/metrics" => "metrics",
+            "/healthz" | "/readyz" => "health",
+            "/" => "web",
+            _ if path.starts_with("/image/") => "web",
+            _ => "other",
+        };
+    };
+    match rest {
+        "" | "/" => "ping",
+        _ if rest.contains("/manifests/") => "manifest",
+        _ if rest.contains("/blobs/") => "blob",
+        _ if rest.ends_with("/tags/list") => "tags",
+        _ if rest.contains("/referrers/") => "referrers",
+        _ => "other",
+    }
+}
+
+async fn metrics(State(builder): State<Arc<Builder>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        builder.metrics().encode(),
+    )
+        .into_response()
+}
+
+/// Ready when storage answers and Nix can reach its store.
+async fn ready(State(builder): State<Arc<Builder>>) -> Response {
+    let (storage, nix) = tokio::join!(builder.storage().ready(), builder.nix_ready());
+    let problem = |result: Result<(), String>| result.err().map_or(json!("ok"), |e| json!(e));
+    let ok = storage.is_ok() && nix.is_ok();
+    let body = json!({ "storage": problem(storage), "nix": problem(nix) });
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 
 async fn add_api_version(mut response: Response) -> Response {
@@ -51,13 +139,6 @@ async fn add_api_version(mut response: Response) -> Response {
         .headers_mut()
         .insert("Docker-Distribution-API-Version", HeaderValue::from_static(API_VERSION));
     response
-}
-
-async fn index() -> &'static str {
-    concat!(
-        "nixery: a container registry that builds images from Nix packages named in the image path.\n",
-        "Pull HOST/shell/hello for an image with a shell and hello; meta-packages (shell, arm64) come first.\n"
-    )
 }
 
 async fn ping(method: Method) -> Response {
@@ -535,6 +616,25 @@ impl IntoResponse for RegistryError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routes_for_metrics() {
+        for (path, route) in [
+            ("/v2/", "ping"),
+            ("/v2/shell/hello/manifests/latest", "manifest"),
+            ("/v2/a/b/blobs/sha256:00", "blob"),
+            ("/v2/a/tags/list", "tags"),
+            ("/v2/a/referrers/sha256:00", "referrers"),
+            ("/image/shell/git", "web"),
+            ("/", "web"),
+            ("/readyz", "health"),
+            ("/metrics", "metrics"),
+            ("/v2/x", "other"),
+            ("/favicon.ico", "other"),
+        ] {
+            assert_eq!(route_of(path), route, "{path}");
+        }
+    }
 
     #[test]
     fn byte_ranges() {

@@ -202,6 +202,20 @@ impl PackageSource {
         }
     }
 
+    /// What the source is, in words, for people.
+    pub fn describe(&self) -> String {
+        match self {
+            PackageSource::Path { path, .. } => format!("the package set in {}", path.display()),
+            PackageSource::Channel(channel) => format!(
+                "nixpkgs {} from {}",
+                channel.channel,
+                channel.url_template.replace("{channel}", &channel.channel)
+            ),
+            PackageSource::Git { url, .. } => format!("the git repository {url}"),
+            PackageSource::Flake { reference, .. } => format!("the flake {reference}"),
+        }
+    }
+
     /// Every tag `resolve` accepts that can be listed (not bare commits), sorted.
     pub async fn tags(&self) -> Result<Vec<String>, SourceError> {
         match self {

@@ -6,7 +6,6 @@
 
 mod common;
 
-
 use common::{Registry, Response, request, sha256};
 use serde_json::Value;
 

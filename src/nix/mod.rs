@@ -6,6 +6,7 @@
 //! failed and the first line of Nix's error.
 
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -13,6 +14,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
 
 use crate::layers::{GraphError, RuntimeGraph};
+use crate::metrics::Metrics;
 use crate::source::NixSource;
 
 /// The lookup expression (see its header).
@@ -62,6 +64,8 @@ pub struct Realised {
     pub main_programs: Vec<Option<String>>,
     /// Their closure.
     pub graph: RuntimeGraph,
+    /// How long Nix took.
+    pub took: Duration,
 }
 
 /// One package as the lookup expression found it.
@@ -76,6 +80,7 @@ struct Found {
 #[derive(Clone, Debug)]
 pub struct Nix {
     timeout: Duration,
+    metrics: Arc<Metrics>,
 }
 
 #[derive(Deserialize)]
@@ -91,8 +96,8 @@ struct Lookup {
 
 impl Nix {
     /// `timeout` bounds all Nix does for one image and each builder.
-    pub fn new(timeout: Duration) -> Self {
-        Nix { timeout }
+    pub fn new(timeout: Duration, metrics: Arc<Metrics>) -> Self {
+        Nix { timeout, metrics }
     }
 
     /// Evaluates and realises `packages` for `system` from `source` and
@@ -131,7 +136,26 @@ impl Nix {
             outputs,
             main_programs: found.into_iter().map(|f| f.main_program).collect(),
             graph,
+            took: started.elapsed(),
         })
+    }
+
+    /// Whether Nix can reach its store (`nix store ping`), within 10 s.
+    pub async fn ready(&self) -> Result<(), NixError> {
+        let mut cmd = Command::new("nix");
+        cmd.args(["--extra-experimental-features", "nix-command", "store", "ping"]);
+        let ping = self.run("store ping", "nix", cmd);
+        match tokio::time::timeout(Duration::from_secs(10), ping).await {
+            Ok(result) => result.map(drop).map_err(|e| {
+                e.into_nix(|detail| NixError::Output {
+                    stage: "store ping",
+                    detail,
+                })
+            }),
+            Err(_) => Err(NixError::Timeout {
+                after: Duration::from_secs(10),
+            }),
+        }
     }
 
     /// The closure's graph without a build, when every output is already in
@@ -283,6 +307,7 @@ impl Nix {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        self.metrics.nix_invocation(program);
         let mut child = cmd.spawn().map_err(|source| RunError::Spawn { program, source })?;
         let mut stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");

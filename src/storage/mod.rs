@@ -292,6 +292,15 @@ impl Storage {
         Ok(())
     }
 
+    /// Whether storage answers: its `oci-layout` file can be read.
+    pub async fn ready(&self) -> Result<(), String> {
+        self.store
+            .head(&StorePath::from("oci-layout"))
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
     /// Puts a small blob at its address unless it is there already.
     pub async fn put_blob(&self, digest: &Digest, bytes: Bytes) -> Result<(), StorageError> {
         self.put_if_absent(&blob_path(digest), bytes).await

@@ -108,6 +108,16 @@ impl Registry {
         request("GET", &self.url(path), &[])
     }
 
+    /// Sends SIGTERM, as a service manager stopping the registry would.
+    pub fn terminate(&self) {
+        run("kill", &["-TERM", &self.child.id().to_string()]);
+    }
+
+    /// Waits for the registry to exit.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().unwrap()
+    }
+
     /// Kills the registry at once (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -1,0 +1,208 @@
+//! The registry's metrics, in the Prometheus text format at `/metrics`:
+//! builds, build time per stage, cache hits and misses, Nix invocations,
+//! bytes served and requests by route and status.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// A stage of an image build.
+#[derive(Clone, Copy, Debug)]
+pub enum Stage {
+    Nix,
+    Layering,
+    Packing,
+    Storage,
+}
+
+/// A cache the builder looks in.
+#[derive(Clone, Copy, Debug)]
+pub enum CacheKind {
+    Manifest,
+    Layer,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabel {
+    stage: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabel {
+    cache: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CommandLabel {
+    command: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: &'static str,
+    status: u16,
+}
+
+/// Every metric, and the registry that encodes them.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    builds_started: Counter,
+    builds_finished: Counter,
+    builds_failed: Counter,
+    stage_seconds: Family<StageLabel, Histogram>,
+    cache_hits: Family<CacheLabel, Counter>,
+    cache_misses: Family<CacheLabel, Counter>,
+    nix_invocations: Family<CommandLabel, Counter>,
+    bytes_served: Family<KindLabel, Counter>,
+    requests: Family<RequestLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("nixery");
+        let metrics = Metrics {
+            builds_started: Counter::default(),
+            builds_finished: Counter::default(),
+            builds_failed: Counter::default(),
+            stage_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.005, 2.0, 16))),
+            cache_hits: Family::default(),
+            cache_misses: Family::default(),
+            nix_invocations: Family::default(),
+            bytes_served: Family::default(),
+            requests: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("builds_started", "Image builds started", metrics.builds_started.clone());
+        registry.register(
+            "builds_finished",
+            "Image builds that finished",
+            metrics.builds_finished.clone(),
+        );
+        registry.register(
+            "builds_failed",
+            "Image builds that failed",
+            metrics.builds_failed.clone(),
+        );
+        registry.register(
+            "build_stage_seconds",
+            "Time image builds spent per stage (nix, layering, packing, storage)",
+            metrics.stage_seconds.clone(),
+        );
+        registry.register("cache_hits", "Cache hits (manifest, layer)", metrics.cache_hits.clone());
+        registry.register(
+            "cache_misses",
+            "Cache misses (manifest, layer)",
+            metrics.cache_misses.clone(),
+        );
+        registry.register(
+            "nix_invocations",
+            "Nix processes started, by command",
+            metrics.nix_invocations.clone(),
+        );
+        registry.register(
+            "bytes_served",
+            "Bytes of manifests and blobs served",
+            metrics.bytes_served.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "HTTP requests by route and status",
+            metrics.requests.clone(),
+        );
+        Metrics { registry, ..metrics }
+    }
+}
+
+impl Metrics {
+    pub fn build_started(&self) {
+        self.builds_started.inc();
+    }
+
+    pub fn build_ended(&self, ok: bool) {
+        match ok {
+            true => self.builds_finished.inc(),
+            false => self.builds_failed.inc(),
+        };
+    }
+
+    pub fn stage(&self, stage: Stage, took: Duration) {
+        let stage = match stage {
+            Stage::Nix => "nix",
+            Stage::Layering => "layering",
+            Stage::Packing => "packing",
+            Stage::Storage => "storage",
+        };
+        self.stage_seconds
+            .get_or_create(&StageLabel { stage })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn cache(&self, cache: CacheKind, hit: bool) {
+        let cache = match cache {
+            CacheKind::Manifest => "manifest",
+            CacheKind::Layer => "layer",
+        };
+        let family = if hit { &self.cache_hits } else { &self.cache_misses };
+        family.get_or_create(&CacheLabel { cache }).inc();
+    }
+
+    pub fn nix_invocation(&self, command: &'static str) {
+        self.nix_invocations.get_or_create(&CommandLabel { command }).inc();
+    }
+
+    /// `kind`: `manifest` or `blob`.
+    pub fn served(&self, kind: &'static str, bytes: u64) {
+        self.bytes_served.get_or_create(&KindLabel { kind }).inc_by(bytes);
+    }
+
+    pub fn request(&self, route: &'static str, status: u16) {
+        self.requests.get_or_create(&RequestLabels { route, status }).inc();
+    }
+
+    /// The Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String");
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_named_for_prometheus() {
+        let metrics = Metrics::default();
+        metrics.build_started();
+        metrics.build_ended(true);
+        metrics.stage(Stage::Packing, Duration::from_millis(30));
+        metrics.cache(CacheKind::Layer, false);
+        metrics.nix_invocation("nix-instantiate");
+        metrics.served("blob", 1234);
+        metrics.request("manifest", 200);
+        let text = metrics.encode();
+        for line in [
+            "nixery_builds_started_total 1",
+            "nixery_builds_finished_total 1",
+            "nixery_builds_failed_total 0",
+            "nixery_build_stage_seconds_count{stage=\"packing\"} 1",
+            "nixery_cache_misses_total{cache=\"layer\"} 1",
+            "nixery_nix_invocations_total{command=\"nix-instantiate\"} 1",
+            "nixery_bytes_served_total{kind=\"blob\"} 1234",
+            "nixery_http_requests_total{route=\"manifest\",status=\"200\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! The web pages, rendered on the server from escaped templates
+//! (`templates/`, askama) with no assets from elsewhere: the landing page
+//! (how to pull from this host, the package set and its revision, the
+//! meta-packages, recent builds and errors) and an image's page (its layer
+//! plan drawn as bars sized by bytes, what each layer holds, whether it is
+//! packed and shared, the pull command).
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use askama::Template;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+
+use crate::builder::{BuildError, Builder, ImagePlan};
+use crate::image::ImageRequest;
+use crate::meta::Meta;
+use crate::nix::NixError;
+use crate::source::LATEST;
+
+#[derive(Template)]
+#[template(path = "index.html")]
+struct IndexPage {
+    host: String,
+    source: String,
+    revision: Option<String>,
+    tags: Vec<String>,
+    metas: Vec<(String, String)>,
+    builds: Vec<BuildRow>,
+    failures: Vec<FailureRow>,
+}
+
+struct BuildRow {
+    image: String,
+    /// The image's page path: the name without the tag.
+    path: String,
+    arch: &'static str,
+    ago: String,
+    millis: u64,
+    layers: usize,
+    newly_packed: usize,
+    digest: String,
+}
+
+struct FailureRow {
+    image: String,
+    ago: String,
+    message: String,
+}
+
+#[derive(Template)]
+#[template(path = "image.html")]
+struct ImagePage {
+    host: String,
+    name: String,
+    plan: Result<PlanView, String>,
+}
+
+struct PlanView {
+    arch: &'static str,
+    cached: bool,
+    total: String,
+    layers: Vec<LayerView>,
+}
+
+struct LayerView {
+    contents: Vec<String>,
+    size: String,
+    /// Bar width in percent, from 0.5 to 100.
+    percent: String,
+    /// `shared`, `unpacked` or nothing.
+    class: &'static str,
+    state: String,
+    shared_with: Vec<String>,
+}
+
+/// `GET /`.
+pub async fn index(State(builder): State<Arc<Builder>>, headers: HeaderMap) -> Response {
+    let revision = match builder.source().resolve(LATEST).await {
+        Ok(Some(resolved)) => resolved.labels.get("org.opencontainers.image.revision").cloned(),
+        _ => None,
+    };
+    let now = SystemTime::now();
+    let page = IndexPage {
+        host: host(&headers),
+        source: builder.source().describe(),
+        revision,
+        tags: builder.tags().await.unwrap_or_default(),
+        metas: builder
+            .meta_packages()
+            .names()
+            .map(|name| {
+                (
+                    name.to_owned(),
+                    meta_meaning(builder.meta_packages().get(name).expect("listed")),
+                )
+            })
+            .collect(),
+        builds: builder
+            .activity()
+            .builds()
+            .into_iter()
+            .map(|b| BuildRow {
+                path: b.image.split(':').next().unwrap_or(&b.image).to_owned(),
+                image: b.image,
+                arch: b.arch,
+                ago: ago(now, b.when),
+                millis: b.millis,
+                layers: b.layers,
+                newly_packed: b.newly_packed,
+                digest: b.digest.chars().take(19).collect(),
+            })
+            .collect(),
+        failures: builder
+            .activity()
+            .failures()
+            .into_iter()
+            .map(|f| FailureRow {
+                image: f.image,
+                ago: ago(now, f.when),
+                message: f.message,
+            })
+            .collect(),
+    };
+    render(StatusCode::OK, &page)
+}
+
+/// `GET /image/<name>`: the layer plan of `name:latest`.
+pub async fn image(State(builder): State<Arc<Builder>>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+    let (status, plan) = match ImageRequest::parse(&name, LATEST, builder.meta_packages()) {
+        Err(e) => (StatusCode::BAD_REQUEST, Err(e.to_string())),
+        Ok(request) => match builder.describe(&request).await {
+            Ok(plan) => (StatusCode::OK, Ok(plan_view(plan))),
+            Err(e) => (error_status(&e), Err(e.to_string())),
+        },
+    };
+    let page = ImagePage {
+        host: host(&headers),
+        name,
+        plan,
+    };
+    render(status, &page)
+}
+
+fn error_status(error: &BuildError) -> StatusCode {
+    match error {
+        BuildError::Nix(NixError::NotFound(_) | NixError::NotAPackage(_)) | BuildError::UnknownTag(_) => {
+            StatusCode::NOT_FOUND
+        }
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn plan_view(plan: ImagePlan) -> PlanView {
+    let largest = plan.layers.iter().map(|l| l.bytes).max().unwrap_or(0).max(1);
+    let total = plan.layers.iter().map(|l| l.bytes).sum();
+    let layers = plan
+        .layers
+        .into_iter()
+        .map(|layer| {
+            let (class, state) = match (&layer.packed, layer.shared_with.is_empty()) {
+                (None, _) => ("unpacked", "not packed yet".to_owned()),
+                (Some(packed), true) => ("", format!("packed: {} compressed", human(packed.size))),
+                (Some(packed), false) => ("shared", format!("packed: {} compressed", human(packed.size))),
+            };
+            LayerView {
+                percent: format!("{:.1}", (layer.bytes as f64 * 100.0 / largest as f64).max(0.5)),
+                size: human(layer.bytes),
+                contents: layer.contents,
+                class,
+                state,
+                shared_with: layer.shared_with,
+            }
+        })
+        .collect();
+    PlanView {
+        arch: plan.arch.oci_name(),
+        cached: plan.cached,
+        total: human(total),
+        layers,
+    }
+}
+
+/// What a meta-package stands for, in words.
+fn meta_meaning(meta: &Meta) -> String {
+    let mut parts = Vec::new();
+    if !meta.packages.is_empty() {
+        parts.push(format!("adds {}", meta.packages.join(", ")));
+    }
+    if let Some(arch) = meta.architecture {
+        parts.push(format!("builds for {} only", arch.oci_name()));
+    }
+    if let Some(user) = &meta.user {
+        parts.push(format!("runs as {} (uid {}) in {}", user.name, user.uid, user.home()));
+    }
+    parts.join("; ")
+}
+
+/// The host clients reached this registry at.
+fn host(headers: &HeaderMap) -> String {
+    headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost")
+        .to_owned()
+}
+
+fn ago(now: SystemTime, then: SystemTime) -> String {
+    let seconds = now.duration_since(then).map_or(0, |d| d.as_secs());
+    match seconds {
+        0..60 => format!("{seconds} s ago"),
+        60..3600 => format!("{} min ago", seconds / 60),
+        _ => format!("{} h ago", seconds / 3600),
+    }
+}
+
+fn human(bytes: u64) -> String {
+    match bytes {
+        0..1024 => format!("{bytes} B"),
+        1024..1_048_576 => format!("{:.1} KiB", bytes as f64 / 1024.0),
+        _ => format!("{:.1} MiB", bytes as f64 / 1_048_576.0),
+    }
+}
+
+fn render(status: StatusCode, page: &impl Template) -> Response {
+    match page.render() {
+        Ok(html) => (status, Html(html)).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("rendering failed: {e}")).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_escaped() {
+        let page = ImagePage {
+            host: "h<script>".into(),
+            name: "a&b".into(),
+            plan: Err("<b>raw Nix output</b>".into()),
+        };
+        let html = page.render().unwrap();
+        assert!(!html.contains("<b>raw") && !html.contains("h<script>"), "{html}");
+        assert!(html.contains("raw Nix output") && html.contains("a&#38;b"), "{html}");
+    }
+
+    #[test]
+    fn sizes_and_ages_read_well() {
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(3 * 1024 * 1024 / 2), "1.5 MiB");
+        let now = SystemTime::now();
+        assert_eq!(ago(now, now - std::time::Duration::from_secs(125)), "2 min ago");
+    }
+}
