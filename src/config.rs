@@ -16,6 +16,7 @@ use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::archive::{Compression, DEFAULT_GZIP_LEVEL, DEFAULT_ZSTD_LEVEL};
+use crate::export::OutputFormat;
 use crate::image::Arch;
 use crate::layers::{DEFAULT_BUDGET, Strategy};
 use crate::meta::MetaPackages;
@@ -37,6 +38,9 @@ pub struct Cli {
 pub enum Command {
     /// Serve the registry.
     Serve(Box<ServeArgs>),
+    /// Build one image without serving it, and write it to a folder (an OCI
+    /// image layout) or a file (a docker-archive for `docker load`).
+    Build(Box<BuildArgs>),
     /// Print, as JSON, how a strategy groups a runtime graph into layers
     /// (the registry's own code); `{"layers":[{"paths":[…],"size":N}]}` in
     /// manifest order.
@@ -61,6 +65,38 @@ pub struct LayersArgs {
     /// registry's always-added packages).
     #[arg(long, value_delimiter = ',', default_value = "nss-cacert,iana-etc")]
     pub base: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// The image, named as in a pull: `shell/hello`, `shell/git:v1`.
+    pub image: String,
+    /// Where to write it: a folder (oci) or a file (docker-archive).
+    #[arg(long)]
+    pub output: PathBuf,
+    /// oci (an OCI image layout) or docker-archive (for `docker load`).
+    #[arg(long, value_enum, default_value = "oci")]
+    pub output_format: OutputFormat,
+    /// The registry's settings, which shape the image the same way (those
+    /// about listening do nothing here); storage defaults to a cache folder.
+    #[command(flatten)]
+    pub registry: ServeArgs,
+}
+
+impl BuildArgs {
+    /// The registry settings, with storage in the user's cache folder
+    /// (`$XDG_CACHE_HOME/nixery` or `~/.cache/nixery`) unless configured.
+    pub fn check(mut self) -> Result<(ServeConfig, String, PathBuf, OutputFormat), ConfigError> {
+        if self.registry.storage_backend == StorageBackend::Filesystem && self.registry.storage_path.is_none() {
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+                .ok_or(ConfigError::NoStoragePath)?;
+            self.registry.storage_path = Some(cache.join("nixery"));
+        }
+        let config = self.registry.check()?;
+        Ok((config, self.image, self.output, self.output_format))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -485,7 +521,7 @@ mod tests {
         let cli = Cli::try_parse_from(["nixery", "serve"].iter().chain(flags))?;
         match cli.command {
             Command::Serve(args) => Ok(*args),
-            Command::Layers(_) => unreachable!("serve was asked for"),
+            _ => unreachable!("serve was asked for"),
         }
     }
 

@@ -8,6 +8,7 @@ pub mod builder;
 pub mod cache;
 pub mod config;
 pub mod digest;
+pub mod export;
 pub mod image;
 pub mod layers;
 pub mod learning;

@@ -8,11 +8,16 @@ use anyhow::Context;
 use clap::Parser;
 use nixery::builder::{Builder, Settings};
 use nixery::config::{Cli, Command, LayersArgs, LogFormat, ServeConfig};
+use nixery::export::{self, OutputFormat};
+use nixery::image::ImageRequest;
 use nixery::layers::{self, Popularity, RuntimeGraph};
 use nixery::learning::Learned;
 use nixery::metrics::Metrics;
+use nixery::negotiate::Choice;
 use nixery::nix::Nix;
+use nixery::oci::Format;
 use nixery::server;
+use nixery::source::LATEST;
 use nixery::storage::Storage;
 use tracing_subscriber::EnvFilter;
 
@@ -20,9 +25,14 @@ use tracing_subscriber::EnvFilter;
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => {
-            init_logging(args.log_format);
+            init_logging(args.log_format, "info");
             let config = args.check()?;
             serve(config).await
+        }
+        Command::Build(args) => {
+            init_logging(args.registry.log_format, "warn");
+            let (config, image, output, format) = args.check()?;
+            build(config, &image, &output, format).await
         }
         Command::Layers(args) => print_layers(args),
     }
@@ -56,8 +66,9 @@ fn print_layers(args: LayersArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Logs to stderr at `RUST_LOG`'s level, else at `level`.
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -68,6 +79,99 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    let (listen, grace) = (config.listen, config.shutdown_timeout);
+    let builder = open_builder(config).await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let address = listener.local_addr()?;
+    tracing::info!(%address, "nixery is serving");
+    eprintln!(
+        "nixery is serving on http://{address}\n  pull an image: skopeo copy --src-tls-verify=false docker://{address}/shell/hello oci:hello:latest\n  or:            docker pull {address}/shell/hello"
+    );
+    serve_until_stopped(listener, builder, grace).await
+}
+
+/// `nixery build`: the image built as the registry would build it, then
+/// written out, with a progress bar on a terminal and plain lines otherwise.
+async fn build(config: ServeConfig, image: &str, output: &std::path::Path, format: OutputFormat) -> anyhow::Result<()> {
+    let builder = open_builder(config).await?;
+    let (name, tag) = image.split_once(':').unwrap_or((image, LATEST));
+    let request = ImageRequest::parse(name, tag, builder.meta_packages())?;
+    let progress = Progress::new();
+    progress.stage(&format!("building {request} (Nix, layers)"));
+    let choice = Choice {
+        format: match format {
+            OutputFormat::Oci => Format::Oci,
+            OutputFormat::DockerArchive => Format::Docker,
+        },
+        index: false,
+    };
+    let started = std::time::Instant::now();
+    let manifest = builder
+        .resolve(&request, choice)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    progress.stage(&format!(
+        "built {} in {:.1} s; writing {}",
+        manifest.digest,
+        started.elapsed().as_secs_f64(),
+        output.display()
+    ));
+    let reference = format!("{name}:{tag}");
+    let copy = |bytes| progress.copied(bytes);
+    let written = export::export(builder.storage(), &manifest, &reference, format, output, &copy).await?;
+    progress.done(&format!(
+        "wrote {reference} ({:.1} MiB of layers) to {}",
+        written as f64 / 1048576.0,
+        output.display()
+    ));
+    Ok(())
+}
+
+/// A progress bar on a terminal; lines for each stage elsewhere.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} {msg} {binary_bytes}")
+                    .expect("a valid template"),
+            );
+            bar.enable_steady_tick(std::time::Duration::from_millis(100));
+            bar
+        });
+        Progress { bar }
+    }
+
+    fn stage(&self, message: &str) {
+        match &self.bar {
+            Some(bar) => bar.set_message(message.to_owned()),
+            None => eprintln!("{message}"),
+        }
+    }
+
+    fn copied(&self, bytes: u64) {
+        if let Some(bar) = &self.bar {
+            bar.inc(bytes);
+        }
+    }
+
+    fn done(&self, message: &str) {
+        match &self.bar {
+            Some(bar) => bar.finish_with_message(message.to_owned()),
+            None => eprintln!("{message}"),
+        }
+    }
+}
+
+/// The builder and everything it works with, from the configuration.
+async fn open_builder(config: ServeConfig) -> anyhow::Result<Arc<Builder>> {
     let storage = Storage::open(&config.storage)
         .await
         .with_context(|| format!("cannot use the {} storage backend", config.storage.backend.name()))?;
@@ -96,7 +200,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         entrypoint: config.entrypoint,
     };
     let metrics = Arc::new(Metrics::default());
-    let builder = Builder::new(
+    Ok(Builder::new(
         config.source,
         Nix::new(config.nix_timeout, Arc::clone(&metrics)),
         storage,
@@ -104,17 +208,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         learned,
         settings,
         metrics,
-    );
-
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let address = listener.local_addr()?;
-    tracing::info!(%address, "nixery is serving");
-    eprintln!(
-        "nixery is serving on http://{address}\n  pull an image: skopeo copy --src-tls-verify=false docker://{address}/shell/hello oci:hello:latest\n  or:            docker pull {address}/shell/hello"
-    );
-    serve_until_stopped(listener, builder, config.shutdown_timeout).await
+    ))
 }
 
 /// Serves until SIGINT or SIGTERM; then stops accepting connections and

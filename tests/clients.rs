@@ -366,3 +366,92 @@ fn docker_pulls_and_runs_both_formats() {
         }
     }
 }
+
+/// Runs `nixery build` with the shipped package set and storage in `cache`.
+fn nixery_build(cache: &std::path::Path, args: &[&str]) {
+    let output = Command::new(env!("CARGO_BIN_EXE_nixery"))
+        .arg("build")
+        .args(args)
+        .env("NIXERY_PKGS_PATH", concat!(env!("CARGO_MANIFEST_DIR"), "/pkgs"))
+        .env("STORAGE_PATH", cache)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "nixery build {args:?}: {stderr}");
+    assert!(
+        stderr.contains("wrote shell/hello:latest"),
+        "plain progress lines: {stderr}"
+    );
+}
+
+#[test]
+fn nixery_build_writes_what_skopeo_and_docker_load_accept() {
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let layout = work.path().join("layout");
+    nixery_build(&cache, &["shell/hello", "--output", layout.to_str().unwrap()]);
+    let copy = work.path().join("copy");
+    run(
+        "skopeo",
+        &[
+            "copy",
+            &format!("oci:{}:latest", layout.display()),
+            &format!("oci:{}:latest", copy.display()),
+        ],
+    );
+    let bundle = work.path().join("bundle");
+    run(
+        "umoci",
+        &[
+            "unpack",
+            "--image",
+            &format!("{}:latest", copy.display()),
+            bundle.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        run("chroot", &[bundle.join("rootfs").to_str().unwrap(), "hello"]),
+        "Hello, world!\n"
+    );
+
+    // The same image as a registry serves it.
+    let registry = Registry::start();
+    let served = request(
+        "GET",
+        &registry.url(&format!("/v2/{IMAGE}/manifests/latest")),
+        &[("Accept", OCI_MANIFEST)],
+    );
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    assert_eq!(index["manifests"][0]["digest"], served.header("docker-content-digest"));
+
+    let archive = work.path().join("hello.tar");
+    nixery_build(
+        &cache,
+        &[
+            "shell/hello",
+            "--output",
+            archive.to_str().unwrap(),
+            "--output-format",
+            "docker-archive",
+        ],
+    );
+    let Some(containerd) = containerd() else { return };
+    let Some(dockerd) = dockerd(&containerd) else { return };
+    let host = docker_host(&dockerd);
+    let loaded = run("docker", &["-H", &host, "load", "-i", archive.to_str().unwrap()]);
+    assert!(loaded.contains("shell/hello:latest"), "{loaded}");
+    let output = run(
+        "docker",
+        &[
+            "-H",
+            &host,
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "shell/hello:latest",
+            "hello",
+        ],
+    );
+    assert_eq!(output, "Hello, world!\n");
+}
