@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::BufWriter;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -56,6 +57,10 @@ pub enum BuildError {
     Source(#[from] SourceError),
     #[error("tag {0:?} names no revision of the package set")]
     UnknownTag(String),
+    #[error("an image may name at most {max} packages; this one names {count}")]
+    TooManyPackages { count: usize, max: usize },
+    #[error("this client has {0} new images building already; try again when they are done")]
+    TooManyBuilds(usize),
     #[error(transparent)]
     Oci(#[from] OciError),
 }
@@ -82,6 +87,10 @@ pub struct Settings {
     pub meta_packages: MetaPackages,
     /// Whether an image of one package runs its `meta.mainProgram`.
     pub entrypoint: bool,
+    /// Most components an image name may have.
+    pub max_packages: usize,
+    /// Most new images one client may have building at once.
+    pub builds_per_client: usize,
 }
 
 impl Settings {
@@ -119,6 +128,26 @@ pub struct Builder {
     in_flight: Mutex<HashMap<String, BuildFuture>>,
     metrics: Arc<Metrics>,
     activity: Activity,
+    /// New builds in flight per client.
+    client_builds: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// A client's share of builds in flight, given back when dropped.
+struct ClientSlot {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    client: IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().expect("not poisoned");
+        if let Some(count) = counts.get_mut(&self.client) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.client);
+            }
+        }
+    }
 }
 
 /// An image's layers as planned, before packing.
@@ -172,6 +201,7 @@ impl Builder {
             in_flight: Mutex::new(HashMap::new()),
             metrics,
             activity: Activity::default(),
+            client_builds: Arc::default(),
         })
     }
 
@@ -224,7 +254,14 @@ impl Builder {
 
     /// The manifest or index a tag resolves to for a client's choice: from
     /// the caches, from builds in flight, or from new builds.
-    pub async fn resolve(self: &Arc<Self>, request: &ImageRequest, choice: Choice) -> BuildResult<ManifestRecord> {
+    /// `client` starts new builds only up to its share.
+    pub async fn resolve(
+        self: &Arc<Self>,
+        request: &ImageRequest,
+        choice: Choice,
+        client: Option<IpAddr>,
+    ) -> BuildResult<ManifestRecord> {
+        self.admit(request).map_err(Arc::new)?;
         let resolved = self
             .source
             .resolve(&request.tag)
@@ -234,12 +271,12 @@ impl Builder {
         let architectures = self.architectures(request);
         let format = choice.format;
         if !choice.index {
-            return self.image(request, architectures[0], &resolved, format).await;
+            return self.image(request, architectures[0], &resolved, format, client).await;
         }
         let manifests = futures::future::try_join_all(
             architectures
                 .iter()
-                .map(|&arch| self.image(request, arch, &resolved, format)),
+                .map(|&arch| self.image(request, arch, &resolved, format, client)),
         )
         .await?;
         let entries: Vec<IndexEntry> = architectures
@@ -262,6 +299,7 @@ impl Builder {
         arch: Arch,
         resolved: &Resolved,
         format: Format,
+        client: Option<IpAddr>,
     ) -> BuildResult<ManifestRecord> {
         let compression = self.settings.compression(format);
         let key = self.image_key(request, arch, resolved.revision.as_deref(), compression);
@@ -283,7 +321,7 @@ impl Builder {
             resolved: resolved.clone(),
             cache_key: cacheable.then(|| key.clone()),
         };
-        let record = self.join_build(key, job).await?;
+        let record = self.join_build(key, job, client).await?;
         Ok(record
             .manifest(format)
             .expect("a build makes every format of its layer set")
@@ -302,15 +340,51 @@ impl Builder {
         Ok(record)
     }
 
-    /// Waits for the build of `key`, starting it if none is running.
-    async fn join_build(self: &Arc<Self>, key: String, job: BuildJob) -> BuildResult<ImageRecord> {
+    /// Refuses names with more components than allowed, before anything runs.
+    fn admit(&self, request: &ImageRequest) -> Result<(), BuildError> {
+        let count = request.name.split('/').count();
+        match count > self.settings.max_packages {
+            true => Err(BuildError::TooManyPackages {
+                count,
+                max: self.settings.max_packages,
+            }),
+            false => Ok(()),
+        }
+    }
+
+    /// A share of builds for `client`, unless it has all of its own.
+    fn client_slot(&self, client: Option<IpAddr>) -> Result<Option<ClientSlot>, BuildError> {
+        let Some(client) = client else { return Ok(None) };
+        let mut counts = self.client_builds.lock().expect("not poisoned");
+        let count = counts.entry(client).or_insert(0);
+        if *count >= self.settings.builds_per_client {
+            return Err(BuildError::TooManyBuilds(*count));
+        }
+        *count += 1;
+        Ok(Some(ClientSlot {
+            counts: Arc::clone(&self.client_builds),
+            client,
+        }))
+    }
+
+    /// Waits for the build of `key`, starting it if none is running (and
+    /// `client` may start one).
+    async fn join_build(
+        self: &Arc<Self>,
+        key: String,
+        job: BuildJob,
+        client: Option<IpAddr>,
+    ) -> BuildResult<ImageRecord> {
         let build = {
             let mut in_flight = self.in_flight.lock().expect("not poisoned");
-            in_flight
-                .entry(key.clone())
-                .or_insert_with(|| {
+            match in_flight.get(&key) {
+                Some(build) => build.clone(),
+                None => {
+                    let slot = self.client_slot(client).map_err(Arc::new)?;
                     let this = Arc::clone(self);
+                    let building = key.clone();
                     let build = async move {
+                        let _slot = slot;
                         this.metrics.build_started();
                         let result = this.build(&job).await.map_err(Arc::new);
                         this.metrics.build_ended(result.is_ok());
@@ -322,16 +396,18 @@ impl Builder {
                                 message: error.to_string(),
                             });
                         }
-                        this.in_flight.lock().expect("not poisoned").remove(&key);
+                        this.in_flight.lock().expect("not poisoned").remove(&building);
                         result
                     };
                     // The build's log lines carry the span (request id) of the request that started it.
                     let task = tokio::spawn(tracing::Instrument::in_current_span(build));
                     let joined: Pin<Box<dyn Future<Output = BuildResult<ImageRecord>> + Send>> =
                         Box::pin(task.map(|joined| joined.expect("build tasks do not panic")));
-                    joined.shared()
-                })
-                .clone()
+                    let shared = joined.shared();
+                    in_flight.insert(key, shared.clone());
+                    shared
+                }
+            }
         };
         build.await
     }
@@ -527,6 +603,7 @@ impl Builder {
     /// would), for the image's web page: the first architecture, the
     /// preferred format's compression.
     pub async fn describe(&self, request: &ImageRequest) -> Result<ImagePlan, BuildError> {
+        self.admit(request)?;
         let resolved = self
             .source
             .resolve(&request.tag)

@@ -219,6 +219,13 @@ pub struct ServeArgs {
     /// clients that accept one get that one.
     #[arg(long, env = "NIXERY_MANIFEST_FORMAT", default_value = "oci")]
     manifest_format: Format,
+    /// Most packages (name components) an image may name.
+    #[arg(long, env = "NIXERY_MAX_PACKAGES", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
+    max_packages: u16,
+    /// Most new images one client (IP address) may have building at once;
+    /// more get 429 TOOMANYREQUESTS.
+    #[arg(long, env = "NIXERY_CLIENT_BUILDS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    client_builds: u16,
     /// Seconds open requests and builds may take to finish after SIGTERM.
     #[arg(long, env = "NIXERY_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     shutdown_timeout: u64,
@@ -365,6 +372,8 @@ pub struct ServeConfig {
     pub meta_packages: MetaPackages,
     pub entrypoint: bool,
     pub shutdown_timeout: Duration,
+    pub max_packages: usize,
+    pub builds_per_client: usize,
 }
 
 impl ServeArgs {
@@ -401,6 +410,8 @@ impl ServeArgs {
             meta_packages,
             entrypoint: self.entrypoint,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
+            max_packages: self.max_packages.into(),
+            builds_per_client: self.client_builds.into(),
         })
     }
 

@@ -109,7 +109,7 @@ async fn build(config: ServeConfig, image: &str, output: &std::path::Path, forma
     };
     let started = std::time::Instant::now();
     let manifest = builder
-        .resolve(&request, choice)
+        .resolve(&request, choice, None)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     progress.stage(&format!(
@@ -198,6 +198,8 @@ async fn open_builder(config: ServeConfig) -> anyhow::Result<Arc<Builder>> {
         preferred_format: config.manifest_format,
         meta_packages: config.meta_packages,
         entrypoint: config.entrypoint,
+        max_packages: config.max_packages,
+        builds_per_client: config.builds_per_client,
     };
     let metrics = Arc::new(Metrics::default());
     Ok(Builder::new(
@@ -219,7 +221,8 @@ async fn serve_until_stopped(
     grace: std::time::Duration,
 ) -> anyhow::Result<()> {
     let (stopped_at, mut stopping) = tokio::sync::watch::channel(None);
-    let server = axum::serve(listener, server::router(Arc::clone(&builder))).with_graceful_shutdown(async move {
+    let app = server::router(Arc::clone(&builder)).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         stop_signal().await;
         tracing::info!(
             grace_seconds = grace.as_secs(),

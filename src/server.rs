@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -16,7 +17,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -156,6 +157,7 @@ async fn ping(method: Method) -> Response {
 /// `/v2/<name>/tags/list` and `/v2/<name>/referrers/<digest>`.
 async fn registry(
     State(builder): State<Arc<Builder>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     method: Method,
     Path(rest): Path<String>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
@@ -165,15 +167,12 @@ async fn registry(
         return Err(RegistryError::unsupported_method());
     }
     let head = method == Method::HEAD;
-    let mut parts: Vec<&str> = rest.split('/').collect();
-    let (reference, kind) = match (parts.pop(), parts.pop()) {
-        (Some(reference), Some(kind)) if !parts.is_empty() => (reference, kind),
-        _ => return Err(RegistryError::unknown_route()),
+    let Some(Route { name, kind, reference }) = Route::parse(&rest) else {
+        return Err(RegistryError::unknown_route());
     };
-    let name = parts.join("/");
     let query = query.map(|Query(q)| q).unwrap_or_default();
     let response = match (kind, reference) {
-        ("manifests", _) => manifest(&builder, &name, reference, &headers, head).await,
+        ("manifests", _) => manifest(&builder, &name, reference, &headers, head, peer.ip()).await,
         ("blobs", _) => blob(&builder, &name, reference, &headers, head).await,
         ("tags", "list") => tags(&builder, &name, &query, head).await,
         ("referrers", _) => referrers(&name, reference, &query, head),
@@ -213,12 +212,36 @@ fn not_modified_if_current(request: &HeaderMap, response: Response) -> Response 
     not_modified
 }
 
+/// A path below `/v2/`: `<name>/<kind>/<reference>`, the name being one or
+/// more components (`shell/git/manifests/latest`, `a/tags/list`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Route<'a> {
+    pub name: String,
+    pub kind: &'a str,
+    pub reference: &'a str,
+}
+
+impl<'a> Route<'a> {
+    pub fn parse(rest: &'a str) -> Option<Self> {
+        let mut parts: Vec<&str> = rest.split('/').collect();
+        match (parts.pop(), parts.pop()) {
+            (Some(reference), Some(kind)) if !parts.is_empty() => Some(Route {
+                name: parts.join("/"),
+                kind,
+                reference,
+            }),
+            _ => None,
+        }
+    }
+}
+
 async fn manifest(
     builder: &Arc<Builder>,
     name: &str,
     reference: &str,
     headers: &HeaderMap,
     head: bool,
+    client: IpAddr,
 ) -> Result<Response, RegistryError> {
     image::validate_name(name)?;
     if reference.contains(':') {
@@ -233,7 +256,7 @@ async fn manifest(
     let multi_arch = builder.architectures(&request).len() > 1;
     let choice = negotiate::choose(headers, multi_arch, builder.preferred_format());
     let record = builder
-        .resolve(&request, choice)
+        .resolve(&request, choice, Some(client))
         .await
         .map_err(|e| RegistryError::from_build(&e))?;
     let body = if head {
@@ -552,6 +575,12 @@ impl RegistryError {
                 "tag {tag:?} names no revision of the package set (try {LATEST:?})"
             )),
             BuildError::Storage(error) => Self::unavailable(error),
+            BuildError::TooManyPackages { .. } => Self::new(StatusCode::BAD_REQUEST, "NAME_INVALID", error.to_string()),
+            BuildError::TooManyBuilds(_) => {
+                let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", error.to_string());
+                e.retry_after = true;
+                e
+            }
             BuildError::Nix(nix @ (NixError::Eval { packages, .. } | NixError::Build { packages, .. })) => {
                 let mut e = Self::internal(nix.to_string());
                 e.detail = json!({ "packages": packages });

@@ -85,26 +85,7 @@ fn health_readiness_and_request_ids() {
 
 #[test]
 fn sigterm_finishes_the_open_request_then_stops() {
-    // A package whose build takes a few seconds, new on every run.
-    let set = tempfile::tempdir().unwrap();
-    let nonce = format!("{:?}", Instant::now());
-    std::fs::write(
-        set.path().join("default.nix"),
-        format!(
-            r#"{{ system ? builtins.currentSystem }}:
-            import {pkgs} {{ inherit system; }} // {{
-              slow = derivation {{
-                name = "slow-1.0";
-                inherit system;
-                nonce = "{nonce}";
-                builder = "/bin/sh";
-                args = [ "-c" "/bin/sleep 3; echo done > $out" ];
-              }};
-            }}"#,
-            pkgs = concat!(env!("CARGO_MANIFEST_DIR"), "/pkgs"),
-        ),
-    )
-    .unwrap();
+    let set = common::slow_package_set(3);
     let mut registry = Registry::start_with(&[("NIXERY_PKGS_PATH", set.path().to_str().unwrap())]);
     let url = registry.url("/v2/slow/manifests/latest");
     let open = std::thread::spawn(move || request("GET", &url, &[]).status);

@@ -278,6 +278,34 @@ impl Unpacked {
     }
 }
 
+/// The shipped package set plus `slow`, whose build sleeps `seconds` and
+/// which is a new derivation on every call (so it is never built already).
+pub fn slow_package_set(seconds: u32) -> tempfile::TempDir {
+    let set = tempfile::tempdir().unwrap();
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let nonce = format!("{}-{}", since_epoch.as_nanos(), set.path().display());
+    std::fs::write(
+        set.path().join("default.nix"),
+        format!(
+            r#"{{ system ? builtins.currentSystem }}:
+            import {pkgs} {{ inherit system; }} // {{
+              slow = derivation {{
+                name = "slow-1.0";
+                inherit system;
+                nonce = "{nonce}";
+                builder = "/bin/sh";
+                args = [ "-c" "/bin/sleep {seconds}; echo done > $out" ];
+              }};
+            }}"#,
+            pkgs = concat!(env!("CARGO_MANIFEST_DIR"), "/pkgs"),
+        ),
+    )
+    .unwrap();
+    set
+}
+
 /// Runs git in `repo` as a test user, with `main` as the default branch;
 /// returns its stdout, trimmed.
 pub fn git(repo: &Path, args: &[&str]) -> String {
