@@ -73,9 +73,7 @@ fn hostile_names_tags_and_digests_get_quick_json_errors_without_nix() {
         ("/v2/hello/blobs/sha256:../../x".into(), 404, "UNSUPPORTED"),
         ("/v2/hello/manifests/latest?x=%00".into(), 200, ""),
     ]
-    .into_iter()
-    .map(|(path, status, code)| (path, status, code))
-    .collect();
+    .into();
     for (path, status, expected) in &cases {
         let started = Instant::now();
         let (got, body) = get(&registry, path);
