@@ -16,6 +16,7 @@ use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::archive::{Compression, DEFAULT_GZIP_LEVEL, DEFAULT_ZSTD_LEVEL};
+use crate::auth::Auth;
 use crate::export::OutputFormat;
 use crate::image::Arch;
 use crate::layers::{DEFAULT_BUDGET, Strategy};
@@ -219,6 +220,16 @@ pub struct ServeArgs {
     /// clients that accept one get that one.
     #[arg(long, env = "NIXERY_MANIFEST_FORMAT", default_value = "oci")]
     manifest_format: Format,
+    /// An htpasswd file (bcrypt entries): pulls need one of its users.
+    #[arg(long, env = "NIXERY_HTPASSWD")]
+    htpasswd: Option<PathBuf>,
+    /// A file of bearer tokens, one per line: pulls may show one instead.
+    #[arg(long, env = "NIXERY_TOKENS")]
+    tokens: Option<PathBuf>,
+    /// With NIXERY_HTPASSWD or NIXERY_TOKENS, protect the web pages and
+    /// metrics as well (health checks stay open).
+    #[arg(long, env = "NIXERY_PROTECT_WEB", default_value_t = false, action = clap::ArgAction::Set)]
+    protect_web: bool,
     /// Most packages (name components) an image may name.
     #[arg(long, env = "NIXERY_MAX_PACKAGES", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
     max_packages: u16,
@@ -286,6 +297,8 @@ pub enum ConfigError {
     GitOnly(&'static str),
     #[error("NIXERY_META_PACKAGES: {0}")]
     MetaPackages(String),
+    #[error("access control: {0}")]
+    Auth(String),
     #[error("more than one package source is set ({0}): set only one")]
     SeveralSources(String),
     #[error("NIXERY_PKGS_PATH {0} does not exist")]
@@ -374,6 +387,8 @@ pub struct ServeConfig {
     pub shutdown_timeout: Duration,
     pub max_packages: usize,
     pub builds_per_client: usize,
+    /// `None`: anyone may pull.
+    pub auth: Option<std::sync::Arc<Auth>>,
 }
 
 impl ServeArgs {
@@ -381,6 +396,9 @@ impl ServeArgs {
     pub fn check(self) -> Result<ServeConfig, ConfigError> {
         let source = self.source()?;
         let storage = self.storage()?;
+        let auth = Auth::load(self.htpasswd.as_deref(), self.tokens.as_deref(), self.protect_web)
+            .map_err(|e| ConfigError::Auth(e.to_string()))?
+            .map(std::sync::Arc::new);
         let meta_packages = match &self.meta_packages {
             Some(path) => MetaPackages::load(path).map_err(|e| ConfigError::MetaPackages(e.to_string()))?,
             None => MetaPackages::default(),
@@ -412,6 +430,7 @@ impl ServeArgs {
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
             max_packages: self.max_packages.into(),
             builds_per_client: self.client_builds.into(),
+            auth,
         })
     }
 

@@ -4,6 +4,7 @@
 
 pub mod activity;
 pub mod archive;
+pub mod auth;
 pub mod builder;
 pub mod cache;
 pub mod config;

@@ -79,7 +79,7 @@ fn init_logging(format: LogFormat, level: &str) {
 }
 
 async fn serve(config: ServeConfig) -> anyhow::Result<()> {
-    let (listen, grace) = (config.listen, config.shutdown_timeout);
+    let (listen, grace, auth) = (config.listen, config.shutdown_timeout, config.auth.clone());
     let builder = open_builder(config).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -89,7 +89,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     eprintln!(
         "nixery is serving on http://{address}\n  pull an image: skopeo copy --src-tls-verify=false docker://{address}/shell/hello oci:hello:latest\n  or:            docker pull {address}/shell/hello"
     );
-    serve_until_stopped(listener, builder, grace).await
+    serve_until_stopped(listener, builder, auth, grace).await
 }
 
 /// `nixery build`: the image built as the registry would build it, then
@@ -218,10 +218,11 @@ async fn open_builder(config: ServeConfig) -> anyhow::Result<Arc<Builder>> {
 async fn serve_until_stopped(
     listener: tokio::net::TcpListener,
     builder: Arc<Builder>,
+    auth: Option<Arc<nixery::auth::Auth>>,
     grace: std::time::Duration,
 ) -> anyhow::Result<()> {
     let (stopped_at, mut stopping) = tokio::sync::watch::channel(None);
-    let app = server::router(Arc::clone(&builder)).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let app = server::router(Arc::clone(&builder), auth).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         stop_signal().await;
         tracing::info!(

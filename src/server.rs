@@ -25,6 +25,7 @@ use axum::routing::{any, get};
 use bytes::Bytes;
 use serde_json::json;
 
+use crate::auth::Auth;
 use crate::builder::{BuildError, Builder};
 use crate::digest::{Digest, DigestError};
 use crate::image::{self, ImageRequest, NameError};
@@ -42,9 +43,9 @@ const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
 const API_VERSION: &str = "registry/2.0";
 
 /// The registry's routes.
-pub fn router(builder: Arc<Builder>) -> Router {
+pub fn router(builder: Arc<Builder>, auth: Option<Arc<Auth>>) -> Router {
     use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-    Router::new()
+    let routes = Router::new()
         .route("/v2", any(ping))
         .route("/v2/", any(ping))
         .route("/v2/{*rest}", any(registry))
@@ -58,10 +59,43 @@ pub fn router(builder: Arc<Builder>) -> Router {
             Arc::clone(&builder),
             count_request,
         ))
-        .with_state(builder)
+        .with_state(builder);
+    let routes = match auth {
+        Some(auth) => routes.layer(axum::middleware::from_fn_with_state(auth, check_access)),
+        None => routes,
+    };
+    routes
         .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// Lets a request through when it needs no credentials or shows good ones;
+/// else the spec's 401 with a Basic challenge. Health checks stay open, and
+/// the web pages and metrics unless they are protected too.
+async fn check_access(State(auth): State<Arc<Auth>>, request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    let open = matches!(path, "/healthz" | "/readyz") || (!path.starts_with("/v2") && !auth.protect_web);
+    let credentials = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if open || auth.allows(credentials) {
+        return next.run(request).await;
+    }
+    let mut response = RegistryError::new(
+        StatusCode::UNAUTHORIZED,
+        "UNAUTHORIZED",
+        "authentication required: HTTP basic (a user of the registry) or a bearer token",
+    )
+    .into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"nixery\""),
+    );
+    headers.insert("Docker-Distribution-API-Version", HeaderValue::from_static(API_VERSION));
+    response
 }
 
 /// The span of a request's log lines: its id, method and path.

@@ -455,3 +455,85 @@ fn nixery_build_writes_what_skopeo_and_docker_load_accept() {
     );
     assert_eq!(output, "Hello, world!\n");
 }
+
+#[test]
+fn pulls_need_credentials_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(&htpasswd, format!("alice:{}\n", bcrypt::hash("s3cret", 4).unwrap())).unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "ci-token-1\n").unwrap();
+    let registry = Registry::start_with(&[
+        ("NIXERY_HTPASSWD", htpasswd.to_str().unwrap()),
+        ("NIXERY_TOKENS", tokens.to_str().unwrap()),
+    ]);
+
+    let refused = request("GET", &registry.url("/v2/"), &[]);
+    assert_eq!(refused.status, 401);
+    assert_eq!(refused.error_code(), "UNAUTHORIZED");
+    assert_eq!(refused.header("www-authenticate"), "Basic realm=\"nixery\"");
+    let token = request("GET", &registry.url("/v2/"), &[("Authorization", "Bearer ci-token-1")]);
+    assert_eq!(token.status, 200);
+    assert_eq!(
+        request("GET", &registry.url("/healthz"), &[]).status,
+        200,
+        "health stays open"
+    );
+    assert_eq!(
+        request("GET", &registry.url("/"), &[]).status,
+        200,
+        "the web pages are open by default"
+    );
+    assert_eq!(registry.nix_runs(), 0);
+
+    let layout = dir.path().join("oci");
+    let source = format!("docker://{}/{IMAGE}", registry.address);
+    let destination = format!("oci:{}:latest", layout.display());
+    let without = Command::new("skopeo")
+        .args(["copy", "--src-tls-verify=false", &source, &destination])
+        .output()
+        .unwrap();
+    assert!(!without.status.success(), "no credentials, no pull");
+    assert_eq!(registry.nix_runs(), 0, "refused before anything is built");
+    run(
+        "skopeo",
+        &[
+            "copy",
+            "--src-tls-verify=false",
+            "--src-creds",
+            "alice:s3cret",
+            &source,
+            &destination,
+        ],
+    );
+
+    let guarded = Registry::start_with(&[
+        ("NIXERY_HTPASSWD", htpasswd.to_str().unwrap()),
+        ("NIXERY_PROTECT_WEB", "true"),
+    ]);
+    for (path, status) in [("/", 401), ("/metrics", 401), ("/image/hello", 401), ("/healthz", 200)] {
+        assert_eq!(request("GET", &guarded.url(path), &[]).status, status, "{path}");
+    }
+
+    let podman = Podman::new();
+    let auth_file = dir.path().join("auth.json");
+    let auth_file = auth_file.to_str().unwrap();
+    podman.run(&[
+        "login",
+        "--tls-verify=false",
+        "--authfile",
+        auth_file,
+        "-u",
+        "alice",
+        "-p",
+        "s3cret",
+        &registry.address,
+    ]);
+    podman.run(&[
+        "pull",
+        "--tls-verify=false",
+        "--authfile",
+        auth_file,
+        &format!("{}/{IMAGE}", registry.address),
+    ]);
+}
