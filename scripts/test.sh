@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests and the end-to-end tests, which start real
 # registries and pull from them with skopeo, umoci and chroot, and with
-# podman, containerd and dockerd, which the tests start privately (needs root).
+# podman, containerd and dockerd, which the tests start privately (needs root);
+# then each fuzz target for a bounded time (FUZZ_SECONDS, default 15).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,3 +14,4 @@ export NIX_CONFIG=$'substituters =\nexperimental-features = nix-command\nbuild-u
 # rather than skips.
 export NIXERY_REQUIRE_ENGINES=1
 cargo test --all-targets
+scripts/fuzz.sh "${FUZZ_SECONDS:-15}"
