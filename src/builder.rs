@@ -340,6 +340,23 @@ impl Builder {
         Ok(record)
     }
 
+    /// Forgets the image records `resolve` would use for `request` and
+    /// `choice`, after their manifest went missing from storage, so that the
+    /// next `resolve` builds the image again.
+    pub async fn forget(&self, request: &ImageRequest, choice: Choice) -> Result<(), BuildError> {
+        let resolved = self
+            .source
+            .resolve(&request.tag)
+            .await?
+            .ok_or_else(|| BuildError::UnknownTag(request.tag.clone()))?;
+        let compression = self.settings.compression(choice.format);
+        for arch in self.architectures(request) {
+            let key = self.image_key(request, arch, resolved.revision.as_deref(), compression);
+            self.caches.forget_image(&key).await?;
+        }
+        Ok(())
+    }
+
     /// Refuses names with more components than allowed, before anything runs.
     fn admit(&self, request: &ImageRequest) -> Result<(), BuildError> {
         let count = request.name.split('/').count();
@@ -448,6 +465,7 @@ impl Builder {
         let _slot = self.build_slots.acquire().await.expect("never closed");
         let started = Instant::now();
         let request = &job.request;
+        self.storage.ensure_layout().await?;
         let Planned { realised, jobs } = self.plan(job).await?;
         let nix_done = started + realised.took;
         let layer_count = jobs.len();

@@ -65,6 +65,12 @@ impl Caches {
         store(&self.storage, &self.images, "images", key, record).await
     }
 
+    /// Drops an image record that names a manifest storage lost.
+    pub async fn forget_image(&self, key: &str) -> Result<(), StorageError> {
+        self.images.invalidate(key).await;
+        self.storage.delete_record(&format!("images/{key}")).await
+    }
+
     pub async fn index(&self, key: &str) -> Result<Option<ManifestRecord>, StorageError> {
         lookup(&self.storage, &self.indexes, "indexes", key).await
     }

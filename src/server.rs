@@ -293,15 +293,13 @@ async fn manifest(
         .resolve(&request, choice, Some(client))
         .await
         .map_err(|e| RegistryError::from_build(&e))?;
-    let body = if head {
-        ManifestBody::Head(record.size)
+    let (record, body) = if head {
+        (record.clone(), ManifestBody::Head(record.size))
     } else {
-        let bytes = builder
-            .storage()
-            .read_blob_bytes(&record.digest)
-            .await?
-            .ok_or_else(|| RegistryError::internal(format!("manifest {} is missing from storage", record.digest)))?;
-        ManifestBody::Get(bytes)
+        match builder.storage().read_blob_bytes(&record.digest).await? {
+            Some(bytes) => (record, ManifestBody::Get(bytes)),
+            None => rebuild(builder, &request, choice, client).await?,
+        }
     };
     let mut response = manifest_response(&record.media_type, &record.digest, body);
     // What a tag resolves to depends on the client's Accept header.
@@ -309,6 +307,31 @@ async fn manifest(
         .headers_mut()
         .insert(header::VARY, HeaderValue::from_static("Accept"));
     Ok(response)
+}
+
+/// Builds an image again whose manifest storage lost (someone removed it):
+/// its records are forgotten and the layers checked and packed again.
+async fn rebuild(
+    builder: &Arc<Builder>,
+    request: &ImageRequest,
+    choice: negotiate::Choice,
+    client: IpAddr,
+) -> Result<(crate::cache::ManifestRecord, ManifestBody), RegistryError> {
+    tracing::warn!(image = %request, "a manifest is missing from storage: building the image again");
+    builder
+        .forget(request, choice)
+        .await
+        .map_err(|e| RegistryError::from_build(&e))?;
+    let record = builder
+        .resolve(request, choice, Some(client))
+        .await
+        .map_err(|e| RegistryError::from_build(&e))?;
+    let bytes = builder
+        .storage()
+        .read_blob_bytes(&record.digest)
+        .await?
+        .ok_or_else(|| RegistryError::internal(format!("manifest {} is missing from storage", record.digest)))?;
+    Ok((record, ManifestBody::Get(bytes)))
 }
 
 /// A manifest response's body: the bytes, or for HEAD their length only.
@@ -609,6 +632,15 @@ impl RegistryError {
                 "tag {tag:?} names no revision of the package set (try {LATEST:?})"
             )),
             BuildError::Storage(error) => Self::unavailable(error),
+            BuildError::Archive(io) if io.kind() == std::io::ErrorKind::StorageFull => {
+                let mut e = Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UNAVAILABLE",
+                    format!("storage is full: {io}"),
+                );
+                e.retry_after = true;
+                e
+            }
             BuildError::TooManyPackages { .. } => Self::new(StatusCode::BAD_REQUEST, "NAME_INVALID", error.to_string()),
             BuildError::TooManyBuilds(_) => {
                 let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", error.to_string());

@@ -361,9 +361,9 @@ fn summarise(code: Option<i32>, stderr: &[String]) -> String {
         .find(|l| l.starts_with("error:"))
         .or_else(|| lines.next_back());
     match (line, code) {
+        (_, None) => "Nix was killed by a signal".to_owned(),
         (Some(line), _) => line.trim_end_matches([';', ':']).to_owned(),
         (None, Some(code)) => format!("exited with status {code}"),
-        (None, None) => "killed by a signal".to_owned(),
     }
 }
 
@@ -421,6 +421,6 @@ mod tests {
         let plain: Vec<String> = ["warning: x", "something broke"].map(String::from).to_vec();
         assert_eq!(summarise(Some(1), &plain), "something broke");
         assert_eq!(summarise(Some(1), &[]), "exited with status 1");
-        assert_eq!(summarise(None, &[]), "killed by a signal");
+        assert_eq!(summarise(None, &lines), "Nix was killed by a signal");
     }
 }

@@ -111,14 +111,17 @@ impl Storage {
             spool,
         };
         tokio::fs::create_dir_all(storage.spool_dir()).await?;
-        storage
-            .put_if_absent(&StorePath::from("oci-layout"), Bytes::from_static(OCI_LAYOUT))
-            .await?;
-        storage
-            .put_if_absent(&StorePath::from("index.json"), Bytes::from_static(EMPTY_INDEX))
-            .await?;
+        storage.ensure_layout().await?;
         storage.remove_stale_staging().await?;
         Ok(storage)
+    }
+
+    /// Writes the OCI layout's own files unless they are there.
+    pub async fn ensure_layout(&self) -> Result<(), StorageError> {
+        self.put_if_absent(&StorePath::from("oci-layout"), Bytes::from_static(OCI_LAYOUT))
+            .await?;
+        self.put_if_absent(&StorePath::from("index.json"), Bytes::from_static(EMPTY_INDEX))
+            .await
     }
 
     /// Storage in a local folder, created if missing.
@@ -138,7 +141,9 @@ impl Storage {
     }
 
     /// A new staging file to write a blob into, before its digest is known.
+    /// (The folder is made again if someone removed it.)
     pub fn stage(&self) -> io::Result<StagedBlob> {
+        std::fs::create_dir_all(self.spool_dir())?;
         let file = tempfile::Builder::new().prefix("blob-").tempfile_in(self.spool_dir())?;
         Ok(StagedBlob {
             file,
@@ -363,6 +368,14 @@ impl Storage {
             None => drop(self.store.put(&path, PutPayload::from_bytes(bytes)).await?),
         }
         Ok(())
+    }
+
+    /// Deletes the cache record at `key`, if there is one.
+    pub async fn delete_record(&self, key: &str) -> Result<(), StorageError> {
+        match self.delete(&record_path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn delete(&self, path: &StorePath) -> Result<(), object_store::Error> {

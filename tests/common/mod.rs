@@ -281,6 +281,19 @@ impl Unpacked {
 /// The shipped package set plus `slow`, whose build sleeps `seconds` and
 /// which is a new derivation on every call (so it is never built already).
 pub fn slow_package_set(seconds: u32) -> tempfile::TempDir {
+    package_set_with_slow(&format!("/bin/sleep {seconds}"))
+}
+
+/// Like [`slow_package_set`], but `slow`'s build waits (up to a minute)
+/// for the file `gate` to go away.
+pub fn gated_package_set(gate: &Path) -> tempfile::TempDir {
+    package_set_with_slow(&format!(
+        "i=0; while [ -e {} ] && [ $i -lt 600 ]; do /bin/sleep 0.1; i=$((i+1)); done",
+        gate.display()
+    ))
+}
+
+fn package_set_with_slow(wait: &str) -> tempfile::TempDir {
     let set = tempfile::tempdir().unwrap();
     let since_epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -296,7 +309,7 @@ pub fn slow_package_set(seconds: u32) -> tempfile::TempDir {
                 inherit system;
                 nonce = "{nonce}";
                 builder = "/bin/sh";
-                args = [ "-c" "/bin/sleep {seconds}; echo done > $out" ];
+                args = [ "-c" "{wait}; echo done > $out" ];
               }};
             }}"#,
             pkgs = concat!(env!("CARGO_MANIFEST_DIR"), "/pkgs"),
