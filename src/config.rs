@@ -237,6 +237,10 @@ pub struct ServeArgs {
     /// more get 429 TOOMANYREQUESTS.
     #[arg(long, env = "NIXERY_CLIENT_BUILDS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
     client_builds: u16,
+    /// Seconds a client has to send its request headers; a slower one is
+    /// disconnected.
+    #[arg(long, env = "NIXERY_HEADER_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    header_timeout: u64,
     /// Seconds open requests and builds may take to finish after SIGTERM.
     #[arg(long, env = "NIXERY_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     shutdown_timeout: u64,
@@ -387,6 +391,7 @@ pub struct ServeConfig {
     pub shutdown_timeout: Duration,
     pub max_packages: usize,
     pub builds_per_client: usize,
+    pub header_timeout: Duration,
     /// `None`: anyone may pull.
     pub auth: Option<std::sync::Arc<Auth>>,
 }
@@ -430,6 +435,7 @@ impl ServeArgs {
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
             max_packages: self.max_packages.into(),
             builds_per_client: self.client_builds.into(),
+            header_timeout: Duration::from_secs(self.header_timeout),
             auth,
         })
     }

@@ -13,6 +13,7 @@ pub mod export;
 pub mod image;
 pub mod layers;
 pub mod learning;
+pub mod listen;
 pub mod meta;
 pub mod metrics;
 pub mod negotiate;

@@ -12,6 +12,7 @@ use nixery::export::{self, OutputFormat};
 use nixery::image::ImageRequest;
 use nixery::layers::{self, Popularity, RuntimeGraph};
 use nixery::learning::Learned;
+use nixery::listen;
 use nixery::metrics::Metrics;
 use nixery::negotiate::Choice;
 use nixery::nix::Nix;
@@ -79,17 +80,22 @@ fn init_logging(format: LogFormat, level: &str) {
 }
 
 async fn serve(config: ServeConfig) -> anyhow::Result<()> {
-    let (listen, grace, auth) = (config.listen, config.shutdown_timeout, config.auth.clone());
+    let (address, grace, auth, header_timeout) = (
+        config.listen,
+        config.shutdown_timeout,
+        config.auth.clone(),
+        config.header_timeout,
+    );
     let builder = open_builder(config).await?;
-    let listener = tokio::net::TcpListener::bind(listen)
+    let listener = tokio::net::TcpListener::bind(address)
         .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+        .with_context(|| format!("cannot listen on {address}"))?;
     let address = listener.local_addr()?;
     tracing::info!(%address, "nixery is serving");
     eprintln!(
         "nixery is serving on http://{address}\n  pull an image: skopeo copy --src-tls-verify=false docker://{address}/shell/hello oci:hello:latest\n  or:            docker pull {address}/shell/hello"
     );
-    serve_until_stopped(listener, builder, auth, grace).await
+    serve_until_stopped(listener, builder, auth, grace, header_timeout).await
 }
 
 /// `nixery build`: the image built as the registry would build it, then
@@ -220,17 +226,19 @@ async fn serve_until_stopped(
     builder: Arc<Builder>,
     auth: Option<Arc<nixery::auth::Auth>>,
     grace: std::time::Duration,
+    header_timeout: std::time::Duration,
 ) -> anyhow::Result<()> {
     let (stopped_at, mut stopping) = tokio::sync::watch::channel(None);
-    let app = server::router(Arc::clone(&builder), auth).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let app = server::router(Arc::clone(&builder), auth);
+    let stop = async move {
         stop_signal().await;
         tracing::info!(
             grace_seconds = grace.as_secs(),
             "stopping: no new connections; finishing requests and builds"
         );
         let _ = stopped_at.send(Some(tokio::time::Instant::now()));
-    });
+    };
+    let server = listen::serve(listener, app, stop, header_timeout);
     let deadline = async {
         let _ = stopping.wait_for(Option::is_some).await;
         let since = stopping.borrow().expect("set");
@@ -238,10 +246,7 @@ async fn serve_until_stopped(
         since
     };
     let since = tokio::select! {
-        served = server => {
-            served?;
-            stopping.borrow().expect("stopped by a signal")
-        }
+        () = server => stopping.borrow().expect("stopped by a signal"),
         since = deadline => {
             tracing::warn!("requests were still open when the shutdown grace ran out");
             since

@@ -147,6 +147,38 @@ fn a_client_may_start_only_so_many_builds_at_once() {
     );
 }
 
+#[test]
+fn slow_clients_are_cut_off_and_do_not_hold_up_others() {
+    let registry = Registry::start_with(&[("NIXERY_HEADER_TIMEOUT", "1")]);
+    let mut slow: Vec<TcpStream> = (0..100)
+        .map(|_| {
+            let mut stream = TcpStream::connect(&registry.address).unwrap();
+            stream.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Slow: ").unwrap();
+            stream
+        })
+        .collect();
+    let started = Instant::now();
+    let (status, _) = get(&registry, "/v2/");
+    assert_eq!(status, 200);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "others are served at once"
+    );
+
+    std::thread::sleep(Duration::from_millis(1500));
+    for stream in &mut slow {
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buffer = [0u8; 512];
+        // Closed by the server: end of stream (perhaps after a 408), or a reset.
+        let closed = match stream.read(&mut buffer) {
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => false,
+            Ok(0) | Err(_) => true,
+            Ok(n) => String::from_utf8_lossy(&buffer[..n]).starts_with("HTTP/1.1 408"),
+        };
+        assert!(closed, "a client that never finished its headers is disconnected");
+    }
+}
+
 /// Every path below `root`, relative to it.
 fn walk(root: &std::path::Path) -> Vec<String> {
     let mut found = Vec::new();
