@@ -4,9 +4,10 @@
 # the same image (shell/hello, built by nixery and copied into the other
 # registry with skopeo). wrk runs for DURATION seconds (default 10) per case
 # at 32 connections: a cached manifest by tag, a cached manifest by digest,
-# and the largest layer. Then 200 connections download blobs at once while
-# nixery's peak memory (VmHWM) is read. Non-2xx answers or socket errors
-# fail the run. Last line: machine-readable ratios and figures.
+# and the largest layer. Then 200 connections download blobs at once, and
+# 200 skopeo pulls run at once, while nixery's peak memory (VmHWM) is read.
+# Non-2xx answers, socket errors or a failed pull fail the run. Last line:
+# machine-readable ratios and figures.
 # Usage: scripts/bench-load.sh [DURATION]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -98,5 +99,18 @@ CONNECTIONS=200 run "nixery 200 blob downloads" "http://$nixery/v2/shell/hello/b
 read -r many_rps many_p99 < "$work/many"
 peak=$(awk '/VmHWM/ { print $2 }' "/proc/$nixery_pid/status")
 echo "200 connections downloading a $size-byte layer: $many_rps req/s, p99 $many_p99 ms; nixery peak RSS $((before / 1024)) MiB before, $((peak / 1024)) MiB after"
+# 200 full pulls at once (skopeo, manifest and every blob), each checked by
+# skopeo against its digests.
+mkdir -p "$work/pulls"
+started=$(date +%s%N)
+for i in $(seq 200); do
+  skopeo copy -q --src-tls-verify=false "docker://$nixery/shell/hello" "dir:$work/pulls/$i" > "$work/pulls/$i.log" 2>&1 &
+done
+failed=0
+for job in $(jobs -p); do [[ " ${pids[*]} " == *" $job "* ]] && continue; wait "$job" || failed=$((failed + 1)); done
+seconds=$(awk -v s="$started" -v e="$(date +%s%N)" 'BEGIN { printf "%.1f", (e - s) / 1e9 }')
+pulled_peak=$(awk '/VmHWM/ { print $2 }' "/proc/$nixery_pid/status")
+echo "200 concurrent skopeo pulls of shell/hello: $failed failed, $seconds s in all; nixery peak RSS $((pulled_peak / 1024)) MiB"
+if ((failed > 0)); then echo "bench-load: $failed pulls failed" >&2; exit 1; fi
 read -r tag_rps tag_p99 <<< "${result[nixery-tag]}"
-echo "manifest_vs_distribution=${result[ratio-tag]} digest_vs_distribution=${result[ratio-digest]} blob_vs_distribution=${result[ratio-blob]} nixery_manifest_rps=$tag_rps nixery_manifest_p99_ms=$tag_p99 rss_200_mib=$((peak / 1024))"
+echo "manifest_vs_distribution=${result[ratio-tag]} digest_vs_distribution=${result[ratio-digest]} blob_vs_distribution=${result[ratio-blob]} nixery_manifest_rps=$tag_rps nixery_manifest_p99_ms=$tag_p99 rss_200_mib=$((peak / 1024)) rss_200_pulls_mib=$((pulled_peak / 1024)) failed_pulls=$failed"

@@ -38,6 +38,8 @@ use crate::web;
 
 /// Seconds a client should wait after storage was unavailable.
 const RETRY_AFTER_SECONDS: &str = "5";
+/// Most bytes of request headers a request may carry.
+const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Larger blobs are never manifests; they are not read to find out.
 const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
 const API_VERSION: &str = "registry/2.0";
@@ -65,9 +67,30 @@ pub fn router(builder: Arc<Builder>, auth: Option<Arc<Auth>>) -> Router {
         None => routes,
     };
     routes
+        .layer(axum::middleware::from_fn(limit_headers))
         .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// Refuses requests whose headers together are larger than
+/// [`MAX_HEADER_BYTES`] with a JSON 431 (hyper itself cuts off far larger
+/// ones, without a body).
+async fn limit_headers(request: Request, next: Next) -> Response {
+    let size: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    if size > MAX_HEADER_BYTES {
+        return RegistryError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "UNSUPPORTED",
+            format!("request headers are {size} bytes; at most {MAX_HEADER_BYTES} are read"),
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 /// Lets a request through when it needs no credentials or shows good ones;
