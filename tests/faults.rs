@@ -42,6 +42,31 @@ fn blobs_match(storage: &Path) -> usize {
     count
 }
 
+/// A registry whose `slow` package builds until `gate` is dropped, with
+/// `shell/hello` already built (its manifest in `hello`).
+struct Gated {
+    gate: tempfile::NamedTempFile,
+    _set: tempfile::TempDir,
+    registry: Registry,
+    hello: common::Response,
+}
+
+impl Gated {
+    fn start() -> Gated {
+        let gate = tempfile::NamedTempFile::new().unwrap();
+        let set = common::gated_package_set(gate.path());
+        let registry = Registry::start_with(&[("NIXERY_PKGS_PATH", set.path().to_str().unwrap())]);
+        let hello = registry.get("/v2/shell/hello/manifests/latest");
+        assert_eq!(hello.status, 200);
+        Gated {
+            gate,
+            _set: set,
+            registry,
+            hello,
+        }
+    }
+}
+
 fn request_in_background(registry: &Registry, path: &str) -> std::thread::JoinHandle<common::Response> {
     let url = registry.url(path);
     std::thread::spawn(move || common::request("GET", &url, &[]))
@@ -49,11 +74,12 @@ fn request_in_background(registry: &Registry, path: &str) -> std::thread::JoinHa
 
 #[test]
 fn nix_killed_mid_build_is_a_clear_error_and_the_next_pull_builds() {
-    let gate = tempfile::NamedTempFile::new().unwrap();
-    let set = common::gated_package_set(gate.path());
-    let registry = Registry::start_with(&[("NIXERY_PKGS_PATH", set.path().to_str().unwrap())]);
-    let hello = registry.get("/v2/shell/hello/manifests/latest");
-    assert_eq!(hello.status, 200);
+    let Gated {
+        gate,
+        _set,
+        registry,
+        hello,
+    } = Gated::start();
 
     let pending = request_in_background(&registry, "/v2/slow/manifests/latest");
     let drv = building_slow(&registry);
@@ -72,11 +98,12 @@ fn nix_killed_mid_build_is_a_clear_error_and_the_next_pull_builds() {
 
 #[test]
 fn storage_removed_mid_build_is_mended() {
-    let gate = tempfile::NamedTempFile::new().unwrap();
-    let set = common::gated_package_set(gate.path());
-    let registry = Registry::start_with(&[("NIXERY_PKGS_PATH", set.path().to_str().unwrap())]);
-    let hello = registry.get("/v2/shell/hello/manifests/latest");
-    assert_eq!(hello.status, 200);
+    let Gated {
+        gate,
+        _set,
+        registry,
+        hello,
+    } = Gated::start();
 
     let pending = request_in_background(&registry, "/v2/shell/slow/manifests/latest");
     building_slow(&registry);
