@@ -74,22 +74,18 @@ fn request_in_background(registry: &Registry, path: &str) -> std::thread::JoinHa
 
 #[test]
 fn nix_killed_mid_build_is_a_clear_error_and_the_next_pull_builds() {
-    let Gated {
-        gate,
-        _set,
-        registry,
-        hello,
-    } = Gated::start();
+    let gated = Gated::start();
+    let (registry, hello) = (&gated.registry, &gated.hello);
 
-    let pending = request_in_background(&registry, "/v2/slow/manifests/latest");
-    let drv = building_slow(&registry);
+    let pending = request_in_background(registry, "/v2/slow/manifests/latest");
+    let drv = building_slow(registry);
     run("pkill", &["-KILL", "-f", &format!("nix-store --realise.*{drv}")]);
     let failed = pending.join().unwrap();
     assert_eq!(failed.status, 500);
     let message = failed.json()["errors"][0]["message"].as_str().unwrap().to_owned();
     assert_eq!(message, "Nix could not build slow: Nix was killed by a signal");
 
-    drop(gate);
+    drop(gated.gate);
     assert_eq!(registry.get("/v2/slow/manifests/latest").status, 200, "recovered");
     let again = registry.get("/v2/shell/hello/manifests/latest");
     assert_eq!(again.body, hello.body, "what was committed is still served");
@@ -98,17 +94,13 @@ fn nix_killed_mid_build_is_a_clear_error_and_the_next_pull_builds() {
 
 #[test]
 fn storage_removed_mid_build_is_mended() {
-    let Gated {
-        gate,
-        _set,
-        registry,
-        hello,
-    } = Gated::start();
+    let gated = Gated::start();
+    let (registry, hello) = (&gated.registry, &gated.hello);
 
-    let pending = request_in_background(&registry, "/v2/shell/slow/manifests/latest");
-    building_slow(&registry);
+    let pending = request_in_background(registry, "/v2/shell/slow/manifests/latest");
+    building_slow(registry);
     std::fs::remove_dir_all(registry.storage()).unwrap();
-    drop(gate);
+    drop(gated.gate);
     let slow = pending.join().unwrap();
     assert_eq!(slow.status, 200, "{}", String::from_utf8_lossy(&slow.body));
 
