@@ -26,6 +26,8 @@ pub struct Failure {
     pub image: String,
     pub when: SystemTime,
     pub message: String,
+    /// The last lines Nix wrote, when Nix failed.
+    pub log: Vec<String>,
 }
 
 /// Recent builds and errors, newest first, and layer users.

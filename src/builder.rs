@@ -411,6 +411,12 @@ impl Builder {
                                 image: job.request.to_string(),
                                 when: std::time::SystemTime::now(),
                                 message: error.to_string(),
+                                log: match error.as_ref() {
+                                    BuildError::Nix(NixError::Eval { log, .. } | NixError::Build { log, .. }) => {
+                                        log.clone()
+                                    }
+                                    _ => vec![],
+                                },
                             });
                         }
                         this.in_flight.lock().expect("not poisoned").remove(&building);

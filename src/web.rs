@@ -47,6 +47,8 @@ struct FailureRow {
     image: String,
     ago: String,
     message: String,
+    /// Nix's last lines, one string.
+    log: String,
 }
 
 #[derive(Template)]
@@ -120,6 +122,7 @@ pub async fn index(State(builder): State<Arc<Builder>>, headers: HeaderMap) -> R
                 image: f.image,
                 ago: ago(now, f.when),
                 message: f.message,
+                log: f.log.join("\n"),
             })
             .collect(),
     };

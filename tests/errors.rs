@@ -68,6 +68,11 @@ fn nix_failures_name_the_package_and_the_first_error_line() {
         registry.log().contains("failing: compiler exploded"),
         "the builder's output is logged"
     );
+    let page = String::from_utf8(registry.get("/").body).unwrap();
+    assert!(
+        page.contains("failing: compiler exploded"),
+        "and on the page of recent errors"
+    );
 
     let started = Instant::now();
     let hanging = registry.get("/v2/hanging/manifests/latest");

@@ -30,10 +30,19 @@ pub enum NixError {
     NotFound(Vec<String>),
     #[error("not packages but attribute sets: {}", .0.join(", "))]
     NotAPackage(Vec<String>),
+    /// `log`: the last lines Nix wrote.
     #[error("Nix could not evaluate {}: {error}", names(.packages))]
-    Eval { packages: Vec<String>, error: String },
+    Eval {
+        packages: Vec<String>,
+        error: String,
+        log: Vec<String>,
+    },
     #[error("Nix could not build {}: {error}", names(.packages))]
-    Build { packages: Vec<String>, error: String },
+    Build {
+        packages: Vec<String>,
+        error: String,
+        log: Vec<String>,
+    },
     #[error("Nix took longer than NIX_TIMEOUT ({} s) to evaluate and build the packages", .after.as_secs())]
     Timeout { after: Duration },
     #[error("could not run {program}: {source}")]
@@ -147,7 +156,7 @@ impl Nix {
         let ping = self.run("store ping", "nix", cmd);
         match tokio::time::timeout(Duration::from_secs(10), ping).await {
             Ok(result) => result.map(drop).map_err(|e| {
-                e.into_nix(|detail| NixError::Output {
+                e.into_nix(|detail, _| NixError::Output {
                     stage: "store ping",
                     detail,
                 })
@@ -196,9 +205,10 @@ impl Nix {
             .args(["--argstr", "system", system])
             .args(["--argstr", "packages", &serde_json::Value::from(requests).to_string()]);
         let stdout = self.run("evaluation", "nix-instantiate", cmd).await.map_err(|e| {
-            e.into_nix(|error| NixError::Eval {
+            e.into_nix(|error, log| NixError::Eval {
                 packages: if catch { vec![] } else { packages.to_vec() },
                 error,
+                log,
             })
         })?;
         let lookups: Vec<Lookup> = serde_json::from_slice(&stdout).map_err(|e| NixError::Output {
@@ -223,12 +233,16 @@ impl Nix {
         if let Some(first) = failing.first() {
             let alone = Box::pin(self.evaluate(source, system, std::slice::from_ref(first), false)).await;
             let error = match alone {
-                Err(NixError::Eval { error, .. }) => error,
-                _ => "its evaluation failed (the registry's log has Nix's output)".to_owned(),
+                Err(NixError::Eval { error, log, .. }) => (error, log),
+                _ => (
+                    "its evaluation failed (the registry's log has Nix's output)".to_owned(),
+                    vec![],
+                ),
             };
             return Err(NixError::Eval {
                 packages: failing,
-                error,
+                error: error.0,
+                log: error.1,
             });
         }
         lookups
@@ -273,9 +287,10 @@ impl Nix {
                     .filter(|(_, f)| std::path::Path::new(&f.out).symlink_metadata().is_err())
                     .map(|(name, _)| name.clone())
                     .collect();
-                Err(e.into_nix(|error| NixError::Build {
+                Err(e.into_nix(|error, log| NixError::Build {
                     packages: failed,
                     error,
+                    log,
                 }))
             }
         }
@@ -292,7 +307,7 @@ impl Nix {
         ])
         .args(outputs);
         let stdout = self.run("closure query", "nix", cmd).await.map_err(|e| {
-            e.into_nix(|detail| NixError::Output {
+            e.into_nix(|detail, _| NixError::Output {
                 stage: "closure query",
                 detail,
             })
@@ -345,10 +360,11 @@ enum RunError {
 
 impl RunError {
     /// A failure becomes `failed(message)`; other cases keep their kind.
-    fn into_nix(self, failed: impl FnOnce(String) -> NixError) -> NixError {
+    /// A failure becomes `failed(summary, last lines)`; other cases keep their kind.
+    fn into_nix(self, failed: impl FnOnce(String, Vec<String>) -> NixError) -> NixError {
         match self {
             RunError::Spawn { program, source } => NixError::Spawn { program, source },
-            RunError::Failed { code, stderr } => failed(summarise(code, &stderr)),
+            RunError::Failed { code, stderr } => failed(summarise(code, &stderr), stderr),
         }
     }
 }
