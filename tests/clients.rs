@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Registry, request, run, sha256};
+use common::{Registry, Unpacked, request, run, sha256};
 
 const IMAGE: &str = "shell/hello";
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -399,20 +399,8 @@ fn nixery_build_writes_what_skopeo_and_docker_load_accept() {
             &format!("oci:{}:latest", copy.display()),
         ],
     );
-    let bundle = work.path().join("bundle");
-    run(
-        "umoci",
-        &[
-            "unpack",
-            "--image",
-            &format!("{}:latest", copy.display()),
-            bundle.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(
-        run("chroot", &[bundle.join("rootfs").to_str().unwrap(), "hello"]),
-        "Hello, world!\n"
-    );
+    let unpacked = Unpacked::from_layout(tempfile::tempdir().unwrap(), &copy, "latest");
+    assert_eq!(unpacked.run(&["hello"]), "Hello, world!\n");
 
     // The same image as a registry serves it.
     let registry = Registry::start();

@@ -222,6 +222,11 @@ impl Unpacked {
             &format!("docker://{}/{image}:{tag}", registry.address),
             &format!("oci:{}:{tag}", layout.display()),
         );
+        Unpacked::from_layout(dir, &layout, tag)
+    }
+
+    /// Unpacks `tag` of the OCI layout `layout` into `dir`, which it keeps.
+    pub fn from_layout(dir: tempfile::TempDir, layout: &Path, tag: &str) -> Unpacked {
         let bundle = dir.path().join("bundle");
         let reference = format!("{}:{tag}", layout.display());
         run("umoci", &["unpack", "--image", &reference, bundle.to_str().unwrap()]);
