@@ -15,8 +15,9 @@ packages=(nix-bin busybox-static skopeo umoci curl ca-certificates git)
 if [[ "${1:-}" == test || "${1:-}" == bench ]]; then
   # podman runs containers with runc (crun refuses cgroups in hybrid mode);
   # docker.io brings dockerd and containerd brings ctr (TOOLCHAIN.md §3);
-  # pigz and zstd are the packing benchmark's references.
-  packages+=(podman runc containerd docker.io pigz zstd python3-venv openssl chromium)
+  # pigz and zstd are the packing benchmark's references; the fuzz targets'
+  # libFuzzer is C++ (g++ provides c++).
+  packages+=(podman runc containerd docker.io pigz zstd python3-venv openssl chromium g++)
 fi
 if [[ "${1:-}" == bench ]]; then
   packages+=(linux-perf)
