@@ -11,11 +11,10 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::BufWriter;
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::{FutureExt, Shared};
@@ -25,8 +24,10 @@ use tokio::sync::Semaphore;
 
 use crate::activity::{self, Activity};
 use crate::archive::{self, Compression, LayerDigests, RootFs};
-use crate::cache::{Caches, ImageRecord, ManifestRecord};
+use crate::cache::{Caches, ImageRecord, ManifestRecord, PlanLayer, PlanRecord};
+use crate::client::Client;
 use crate::digest::Digest;
+use crate::fresh::Fresh;
 use crate::image::{self, Arch, ImageRequest};
 use crate::layers::{self, Popularity};
 use crate::learning::Learned;
@@ -111,8 +112,15 @@ impl Settings {
     }
 }
 
-type BuildResult<T> = Result<T, Arc<BuildError>>;
-type BuildFuture = Shared<Pin<Box<dyn Future<Output = BuildResult<ImageRecord>> + Send>>>;
+pub type BuildResult<T> = Result<T, Arc<BuildError>>;
+type BuildFuture = Shared<Pin<Box<dyn Future<Output = BuildResult<Built>> + Send>>>;
+
+/// What one build made: the image's manifests and its layer plan.
+#[derive(Clone, Debug)]
+struct Built {
+    record: ImageRecord,
+    plan: Arc<PlanRecord>,
+}
 
 /// Builds images and remembers what it built.
 pub struct Builder {
@@ -129,13 +137,26 @@ pub struct Builder {
     metrics: Arc<Metrics>,
     activity: Activity,
     /// New builds in flight per client.
-    client_builds: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    client_builds: Arc<Mutex<HashMap<Client, usize>>>,
+    readiness: Fresh<Readiness, std::convert::Infallible>,
 }
+
+/// What the readiness probe found: each part's problem, if it has one.
+#[derive(Clone, Debug)]
+pub struct Readiness {
+    pub storage: Result<(), String>,
+    pub nix: Result<(), String>,
+}
+
+/// How long a readiness answer is trusted, and how old one may be given out
+/// while the next probe runs.
+const READINESS_TTL: Duration = Duration::from_secs(5);
+const READINESS_STALE: Duration = Duration::from_secs(30);
 
 /// A client's share of builds in flight, given back when dropped.
 struct ClientSlot {
-    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    client: IpAddr,
+    counts: Arc<Mutex<HashMap<Client, usize>>>,
+    client: Client,
 }
 
 impl Drop for ClientSlot {
@@ -156,11 +177,11 @@ struct Planned {
     jobs: Vec<LayerJob>,
 }
 
-/// An image's layer plan, for its web page.
+/// An image's layer plan as built, for its web page.
 #[derive(Debug)]
 pub struct ImagePlan {
     pub arch: Arch,
-    /// Whether the image's manifests are built and cached.
+    /// Whether the image's manifests are cached (its revision is pinned).
     pub cached: bool,
     pub layers: Vec<PlannedLayer>,
 }
@@ -173,8 +194,8 @@ pub struct PlannedLayer {
     pub contents: Vec<String>,
     /// Bytes of store contents (the sum of their NAR sizes).
     pub bytes: u64,
-    /// The packed blob, when the layer is in storage already.
-    pub packed: Option<LayerDigests>,
+    /// The packed blob.
+    pub packed: LayerDigests,
     /// Other images built here that hold the same layer.
     pub shared_with: Vec<String>,
 }
@@ -202,10 +223,11 @@ impl Builder {
             metrics,
             activity: Activity::default(),
             client_builds: Arc::default(),
+            readiness: Fresh::new(READINESS_TTL, READINESS_STALE),
         })
     }
 
-    pub fn metrics(&self) -> &Metrics {
+    pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 
@@ -217,9 +239,21 @@ impl Builder {
         &self.source
     }
 
-    /// Whether Nix can reach its store.
-    pub async fn nix_ready(&self) -> Result<(), String> {
-        self.nix.ready().await.map_err(|e| e.to_string())
+    /// Whether storage answers and Nix reaches its store: probed at most
+    /// every few seconds, one probe at a time, however many ask.
+    pub async fn readiness(&self) -> Readiness {
+        let (storage, nix) = (self.storage.clone(), self.nix.clone());
+        let probe = || async move {
+            let (storage, nix) = tokio::join!(storage.ready(), nix.ready());
+            Ok(Readiness {
+                storage,
+                nix: nix.map_err(|e| e.to_string()),
+            })
+        };
+        match self.readiness.get(probe).await {
+            Ok(readiness) => readiness,
+            Err(never) => match never {},
+        }
     }
 
     /// Whether no build is running.
@@ -259,7 +293,7 @@ impl Builder {
         self: &Arc<Self>,
         request: &ImageRequest,
         choice: Choice,
-        client: Option<IpAddr>,
+        client: Option<Client>,
     ) -> BuildResult<ManifestRecord> {
         self.admit(request).map_err(Arc::new)?;
         let resolved = self
@@ -299,7 +333,7 @@ impl Builder {
         arch: Arch,
         resolved: &Resolved,
         format: Format,
-        client: Option<IpAddr>,
+        client: Option<Client>,
     ) -> BuildResult<ManifestRecord> {
         let compression = self.settings.compression(format);
         let key = self.image_key(request, arch, resolved.revision.as_deref(), compression);
@@ -321,8 +355,9 @@ impl Builder {
             resolved: resolved.clone(),
             cache_key: cacheable.then(|| key.clone()),
         };
-        let record = self.join_build(key, job, client).await?;
-        Ok(record
+        let built = self.join_build(key, job, client).await?;
+        Ok(built
+            .record
             .manifest(format)
             .expect("a build makes every format of its layer set")
             .clone())
@@ -340,10 +375,18 @@ impl Builder {
         Ok(record)
     }
 
-    /// Forgets the image records `resolve` would use for `request` and
-    /// `choice`, after their manifest went missing from storage, so that the
-    /// next `resolve` builds the image again.
-    pub async fn forget(&self, request: &ImageRequest, choice: Choice) -> Result<(), BuildError> {
+    /// Forgets the records `resolve` used for `request` and `choice` that
+    /// name `missing`, a manifest or index storage lost, so that the next
+    /// `resolve` makes it again, byte for byte: an index is stored again
+    /// from its image manifests, an image whose manifest is lost is built
+    /// again. Records that name other documents are kept.
+    pub async fn forget_missing(
+        &self,
+        request: &ImageRequest,
+        choice: Choice,
+        missing: &Digest,
+    ) -> Result<(), BuildError> {
+        self.caches.forget_index(missing.hex()).await?;
         let resolved = self
             .source
             .resolve(&request.tag)
@@ -352,7 +395,25 @@ impl Builder {
         let compression = self.settings.compression(choice.format);
         for arch in self.architectures(request) {
             let key = self.image_key(request, arch, resolved.revision.as_deref(), compression);
-            self.caches.forget_image(&key).await?;
+            let names_it = |record: &ImageRecord| record.manifests.iter().any(|(_, m)| m.digest == *missing);
+            if self.caches.image(&key).await?.as_ref().is_some_and(names_it) {
+                self.caches.forget_image(&key).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets the image records that name `blob` (a layer or config)
+    /// after a GET found it missing from storage, so that the next pull of
+    /// each builds it again, byte for byte. Cheap for blobs nothing names:
+    /// one listing of the records noted for it.
+    pub async fn blob_missing(&self, blob: &Digest) -> Result<(), BuildError> {
+        let users = self.caches.users_of(blob).await?;
+        for key in &users {
+            self.caches.forget_image(key).await?;
+        }
+        if !users.is_empty() {
+            tracing::warn!(%blob, images = users.len(), "a blob is missing from storage: its images are built again at their next pull");
         }
         Ok(())
     }
@@ -370,7 +431,7 @@ impl Builder {
     }
 
     /// A share of builds for `client`, unless it has all of its own.
-    fn client_slot(&self, client: Option<IpAddr>) -> Result<Option<ClientSlot>, BuildError> {
+    fn client_slot(&self, client: Option<Client>) -> Result<Option<ClientSlot>, BuildError> {
         let Some(client) = client else { return Ok(None) };
         let mut counts = self.client_builds.lock().expect("not poisoned");
         let count = counts.entry(client).or_insert(0);
@@ -386,12 +447,7 @@ impl Builder {
 
     /// Waits for the build of `key`, starting it if none is running (and
     /// `client` may start one).
-    async fn join_build(
-        self: &Arc<Self>,
-        key: String,
-        job: BuildJob,
-        client: Option<IpAddr>,
-    ) -> BuildResult<ImageRecord> {
+    async fn join_build(self: &Arc<Self>, key: String, job: BuildJob, client: Option<Client>) -> BuildResult<Built> {
         let build = {
             let mut in_flight = self.in_flight.lock().expect("not poisoned");
             match in_flight.get(&key) {
@@ -424,7 +480,7 @@ impl Builder {
                     };
                     // The build's log lines carry the span (request id) of the request that started it.
                     let task = tokio::spawn(tracing::Instrument::in_current_span(build));
-                    let joined: Pin<Box<dyn Future<Output = BuildResult<ImageRecord>> + Send>> =
+                    let joined: Pin<Box<dyn Future<Output = BuildResult<Built>> + Send>> =
                         Box::pin(task.map(|joined| joined.expect("build tasks do not panic")));
                     let shared = joined.shared();
                     in_flight.insert(key, shared.clone());
@@ -467,7 +523,7 @@ impl Builder {
         Ok(Planned { realised, jobs })
     }
 
-    async fn build(&self, job: &BuildJob) -> Result<ImageRecord, BuildError> {
+    async fn build(&self, job: &BuildJob) -> Result<Built, BuildError> {
         let _slot = self.build_slots.acquire().await.expect("never closed");
         let started = Instant::now();
         let request = &job.request;
@@ -498,8 +554,9 @@ impl Builder {
             manifests.push((format, manifest));
         }
         let record = ImageRecord { manifests };
+        let plan = plan_record(&jobs, &realised, &layers, job.compression);
         if let Some(key) = &job.cache_key {
-            self.caches.put_image(key, record.clone()).await?;
+            self.remember(key, &record, &plan, &config.digest).await?;
         }
         let storage_time = std::time::Duration::from_micros(storing.load(Ordering::Relaxed));
         self.metrics.stage(Stage::Nix, nix_done - started);
@@ -541,7 +598,31 @@ impl Builder {
             newly_packed,
             "built image"
         );
-        Ok(record)
+        Ok(Built {
+            record,
+            plan: Arc::new(plan),
+        })
+    }
+
+    /// Records a built image under `key`: its plan, the blobs it uses, and
+    /// last its manifests, the record a pull trusts.
+    async fn remember(
+        &self,
+        key: &str,
+        record: &ImageRecord,
+        plan: &PlanRecord,
+        config: &Digest,
+    ) -> Result<(), BuildError> {
+        self.caches.put_plan(key, plan).await?;
+        let blobs: Vec<&Digest> = plan
+            .layers
+            .iter()
+            .map(|layer| &layer.packed.digest)
+            .chain([config])
+            .collect();
+        self.caches.note_users(key, &blobs).await?;
+        self.caches.put_image(key, record.clone()).await?;
+        Ok(())
     }
 
     /// Every layer of `jobs` with `compression`, packed at most
@@ -623,52 +704,79 @@ impl Builder {
         })
     }
 
-    /// An image's layer plan without packing it (Nix realises it, as a pull
-    /// would), for the image's web page: the first architecture, the
-    /// preferred format's compression.
-    pub async fn describe(&self, request: &ImageRequest) -> Result<ImagePlan, BuildError> {
-        self.admit(request)?;
-        let resolved = self
-            .source
-            .resolve(&request.tag)
-            .await?
-            .ok_or_else(|| BuildError::UnknownTag(request.tag.clone()))?;
+    /// An image's layer plan as built, for its web page: the first
+    /// architecture, the preferred format's layer set. With a `client`, an
+    /// image not built yet is built as its pull would build it, in the same
+    /// flight, within the same build slots and the client's share. Without
+    /// one, only what is built already is shown and nothing runs: `None`
+    /// when the image is not built (or its tag not known) yet.
+    pub async fn describe(
+        self: &Arc<Self>,
+        request: &ImageRequest,
+        client: Option<Client>,
+    ) -> BuildResult<Option<ImagePlan>> {
+        self.admit(request).map_err(Arc::new)?;
+        let resolved = match client {
+            Some(_) => self
+                .source
+                .resolve(&request.tag)
+                .await
+                .map_err(|e| Arc::new(e.into()))?
+                .ok_or_else(|| Arc::new(BuildError::UnknownTag(request.tag.clone())))?,
+            None => match self.source.resolve_known(&request.tag).await {
+                Some(resolved) => resolved,
+                None => return Ok(None),
+            },
+        };
         let arch = self.architectures(request)[0];
         let compression = self.settings.compression(self.settings.preferred_format);
         let key = self.image_key(request, arch, resolved.revision.as_deref(), compression);
-        let cached = resolved.revision.is_some() && self.caches.image(&key).await?.is_some();
+        let cacheable = resolved.revision.is_some();
+        if cacheable && let Some(plan) = self.recorded_plan(&key).await.map_err(Arc::new)? {
+            return Ok(Some(self.plan_view(request, arch, true, &plan)));
+        }
+        let Some(client) = client else { return Ok(None) };
         let job = BuildJob {
             request: request.clone(),
             arch,
             compression,
             resolved,
-            cache_key: None,
+            cache_key: cacheable.then(|| key.clone()),
         };
-        let Planned { realised, jobs } = self.plan(&job).await?;
-        let sizes: HashMap<&str, u64> = realised
-            .graph
-            .paths
-            .iter()
-            .map(|p| (p.path.as_str(), p.nar_size))
-            .collect();
-        let mut layers = Vec::new();
-        for layer in &jobs {
-            let key = layer.key(compression);
-            let (contents, bytes) = match layer {
-                LayerJob::Store(paths) => (
-                    paths.iter().map(|p| store_name(p)).collect(),
-                    paths.iter().map(|p| sizes.get(p.as_str()).copied().unwrap_or(0)).sum(),
-                ),
-                LayerJob::Root(..) => (vec!["root filesystem: links, /etc, /tmp".to_owned()], 0),
-            };
-            layers.push(PlannedLayer {
-                contents,
-                bytes,
-                packed: self.packed(&key).await?,
-                shared_with: self.activity.other_users(&key, &request.to_string()),
-            });
+        let built = self.join_build(key, job, Some(client)).await?;
+        Ok(Some(self.plan_view(request, arch, cacheable, &built.plan)))
+    }
+
+    /// The plan of the image recorded under `key`, when both its record
+    /// and its plan are in storage. An image record without a plan (lost,
+    /// or from a version that kept none) is forgotten, so that building the
+    /// image again records both.
+    async fn recorded_plan(&self, key: &str) -> Result<Option<PlanRecord>, BuildError> {
+        if self.caches.image(key).await?.is_none() {
+            return Ok(None);
         }
-        Ok(ImagePlan { arch, cached, layers })
+        let plan = self.caches.plan(key).await?;
+        if plan.is_none() {
+            self.caches.forget_image(key).await?;
+        }
+        Ok(plan)
+    }
+
+    /// A recorded plan as its page shows it, with the other images here
+    /// that share each layer.
+    fn plan_view(&self, request: &ImageRequest, arch: Arch, cached: bool, plan: &PlanRecord) -> ImagePlan {
+        let image = request.to_string();
+        let layers = plan
+            .layers
+            .iter()
+            .map(|layer| PlannedLayer {
+                contents: layer.contents.clone(),
+                bytes: layer.bytes,
+                packed: layer.packed.clone(),
+                shared_with: self.activity.other_users(&layer.key, &image),
+            })
+            .collect();
+        ImagePlan { arch, cached, layers }
     }
 
     /// The program an image of one package runs: that package's
@@ -721,6 +829,41 @@ impl Builder {
             .hex()
             .to_owned()
     }
+}
+
+/// What each of an image's layers holds, and where it was packed.
+fn plan_record(
+    jobs: &[LayerJob],
+    realised: &Realised,
+    packed: &[LayerDigests],
+    compression: Compression,
+) -> PlanRecord {
+    let sizes: HashMap<&str, u64> = realised
+        .graph
+        .paths
+        .iter()
+        .map(|p| (p.path.as_str(), p.nar_size))
+        .collect();
+    let layers = jobs
+        .iter()
+        .zip(packed)
+        .map(|(job, packed)| {
+            let (contents, bytes) = match job {
+                LayerJob::Store(paths) => (
+                    paths.iter().map(|p| store_name(p)).collect(),
+                    paths.iter().map(|p| sizes.get(p.as_str()).copied().unwrap_or(0)).sum(),
+                ),
+                LayerJob::Root(..) => (vec!["root filesystem: links, /etc, /tmp".to_owned()], 0),
+            };
+            PlanLayer {
+                contents,
+                bytes,
+                key: job.key(compression),
+                packed: packed.clone(),
+            }
+        })
+        .collect();
+    PlanRecord { layers }
 }
 
 /// `hello-2.12.1` for `/nix/store/<hash>-hello-2.12.1`.

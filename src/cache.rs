@@ -2,9 +2,13 @@
 //! (per layer set), which index a multi-arch tag resolved to, and which
 //! blob a layer's contents were packed into. Kept in
 //! memory (moka, bounded) in front of records in storage, so that a
-//! restarted registry finds them too.
+//! restarted registry finds them too. Beside them, in storage only: each
+//! image's layer plan as built (for its web page), and which images use
+//! each blob, so that a blob lost from storage can be traced to the
+//! records that name it.
 
 use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
 use moka::future::Cache;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -16,6 +20,10 @@ use crate::storage::{Storage, StorageError};
 
 const IMAGE_ENTRIES: u64 = 10_000;
 const LAYER_ENTRIES: u64 = 100_000;
+/// Where the images that use a blob are noted: `blob-users/<hex>/<image key>`.
+const USERS: &str = "blob-users";
+/// Notes written at once.
+const NOTES_AT_ONCE: usize = 8;
 
 /// A built manifest.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -36,6 +44,25 @@ impl ImageRecord {
     pub fn manifest(&self, format: Format) -> Option<&ManifestRecord> {
         self.manifests.iter().find(|(f, _)| *f == format).map(|(_, m)| m)
     }
+}
+
+/// An image's layers as built: what each holds and where it was packed.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PlanRecord {
+    pub layers: Vec<PlanLayer>,
+}
+
+/// One layer of a [`PlanRecord`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PlanLayer {
+    /// Store path names without their hash (`hello-2.12.1`), or a
+    /// description of the root filesystem layer.
+    pub contents: Vec<String>,
+    /// Bytes of store contents (the sum of their NAR sizes).
+    pub bytes: u64,
+    /// The layer's cache key.
+    pub key: String,
+    pub packed: LayerDigests,
 }
 
 /// The image, index and layer caches.
@@ -71,12 +98,51 @@ impl Caches {
         self.storage.delete_record(&format!("images/{key}")).await
     }
 
+    /// An image's layer plan, read from storage (pages are rare: not kept in memory).
+    pub async fn plan(&self, key: &str) -> Result<Option<PlanRecord>, StorageError> {
+        let Some(bytes) = self.storage.get_record(&format!("plans/{key}")).await? else {
+            return Ok(None);
+        };
+        Ok(serde_json::from_slice(&bytes).ok())
+    }
+
+    pub async fn put_plan(&self, key: &str, plan: &PlanRecord) -> Result<(), StorageError> {
+        let bytes = serde_json::to_vec(plan).expect("records serialise");
+        self.storage
+            .put_record(&format!("plans/{key}"), Bytes::from(bytes))
+            .await
+    }
+
+    /// Notes that the image record `image_key` names each of `blobs`.
+    pub async fn note_users(&self, image_key: &str, blobs: &[&Digest]) -> Result<(), StorageError> {
+        let records: Vec<String> = blobs
+            .iter()
+            .map(|blob| format!("{USERS}/{}/{image_key}", blob.hex()))
+            .collect();
+        futures::stream::iter(records)
+            .map(|record| self.storage.put_record_if_absent(record, Bytes::new()))
+            .buffer_unordered(NOTES_AT_ONCE)
+            .try_collect()
+            .await
+    }
+
+    /// The keys of the image records noted as naming `blob`.
+    pub async fn users_of(&self, blob: &Digest) -> Result<Vec<String>, StorageError> {
+        self.storage.list_records(&format!("{USERS}/{}", blob.hex())).await
+    }
+
     pub async fn index(&self, key: &str) -> Result<Option<ManifestRecord>, StorageError> {
         lookup(&self.storage, &self.indexes, "indexes", key).await
     }
 
     pub async fn put_index(&self, key: &str, record: ManifestRecord) -> Result<(), StorageError> {
         store(&self.storage, &self.indexes, "indexes", key, record).await
+    }
+
+    /// Drops an index record whose index storage lost.
+    pub async fn forget_index(&self, key: &str) -> Result<(), StorageError> {
+        self.indexes.invalidate(key).await;
+        self.storage.delete_record(&format!("indexes/{key}")).await
     }
 
     pub async fn layer(&self, key: &str) -> Result<Option<LayerDigests>, StorageError> {

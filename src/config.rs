@@ -17,11 +17,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::archive::{Compression, DEFAULT_GZIP_LEVEL, DEFAULT_ZSTD_LEVEL};
 use crate::auth::Auth;
+use crate::client::TrustedProxies;
 use crate::export::OutputFormat;
 use crate::image::Arch;
 use crate::layers::{DEFAULT_BUDGET, Strategy};
 use crate::meta::MetaPackages;
 use crate::oci::Format;
+use crate::redact::Secrets;
 use crate::source::{Channel, DEFAULT_CHANNEL_URL, PackageSource};
 
 #[derive(Debug, Parser)]
@@ -237,10 +239,26 @@ pub struct ServeArgs {
     /// more get 429 TOOMANYREQUESTS.
     #[arg(long, env = "NIXERY_CLIENT_BUILDS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
     client_builds: u16,
-    /// Seconds a client has to send its request headers; a slower one is
-    /// disconnected.
+    /// Seconds a new connection has to send its first request's headers; a
+    /// slower one is disconnected.
     #[arg(long, env = "NIXERY_HEADER_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     header_timeout: u64,
+    /// Seconds a connection may stay open between requests.
+    #[arg(long, env = "NIXERY_IDLE_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout: u64,
+    /// Most client connections open at once (default: three quarters of the
+    /// open-file limit, which is raised to its hard limit, at most 16384).
+    /// At the cap, the connection idle longest is closed for a new one.
+    #[arg(long, env = "NIXERY_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: Option<u32>,
+    /// Proxies whose X-Forwarded-For (or Forwarded) headers name the client,
+    /// as comma-separated addresses and CIDR blocks.
+    #[arg(long, env = "NIXERY_TRUSTED_PROXIES", default_value = "")]
+    trusted_proxies: TrustedProxies,
+    /// Show the last lines of Nix's log of failed builds on the landing page
+    /// even when it is open to anyone (it always does when protected).
+    #[arg(long, env = "NIXERY_WEB_SHOW_LOGS", default_value_t = false, action = clap::ArgAction::Set)]
+    web_show_logs: bool,
     /// Seconds open requests and builds may take to finish after SIGTERM.
     #[arg(long, env = "NIXERY_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     shutdown_timeout: u64,
@@ -392,8 +410,13 @@ pub struct ServeConfig {
     pub max_packages: usize,
     pub builds_per_client: usize,
     pub header_timeout: Duration,
-    /// `None`: anyone may pull.
-    pub auth: Option<std::sync::Arc<Auth>>,
+    pub idle_timeout: Duration,
+    /// `None`: derived from the open-file limit.
+    pub max_connections: Option<usize>,
+    /// Access control, client addresses, what pages show.
+    pub http: crate::server::Settings,
+    /// What the settings hold that must never be shown.
+    pub secrets: Secrets,
 }
 
 impl ServeArgs {
@@ -408,7 +431,9 @@ impl ServeArgs {
             Some(path) => MetaPackages::load(path).map_err(|e| ConfigError::MetaPackages(e.to_string()))?,
             None => MetaPackages::default(),
         };
+        let secrets = self.secrets();
         Ok(ServeConfig {
+            secrets,
             listen: SocketAddr::new(self.listen_address, self.port),
             source,
             storage,
@@ -436,8 +461,37 @@ impl ServeArgs {
             max_packages: self.max_packages.into(),
             builds_per_client: self.client_builds.into(),
             header_timeout: Duration::from_secs(self.header_timeout),
-            auth,
+            idle_timeout: Duration::from_secs(self.idle_timeout),
+            max_connections: self.max_connections.map(|n| n as usize),
+            http: crate::server::Settings {
+                web: crate::web::Settings {
+                    show_logs: self.web_show_logs || auth.as_ref().is_some_and(|a| a.protect_web),
+                },
+                auth,
+                trusted_proxies: self.trusted_proxies.clone(),
+            },
         })
+    }
+
+    /// The secrets of every URL setting, and the keys.
+    fn secrets(&self) -> Secrets {
+        let urls = [
+            &self.pkgs_repo,
+            &Some(self.channel_url.clone()),
+            &self.flake,
+            &self.popularity_url,
+            &self.s3.s3_endpoint,
+            &self.gcs.gcs_endpoint,
+        ];
+        let keys = [
+            &self.s3.s3_secret_key,
+            &self.s3.aws_secret_access_key,
+            &self.s3.aws_session_token,
+        ];
+        Secrets::new(
+            urls.into_iter().flatten().map(String::as_str),
+            keys.into_iter().flatten().map(String::as_str),
+        )
     }
 
     fn storage(&self) -> Result<StorageConfig, ConfigError> {
@@ -491,7 +545,7 @@ impl ServeArgs {
         }
         if let Some(channel) = &self.channel {
             if !self.channel_url.contains("{channel}") {
-                return Err(ConfigError::ChannelUrl(self.channel_url.clone()));
+                return Err(ConfigError::ChannelUrl(crate::redact::url(&self.channel_url)));
             }
             return Ok(PackageSource::Channel(Channel {
                 channel: channel.clone(),

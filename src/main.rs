@@ -17,23 +17,36 @@ use nixery::metrics::Metrics;
 use nixery::negotiate::Choice;
 use nixery::nix::Nix;
 use nixery::oci::Format;
+use nixery::redact;
 use nixery::server;
 use nixery::source::LATEST;
 use nixery::storage::Storage;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+async fn main() -> std::process::ExitCode {
+    match run(Cli::parse().command).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("Error: {}", redact::scrub(&format!("{error:#}")));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Serve(args) => {
-            init_logging(args.log_format, "info");
+            let format = args.log_format;
             let config = args.check()?;
+            init_logging(format, "info", &config);
             serve(config).await
         }
         Command::Build(args) => {
-            init_logging(args.registry.log_format, "warn");
-            let (config, image, output, format) = args.check()?;
-            build(config, &image, &output, format).await
+            let format = args.registry.log_format;
+            let (config, image, output, output_format) = args.check()?;
+            init_logging(format, "warn", &config);
+            build(config, &image, &output, output_format).await
         }
         Command::Layers(args) => print_layers(args),
     }
@@ -67,12 +80,14 @@ fn print_layers(args: LayersArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Logs to stderr at `RUST_LOG`'s level, else at `level`.
-fn init_logging(format: LogFormat, level: &str) {
+/// Logs to stderr at `RUST_LOG`'s level, else at `level`, never showing
+/// the configuration's secrets.
+fn init_logging(format: LogFormat, level: &str, config: &ServeConfig) {
+    redact::install(config.secrets.clone());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(redact::ScrubbedStderr);
     match format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
@@ -80,22 +95,25 @@ fn init_logging(format: LogFormat, level: &str) {
 }
 
 async fn serve(config: ServeConfig) -> anyhow::Result<()> {
-    let (address, grace, auth, header_timeout) = (
-        config.listen,
-        config.shutdown_timeout,
-        config.auth.clone(),
-        config.header_timeout,
-    );
+    let fd_limit = listen::raise_fd_limit();
+    let limits = listen::Limits {
+        header_timeout: config.header_timeout,
+        idle_timeout: config.idle_timeout,
+        max_connections: config
+            .max_connections
+            .unwrap_or_else(|| listen::default_max_connections(fd_limit)),
+    };
+    let (address, grace, http) = (config.listen, config.shutdown_timeout, config.http.clone());
     let builder = open_builder(config).await?;
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("cannot listen on {address}"))?;
     let address = listener.local_addr()?;
-    tracing::info!(%address, "nixery is serving");
+    tracing::info!(%address, max_connections = limits.max_connections, fd_limit, "nixery is serving");
     eprintln!(
         "nixery is serving on http://{address}\n  pull an image: skopeo copy --src-tls-verify=false docker://{address}/shell/hello oci:hello:latest\n  or:            docker pull {address}/shell/hello"
     );
-    serve_until_stopped(listener, builder, auth, grace, header_timeout).await
+    serve_until_stopped(listener, builder, http, grace, limits).await
 }
 
 /// `nixery build`: the image built as the registry would build it, then
@@ -224,12 +242,12 @@ async fn open_builder(config: ServeConfig) -> anyhow::Result<Arc<Builder>> {
 async fn serve_until_stopped(
     listener: tokio::net::TcpListener,
     builder: Arc<Builder>,
-    auth: Option<Arc<nixery::auth::Auth>>,
+    http: server::Settings,
     grace: std::time::Duration,
-    header_timeout: std::time::Duration,
+    limits: listen::Limits,
 ) -> anyhow::Result<()> {
     let (stopped_at, mut stopping) = tokio::sync::watch::channel(None);
-    let app = server::router(Arc::clone(&builder), auth);
+    let app = server::router(Arc::clone(&builder), http);
     let stop = async move {
         stop_signal().await;
         tracing::info!(
@@ -238,7 +256,7 @@ async fn serve_until_stopped(
         );
         let _ = stopped_at.send(Some(tokio::time::Instant::now()));
     };
-    let server = listen::serve(listener, app, stop, header_timeout);
+    let server = listen::serve(listener, app, stop, limits, Arc::clone(builder.metrics()));
     let deadline = async {
         let _ = stopping.wait_for(Option::is_some).await;
         let since = stopping.borrow().expect("set");

@@ -1,12 +1,14 @@
 //! The registry's metrics, in the Prometheus text format at `/metrics`:
 //! builds, build time per stage, cache hits and misses, Nix invocations,
-//! bytes served and requests by route and status.
+//! bytes served, requests by route and status, and connections: open, and
+//! closed by the registry, by why.
 
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -47,6 +49,11 @@ struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     route: &'static str,
     status: u16,
@@ -65,6 +72,8 @@ pub struct Metrics {
     nix_invocations: Family<CommandLabel, Counter>,
     bytes_served: Family<KindLabel, Counter>,
     requests: Family<RequestLabels, Counter>,
+    connections_open: Gauge,
+    connections_closed: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -80,6 +89,8 @@ impl Default for Metrics {
             nix_invocations: Family::default(),
             bytes_served: Family::default(),
             requests: Family::default(),
+            connections_open: Gauge::default(),
+            connections_closed: Family::default(),
             registry: Registry::default(),
         };
         registry.register("builds_started", "Image builds started", metrics.builds_started.clone());
@@ -118,6 +129,16 @@ impl Default for Metrics {
             "http_requests",
             "HTTP requests by route and status",
             metrics.requests.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Client connections open",
+            metrics.connections_open.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Client connections the registry closed, by reason (no_request, idle, evicted, refused, stopping)",
+            metrics.connections_closed.clone(),
         );
         Metrics { registry, ..metrics }
     }
@@ -170,6 +191,19 @@ impl Metrics {
     }
 
     /// The Prometheus text format.
+    pub fn connections_open(&self, open: usize) {
+        self.connections_open.set(open as i64);
+    }
+
+    /// `count` connections the registry closed for `reason`.
+    pub fn connections_closed(&self, reason: &'static str, count: usize) {
+        if count > 0 {
+            self.connections_closed
+                .get_or_create(&ReasonLabel { reason })
+                .inc_by(count as u64);
+        }
+    }
+
     pub fn encode(&self) -> String {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String");

@@ -7,9 +7,7 @@
 //! responses; the negotiate module picks the manifest format and the builder
 //! makes images.
 
-use std::collections::HashMap;
-
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -17,7 +15,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{ConnectInfo, Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -27,11 +25,13 @@ use serde_json::json;
 
 use crate::auth::Auth;
 use crate::builder::{BuildError, Builder};
+use crate::client::{Client, TrustedProxies};
 use crate::digest::{Digest, DigestError};
 use crate::image::{self, ImageRequest, NameError};
 use crate::negotiate;
 use crate::nix::NixError;
 use crate::oci;
+use crate::redact;
 use crate::source::LATEST;
 use crate::storage::StorageError;
 use crate::web;
@@ -44,8 +44,18 @@ const MAX_HEADER_BYTES: usize = 16 * 1024;
 const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
 const API_VERSION: &str = "registry/2.0";
 
+/// How requests are treated, besides their routes.
+#[derive(Clone, Debug, Default)]
+pub struct Settings {
+    /// `None`: anyone may pull.
+    pub auth: Option<Arc<Auth>>,
+    /// Whose forwarding headers name the client.
+    pub trusted_proxies: TrustedProxies,
+    pub web: web::Settings,
+}
+
 /// The registry's routes.
-pub fn router(builder: Arc<Builder>, auth: Option<Arc<Auth>>) -> Router {
+pub fn router(builder: Arc<Builder>, settings: Settings) -> Router {
     use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
     let routes = Router::new()
         .route("/v2", any(ping))
@@ -61,12 +71,17 @@ pub fn router(builder: Arc<Builder>, auth: Option<Arc<Auth>>) -> Router {
             Arc::clone(&builder),
             count_request,
         ))
+        .layer(axum::Extension(settings.web))
         .with_state(builder);
-    let routes = match auth {
+    let routes = match settings.auth {
         Some(auth) => routes.layer(axum::middleware::from_fn_with_state(auth, check_access)),
         None => routes,
     };
     routes
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(settings.trusted_proxies),
+            identify_client,
+        ))
         .layer(axum::middleware::from_fn(limit_headers))
         .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::x_request_id())
@@ -93,17 +108,41 @@ async fn limit_headers(request: Request, next: Next) -> Response {
     next.run(request).await
 }
 
+/// Tells the handlers which client a request counts against (see the
+/// client module).
+async fn identify_client(
+    State(proxies): State<Arc<TrustedProxies>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let client = proxies.client(peer.ip(), request.headers());
+    request.extensions_mut().insert(client);
+    next.run(request).await
+}
+
 /// Lets a request through when it needs no credentials or shows good ones;
 /// else the spec's 401 with a Basic challenge. Health checks stay open, and
-/// the web pages and metrics unless they are protected too.
-async fn check_access(State(auth): State<Arc<Auth>>, request: Request, next: Next) -> Response {
+/// the web pages and metrics unless they are protected too; an open page
+/// asked for without good credentials is marked [`Unverified`], so that it
+/// starts nothing.
+async fn check_access(State(auth): State<Arc<Auth>>, mut request: Request, next: Next) -> Response {
     let path = request.uri().path();
-    let open = matches!(path, "/healthz" | "/readyz") || (!path.starts_with("/v2") && !auth.protect_web);
+    let health = matches!(path, "/healthz" | "/readyz");
+    let open_page = !path.starts_with("/v2") && !auth.protect_web;
     let credentials = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if open || auth.allows(credentials) {
+    if health {
+        return next.run(request).await;
+    }
+    // bcrypt only runs for requests that show credentials.
+    let verified = credentials.is_some() && auth.allows(credentials);
+    if verified || open_page {
+        if !verified {
+            request.extensions_mut().insert(Unverified);
+        }
         return next.run(request).await;
     }
     let mut response = RegistryError::new(
@@ -120,6 +159,11 @@ async fn check_access(State(auth): State<Arc<Auth>>, request: Request, next: Nex
     headers.insert("Docker-Distribution-API-Version", HeaderValue::from_static(API_VERSION));
     response
 }
+
+/// Marks a request that reached an open page without good credentials
+/// while access control is on: it may see what is built, and start nothing.
+#[derive(Clone, Copy, Debug)]
+pub struct Unverified;
 
 /// The span of a request's log lines: its id, method and path.
 fn request_span(request: &Request) -> tracing::Span {
@@ -178,9 +222,10 @@ async fn metrics(State(builder): State<Arc<Builder>>) -> Response {
         .into_response()
 }
 
-/// Ready when storage answers and Nix can reach its store.
+/// Ready when storage answers and Nix can reach its store (as probed in
+/// the last few seconds).
 async fn ready(State(builder): State<Arc<Builder>>) -> Response {
-    let (storage, nix) = tokio::join!(builder.storage().ready(), builder.nix_ready());
+    let crate::builder::Readiness { storage, nix } = builder.readiness().await;
     let problem = |result: Result<(), String>| result.err().map_or(json!("ok"), |e| json!(e));
     let ok = storage.is_ok() && nix.is_ok();
     let body = json!({ "storage": problem(storage), "nix": problem(nix) });
@@ -214,10 +259,10 @@ async fn ping(method: Method) -> Response {
 /// `/v2/<name>/tags/list` and `/v2/<name>/referrers/<digest>`.
 async fn registry(
     State(builder): State<Arc<Builder>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(client): Extension<Client>,
     method: Method,
     Path(rest): Path<String>,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, RegistryError> {
     if method != Method::GET && method != Method::HEAD {
@@ -227,31 +272,26 @@ async fn registry(
     let Some(Route { name, kind, reference }) = Route::parse(&rest) else {
         return Err(RegistryError::unknown_route());
     };
-    let query = query.map(|Query(q)| q).unwrap_or_default();
+    let query = query.map(|Query(q)| q).ok();
     let response = match (kind, reference) {
-        ("manifests", _) => manifest(&builder, &name, reference, &headers, head, peer.ip()).await,
+        ("manifests", _) => manifest(&builder, &name, reference, &headers, head, client).await,
         ("blobs", _) => blob(&builder, &name, reference, &headers, head).await,
-        ("tags", "list") => tags(&builder, &name, &query, head).await,
-        ("referrers", _) => referrers(&name, reference, &query, head),
+        ("tags", "list") => tags(&builder, &name, query.as_deref(), head).await,
+        ("referrers", _) => referrers(&name, reference, query.as_deref().unwrap_or_default(), head),
         _ => Err(RegistryError::unknown_route()),
     }?;
     Ok(not_modified_if_current(&headers, response))
 }
 
-/// A 304 without a body in place of a 200 whose `ETag` the client already
-/// has (`If-None-Match`, RFC 9110 §13.1.2).
+/// A 304 without a body in place of a 200 or 206 whose `ETag` the client
+/// already has (`If-None-Match`, RFC 9110 §13.1.2; it is evaluated before
+/// `Range`, §13.2.2).
 fn not_modified_if_current(request: &HeaderMap, response: Response) -> Response {
     let Some(etag) = response.headers().get(header::ETAG).and_then(|v| v.to_str().ok()) else {
         return response;
     };
-    let current = request
-        .get_all(header::IF_NONE_MATCH)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|tag| tag.trim().trim_start_matches("W/"))
-        .any(|tag| tag == "*" || tag == etag);
-    if response.status() != StatusCode::OK || !current {
+    let served = matches!(response.status(), StatusCode::OK | StatusCode::PARTIAL_CONTENT);
+    if !served || !has_current_etag(request, etag) {
         return response;
     }
     let mut not_modified = Response::new(Body::empty());
@@ -267,6 +307,17 @@ fn not_modified_if_current(request: &HeaderMap, response: Response) -> Response 
         }
     }
     not_modified
+}
+
+/// Whether `If-None-Match` names `etag` (or `*`).
+fn has_current_etag(request: &HeaderMap, etag: &str) -> bool {
+    request
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|tag| tag.trim().trim_start_matches("W/"))
+        .any(|tag| tag == "*" || tag == etag)
 }
 
 /// A path below `/v2/`: `<name>/<kind>/<reference>`, the name being one or
@@ -298,7 +349,7 @@ async fn manifest(
     reference: &str,
     headers: &HeaderMap,
     head: bool,
-    client: IpAddr,
+    client: Client,
 ) -> Result<Response, RegistryError> {
     image::validate_name(name)?;
     if reference.contains(':') {
@@ -321,7 +372,7 @@ async fn manifest(
     } else {
         match builder.storage().read_blob_bytes(&record.digest).await? {
             Some(bytes) => (record, ManifestBody::Get(bytes)),
-            None => rebuild(builder, &request, choice, client).await?,
+            None => rebuild(builder, &request, choice, client, &record.digest).await?,
         }
     };
     let mut response = manifest_response(&record.media_type, &record.digest, body);
@@ -332,17 +383,19 @@ async fn manifest(
     Ok(response)
 }
 
-/// Builds an image again whose manifest storage lost (someone removed it):
-/// its records are forgotten and the layers checked and packed again.
+/// Makes again a manifest or index storage lost (someone removed it):
+/// the records that name it are forgotten, so that the index is stored
+/// again, or the image built again (its layers checked and packed again).
 async fn rebuild(
     builder: &Arc<Builder>,
     request: &ImageRequest,
     choice: negotiate::Choice,
-    client: IpAddr,
+    client: Client,
+    missing: &Digest,
 ) -> Result<(crate::cache::ManifestRecord, ManifestBody), RegistryError> {
-    tracing::warn!(image = %request, "a manifest is missing from storage: building the image again");
+    tracing::warn!(image = %request, %missing, "a manifest or index is missing from storage: making it again");
     builder
-        .forget(request, choice)
+        .forget_missing(request, choice, missing)
         .await
         .map_err(|e| RegistryError::from_build(&e))?;
     let record = builder
@@ -408,17 +461,23 @@ fn manifest_response(media_type: &str, digest: &Digest, body: ManifestBody) -> R
 async fn tags(
     builder: &Arc<Builder>,
     name: &str,
-    query: &HashMap<String, String>,
+    query: Option<&[(String, String)]>,
     head: bool,
 ) -> Result<Response, RegistryError> {
     image::validate_name(name)?;
-    let limit = match query.get("n") {
-        Some(n) => Some(n.parse::<usize>().map_err(|_| RegistryError::pagination_invalid(n))?),
+    let query = query.ok_or_else(|| RegistryError::pagination_invalid("the query string cannot be read"))?;
+    let limit = match single(query, "n")? {
+        Some(n) => Some(
+            decimal(n)
+                .and_then(|n| usize::try_from(n).ok())
+                .ok_or_else(|| RegistryError::pagination_invalid(format!("n={n:?} is not a number of tags")))?,
+        ),
         None => None,
     };
+    let last = single(query, "last")?;
     let all = builder.tags().await.map_err(|e| RegistryError::from_build(&e.into()))?;
-    let after: Vec<String> = match query.get("last") {
-        Some(last) => all.into_iter().filter(|t| t.as_str() > last.as_str()).collect(),
+    let after: Vec<String> = match last {
+        Some(last) => all.into_iter().filter(|t| t.as_str() > last).collect(),
         None => all,
     };
     let page: Vec<&String> = after.iter().take(limit.unwrap_or(usize::MAX)).collect();
@@ -438,21 +497,34 @@ async fn tags(
     Ok(response.body(body).expect("headers are valid"))
 }
 
+/// The value of `name` in a query, if it is there; given twice, it is an error.
+fn single<'q>(query: &'q [(String, String)], name: &str) -> Result<Option<&'q str>, RegistryError> {
+    let mut values = query.iter().filter(|(key, _)| key == name).map(|(_, v)| v.as_str());
+    let first = values.next();
+    match values.next() {
+        Some(_) => Err(RegistryError::pagination_invalid(format!(
+            "{name} is given more than once"
+        ))),
+        None => Ok(first),
+    }
+}
+
+/// A number written in decimal digits only (no sign, no spaces).
+fn decimal(text: &str) -> Option<u64> {
+    let digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+    digits.then(|| text.parse().ok()).flatten()
+}
+
 /// `GET /v2/<name>/referrers/<digest>`: nothing here refers to anything
 /// (images carry no signatures or attestations), so always an empty index.
-fn referrers(
-    name: &str,
-    reference: &str,
-    query: &HashMap<String, String>,
-    head: bool,
-) -> Result<Response, RegistryError> {
+fn referrers(name: &str, reference: &str, query: &[(String, String)], head: bool) -> Result<Response, RegistryError> {
     image::validate_name(name)?;
     reference.parse::<Digest>()?;
     let index = oci::empty_index();
     let mut response = Response::builder()
         .header(header::CONTENT_TYPE, oci::OCI_INDEX)
         .header(header::CONTENT_LENGTH, index.bytes.len());
-    if query.contains_key("artifactType") {
+    if query.iter().any(|(key, _)| key == "artifactType") {
         response = response.header("OCI-Filters-Applied", "artifactType");
     }
     let body = if head { Body::empty() } else { Body::from(index.bytes) };
@@ -474,7 +546,12 @@ async fn blob(
         Err(e) => return Err(e.into()),
     };
     let storage = builder.storage();
-    let size = storage.blob_size(&digest).await?.ok_or_else(unknown)?;
+    let Some(size) = storage.blob_size(&digest).await? else {
+        if let Err(error) = builder.blob_missing(&digest).await {
+            tracing::warn!(%error, "could not look up the images of a missing blob");
+        }
+        return Err(unknown());
+    };
     if !head && let Some(url) = storage.blob_url(&digest).await? {
         return Ok(Response::builder()
             .status(StatusCode::TEMPORARY_REDIRECT)
@@ -483,7 +560,10 @@ async fn blob(
             .body(Body::empty())
             .expect("headers are valid"));
     }
+    let etag = format!("\"{digest}\"");
+    // A client that has the blob gets a 304, whatever range it asks for.
     let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        Some(_) if has_current_etag(headers, &etag) => None,
         Some(value) => byte_range(value, size).map_err(|()| RegistryError::range_not_satisfiable(size))?,
         None => None,
     };
@@ -492,7 +572,7 @@ async fn blob(
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(header::ACCEPT_RANGES, "bytes")
         .header("Docker-Content-Digest", digest.to_string())
-        .header(header::ETAG, format!("\"{digest}\""))
+        .header(header::ETAG, etag)
         .header(header::CACHE_CONTROL, "max-age=31536000");
     let length = match &range {
         Some(r) => {
@@ -526,12 +606,13 @@ fn byte_range(value: &str, size: u64) -> Result<Option<Range<u64>>, ()> {
         return Ok(None);
     };
     let (first, last) = (first.trim(), last.trim());
-    let parse = |s: &str| s.parse::<u64>().map_err(|_| ());
+    let parse = |s: &str| decimal(s).ok_or(());
     let range = match (first.is_empty(), last.is_empty()) {
         (true, true) => return Ok(None),
         (true, false) => match parse(last) {
-            Ok(0) | Err(()) => return Err(()),
+            Ok(0) => return Err(()),
             Ok(n) => size.saturating_sub(n)..size,
+            Err(()) => return Ok(None),
         },
         (false, _) => {
             let Ok(start) = parse(first) else {
@@ -541,7 +622,8 @@ fn byte_range(value: &str, size: u64) -> Result<Option<Range<u64>>, ()> {
                 size
             } else {
                 match parse(last) {
-                    Ok(end) if end >= start => (end + 1).min(size),
+                    // A last byte past the end means the end (checked: it may be u64::MAX).
+                    Ok(end) if end >= start => end.saturating_add(1).min(size),
                     _ => return Ok(None),
                 }
             };
@@ -603,12 +685,8 @@ impl RegistryError {
         )
     }
 
-    fn pagination_invalid(n: &str) -> Self {
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            "PAGINATION_NUMBER_INVALID",
-            format!("n={n:?} is not a number of tags"),
-        )
+    fn pagination_invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "PAGINATION_NUMBER_INVALID", message)
     }
 
     fn range_not_satisfiable(size: u64) -> Self {
@@ -706,7 +784,7 @@ impl From<StorageError> for RegistryError {
 
 impl IntoResponse for RegistryError {
     fn into_response(self) -> Response {
-        let mut error = json!({ "code": self.code, "message": self.message });
+        let mut error = json!({ "code": self.code, "message": redact::scrub(&self.message) });
         if !self.detail.is_null() {
             error["detail"] = self.detail;
         }
@@ -765,6 +843,11 @@ mod tests {
         assert_eq!(byte_range("bytes=10-", 10), Err(()));
         assert_eq!(byte_range("bytes=-0", 10), Err(()));
         assert_eq!(byte_range("bytes=0-", 0), Err(()));
+        assert_eq!(
+            byte_range("bytes=0-18446744073709551615", 1_114_427),
+            Ok(Some(0..1_114_427)),
+            "a last byte past the end, however far, is the end"
+        );
         for ignored in [
             "items=0-1",
             "bytes=0-1,3-4",
@@ -772,6 +855,10 @@ mod tests {
             "bytes=x-1",
             "bytes=-",
             "bytes",
+            "bytes=+1-2",
+            "bytes=-+5",
+            "bytes=1-+2",
+            "bytes=0-18446744073709551616",
         ] {
             assert_eq!(byte_range(ignored, 10), Ok(None), "{ignored}");
         }

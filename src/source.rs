@@ -6,16 +6,21 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
 use walkdir::WalkDir;
 
+use crate::fresh::Fresh;
+use crate::redact;
+
 /// How long a path source's content hash is trusted before it is taken again.
 const PATH_REVISION_TTL: Duration = Duration::from_secs(5);
 /// How long a git repository's list of refs, or a flake's lock, is trusted.
 const GIT_REFS_TTL: Duration = Duration::from_secs(10);
+/// How old a revision may be and still be used while it is refreshed, so
+/// that requests do not wait for a refresh (hashing, `git ls-remote`).
+const STALE_REVISION: Duration = Duration::from_secs(300);
 /// How long locking a flake may take.
 const FLAKE_LOCK_TIMEOUT: Duration = Duration::from_secs(60);
 /// Where nixpkgs channel tarballs come from unless configured otherwise;
@@ -34,7 +39,10 @@ pub const LATEST: &str = "latest";
 #[derive(Debug)]
 pub enum PackageSource {
     /// A package set on local disk (`NIXERY_PKGS_PATH`).
-    Path { path: PathBuf, revision: Fresh<String> },
+    Path {
+        path: PathBuf,
+        revision: Fresh<String, SourceError>,
+    },
     /// A nixpkgs branch or commit, fetched as a tarball (`NIXERY_CHANNEL`).
     Channel(Channel),
     /// A git repository; the tag picks the revision (`NIXERY_PKGS_REPO`).
@@ -42,12 +50,12 @@ pub enum PackageSource {
         url: String,
         /// What `latest` names instead of `HEAD` (`NIXERY_DEFAULT_TAG`).
         default_tag: Option<String>,
-        refs: Fresh<GitRefs>,
+        refs: Fresh<GitRefs, SourceError>,
     },
     /// A flake's `legacyPackages` (or `packages`) (`NIXERY_FLAKE`).
     Flake {
         reference: String,
-        locked: Fresh<LockedFlake>,
+        locked: Fresh<LockedFlake, SourceError>,
     },
 }
 
@@ -91,18 +99,21 @@ pub struct Resolved {
     pub labels: BTreeMap<String, String>,
 }
 
+/// The labels of an image from `source` (a URL loses its user-info and query).
 fn labels(source: &str, revision: Option<&str>) -> BTreeMap<String, String> {
-    let mut labels = BTreeMap::from([(SOURCE_LABEL.to_owned(), source.to_owned())]);
+    let mut labels = BTreeMap::from([(SOURCE_LABEL.to_owned(), redact::url(source))]);
     if let Some(revision) = revision {
         labels.insert(REVISION_LABEL.to_owned(), revision.to_owned());
     }
     labels
 }
 
-#[derive(Debug, thiserror::Error)]
+/// Why a source could not tell its revisions. URLs in it have lost their
+/// secrets; so have the messages of the commands it quotes.
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("hashing the package set failed: {0}")]
-    Hash(#[from] std::io::Error),
+    Hash(String),
     #[error("listing the refs of {url} failed: {reason}")]
     GitList { url: String, reason: String },
     #[error("locking the flake {reference} failed: {reason}")]
@@ -118,11 +129,19 @@ pub struct GitRefs {
     named: BTreeMap<String, (String, String)>,
 }
 
+/// Whether a lookup may refresh what the source knows (hash the folder,
+/// list the git refs, lock the flake) or must make do with what it knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lookup {
+    Refresh,
+    KnownOnly,
+}
+
 impl PackageSource {
     pub fn path(path: PathBuf) -> Self {
         PackageSource::Path {
             path,
-            revision: Fresh::default(),
+            revision: revision_cache(PATH_REVISION_TTL),
         }
     }
 
@@ -130,14 +149,14 @@ impl PackageSource {
         PackageSource::Git {
             url,
             default_tag,
-            refs: Fresh::default(),
+            refs: revision_cache(GIT_REFS_TTL),
         }
     }
 
     pub fn flake(reference: String) -> Self {
         PackageSource::Flake {
             reference,
-            locked: Fresh::default(),
+            locked: revision_cache(GIT_REFS_TTL),
         }
     }
 
@@ -146,14 +165,27 @@ impl PackageSource {
     /// revision, `latest`; a channel has `latest` and the channels (or
     /// commits) its allow-list names; a git source has `latest` (its `HEAD`,
     /// or the default tag), its branches and tags, and any commit by its
-    /// 40-hex id.
+    /// 40-hex id. At most one refresh of what the source knows runs at a
+    /// time; while it runs, callers get what was known before.
     pub async fn resolve(&self, tag: &str) -> Result<Option<Resolved>, SourceError> {
+        self.lookup(tag, Lookup::Refresh).await
+    }
+
+    /// Like [`resolve`](Self::resolve), from what the source knows already,
+    /// without running anything: `None` when that is nothing yet.
+    pub async fn resolve_known(&self, tag: &str) -> Option<Resolved> {
+        self.lookup(tag, Lookup::KnownOnly).await.ok().flatten()
+    }
+
+    async fn lookup(&self, tag: &str, mode: Lookup) -> Result<Option<Resolved>, SourceError> {
         match self {
             PackageSource::Path { path, revision } => {
                 if tag != LATEST {
                     return Ok(None);
                 }
-                let hash = path_revision(path, revision).await?;
+                let Some(hash) = path_revision(path, revision, mode).await? else {
+                    return Ok(None);
+                };
                 let nix = NixSource {
                     kind: "path",
                     args: path.display().to_string(),
@@ -175,7 +207,9 @@ impl PackageSource {
                 let pinned = if is_commit(tag) {
                     Some((None, tag.to_owned()))
                 } else {
-                    let refs = git_refs(url, refs).await?;
+                    let Some(refs) = git_refs(url, refs, mode).await? else {
+                        return Ok(None);
+                    };
                     let named = if tag == LATEST {
                         refs.head
                     } else {
@@ -189,7 +223,9 @@ impl PackageSource {
                 if tag != LATEST {
                     return Ok(None);
                 }
-                let lock = lock_flake(reference, locked).await?;
+                let Some(lock) = lock_flake(reference, locked, mode).await? else {
+                    return Ok(None);
+                };
                 Ok(Some(Resolved {
                     nix: NixSource {
                         kind: "flake",
@@ -202,22 +238,31 @@ impl PackageSource {
         }
     }
 
-    /// What the source is, in words, for people.
+    /// What the source is, in words, for people (URLs without their secrets).
     pub fn describe(&self) -> String {
         match self {
             PackageSource::Path { path, .. } => format!("the package set in {}", path.display()),
             PackageSource::Channel(channel) => format!(
                 "nixpkgs {} from {}",
                 channel.channel,
-                channel.url_template.replace("{channel}", &channel.channel)
+                redact::url(&channel.url_template.replace("{channel}", &channel.channel))
             ),
-            PackageSource::Git { url, .. } => format!("the git repository {url}"),
-            PackageSource::Flake { reference, .. } => format!("the flake {reference}"),
+            PackageSource::Git { url, .. } => format!("the git repository {}", redact::url(url)),
+            PackageSource::Flake { reference, .. } => format!("the flake {}", redact::url(reference)),
         }
     }
 
     /// Every tag `resolve` accepts that can be listed (not bare commits), sorted.
     pub async fn tags(&self) -> Result<Vec<String>, SourceError> {
+        self.list_tags(Lookup::Refresh).await
+    }
+
+    /// Like [`tags`](Self::tags), from what the source knows already.
+    pub async fn tags_known(&self) -> Vec<String> {
+        self.list_tags(Lookup::KnownOnly).await.unwrap_or_default()
+    }
+
+    async fn list_tags(&self, mode: Lookup) -> Result<Vec<String>, SourceError> {
         match self {
             PackageSource::Path { .. } | PackageSource::Flake { .. } => Ok(vec![LATEST.to_owned()]),
             PackageSource::Channel(channel) => {
@@ -233,7 +278,9 @@ impl PackageSource {
                 Ok(tags)
             }
             PackageSource::Git { url, refs, .. } => {
-                let refs = git_refs(url, refs).await?;
+                let Some(refs) = git_refs(url, refs, mode).await? else {
+                    return Ok(vec![]);
+                };
                 let mut tags: Vec<String> = refs
                     .named
                     .into_keys()
@@ -246,6 +293,31 @@ impl PackageSource {
                 Ok(tags)
             }
         }
+    }
+}
+
+/// What a source knows of its revision, refreshed at most every `ttl`.
+fn revision_cache<T>(ttl: Duration) -> Fresh<T, SourceError>
+where
+    T: Clone + Send + Sync + 'static,
+{
+    Fresh::new(ttl, STALE_REVISION)
+}
+
+/// The value `known` holds, refreshed by `refresh` when the lookup may;
+/// `None` when it may not and nothing is known yet.
+async fn refreshed<T, Fut>(
+    known: &Fresh<T, SourceError>,
+    mode: Lookup,
+    refresh: impl FnOnce() -> Fut,
+) -> Result<Option<T>, SourceError>
+where
+    T: Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<T, SourceError>> + Send + 'static,
+{
+    match mode {
+        Lookup::Refresh => known.get(refresh).await.map(Some),
+        Lookup::KnownOnly => Ok(known.known()),
     }
 }
 
@@ -294,21 +366,27 @@ impl Channel {
 }
 
 /// The flake locked now, or within the last few seconds.
-async fn lock_flake(reference: &str, known: &Fresh<LockedFlake>) -> Result<LockedFlake, SourceError> {
-    if let Some(lock) = known.get(GIT_REFS_TTL) {
-        return Ok(lock);
-    }
-    let failed = |reason: String| SourceError::FlakeLock {
-        reference: reference.to_owned(),
-        reason,
-    };
-    let mut metadata = tokio::process::Command::new("nix");
-    metadata
-        .args(["--extra-experimental-features", "nix-command flakes"])
-        .args(["flake", "metadata", "--json", "--", reference]);
-    let stdout = output_of(metadata, FLAKE_LOCK_TIMEOUT).await.map_err(failed)?;
-    let lock = LockedFlake::parse(&stdout).map_err(failed)?;
-    Ok(known.set(lock))
+async fn lock_flake(
+    reference: &str,
+    known: &Fresh<LockedFlake, SourceError>,
+    mode: Lookup,
+) -> Result<Option<LockedFlake>, SourceError> {
+    let reference = reference.to_owned();
+    refreshed(known, mode, || async move {
+        let failed = |reason: String| SourceError::FlakeLock {
+            reference: redact::url(&reference),
+            reason,
+        };
+        let mut metadata = tokio::process::Command::new("nix");
+        metadata
+            .args(["--extra-experimental-features", "nix-command flakes"])
+            .args(["flake", "metadata", "--json", "--", &reference]);
+        let stdout = output_of(metadata, FLAKE_LOCK_TIMEOUT).await.map_err(failed)?;
+        let lock = LockedFlake::parse(&stdout).map_err(failed)?;
+        tracing::debug!(flake = %redact::url(&reference), nar_hash = %lock.nar_hash, "locked the flake");
+        Ok(lock)
+    })
+    .await
 }
 
 impl LockedFlake {
@@ -324,36 +402,52 @@ impl LockedFlake {
     }
 }
 
-async fn path_revision(path: &Path, known: &Fresh<String>) -> std::io::Result<String> {
-    if let Some(hash) = known.get(PATH_REVISION_TTL) {
-        return Ok(hash);
-    }
+/// The package set's content hash, taken again at most every few seconds,
+/// off the async workers.
+async fn path_revision(
+    path: &Path,
+    known: &Fresh<String, SourceError>,
+    mode: Lookup,
+) -> Result<Option<String>, SourceError> {
     let root = path.to_owned();
-    let hash = tokio::task::spawn_blocking(move || tree_hash(&root))
-        .await
-        .expect("hashing does not panic")?;
-    Ok(known.set(hash))
+    refreshed(known, mode, || async move {
+        let started = Instant::now();
+        let hash = tokio::task::spawn_blocking(move || tree_hash(&root))
+            .await
+            .expect("hashing does not panic")
+            .map_err(|e| SourceError::Hash(e.to_string()))?;
+        tracing::debug!(millis = started.elapsed().as_millis() as u64, "hashed the package set");
+        Ok(hash)
+    })
+    .await
 }
 
-async fn git_refs(url: &str, known: &Fresh<GitRefs>) -> Result<GitRefs, SourceError> {
-    if let Some(refs) = known.get(GIT_REFS_TTL) {
-        return Ok(refs);
-    }
-    let mut listing = tokio::process::Command::new("git");
-    listing
-        .args(["ls-remote", "--symref", "--", url])
-        .env("GIT_TERMINAL_PROMPT", "0");
-    let stdout = output_of(listing, GIT_LIST_TIMEOUT)
-        .await
-        .map_err(|reason| SourceError::GitList {
-            url: url.to_owned(),
-            reason,
-        })?;
-    Ok(known.set(GitRefs::parse(&String::from_utf8_lossy(&stdout))))
+/// The repository's refs, listed again at most every few seconds.
+async fn git_refs(
+    url: &str,
+    known: &Fresh<GitRefs, SourceError>,
+    mode: Lookup,
+) -> Result<Option<GitRefs>, SourceError> {
+    let url = url.to_owned();
+    refreshed(known, mode, || async move {
+        let mut listing = tokio::process::Command::new("git");
+        listing
+            .args(["ls-remote", "--symref", "--", &url])
+            .env("GIT_TERMINAL_PROMPT", "0");
+        let stdout = output_of(listing, GIT_LIST_TIMEOUT)
+            .await
+            .map_err(|reason| SourceError::GitList {
+                url: redact::url(&url),
+                reason,
+            })?;
+        tracing::debug!(repository = %redact::url(&url), "listed the git refs");
+        Ok(GitRefs::parse(&String::from_utf8_lossy(&stdout)))
+    })
+    .await
 }
 
 /// A command's stdout, or why there is none: it could not start, said no
-/// in time, or failed (its stderr).
+/// in time, or failed (its stderr, without secrets).
 async fn output_of(mut command: tokio::process::Command, timeout: Duration) -> Result<Vec<u8>, String> {
     let running = command.kill_on_drop(true).output();
     let output = tokio::time::timeout(timeout, running)
@@ -363,36 +457,9 @@ async fn output_of(mut command: tokio::process::Command, timeout: Duration) -> R
     if output.status.success() {
         Ok(output.stdout)
     } else {
-        Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
+        Err(redact::scrub(String::from_utf8_lossy(&output.stderr).trim()).into_owned())
     }
 }
-
-/// A value worked out at some moment, trusted for a while.
-#[derive(Debug)]
-pub struct Fresh<T>(Mutex<Option<(Instant, T)>>);
-
-impl<T> Default for Fresh<T> {
-    fn default() -> Self {
-        Fresh(Mutex::new(None))
-    }
-}
-
-impl<T: Clone> Fresh<T> {
-    /// The value, if it was set less than `ttl` ago.
-    fn get(&self, ttl: Duration) -> Option<T> {
-        let known = self.0.lock().expect("not poisoned");
-        known
-            .as_ref()
-            .filter(|(at, _)| at.elapsed() < ttl)
-            .map(|(_, value)| value.clone())
-    }
-
-    fn set(&self, value: T) -> T {
-        *self.0.lock().expect("not poisoned") = Some((Instant::now(), value.clone()));
-        value
-    }
-}
-
 impl GitRefs {
     /// Reads `git ls-remote --symref` output.
     fn parse(listing: &str) -> Self {

@@ -2,22 +2,38 @@
 //! (`templates/`, askama) with no assets from elsewhere: the landing page
 //! (how to pull from this host, the package set and its revision, the
 //! meta-packages, recent builds and errors) and an image's page (its layer
-//! plan drawn as bars sized by bytes, what each layer holds, whether it is
-//! packed and shared, the pull command).
+//! plan drawn as bars sized by bytes, what each layer holds, its blob and
+//! which other images share it, the pull command). An image's page builds
+//! the image as its pull would, through the same admission; a request that
+//! shows no credentials while access control is on sees only what is built
+//! already, and neither page runs anything for it. Nix's log lines appear
+//! only where the operator allows them (`NIXERY_WEB_SHOW_LOGS`, or
+//! protected pages); otherwise an error shows its packages and Nix's first
+//! error line.
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use askama::Template;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 
 use crate::builder::{BuildError, Builder, ImagePlan};
+use crate::client::Client;
 use crate::image::ImageRequest;
 use crate::meta::Meta;
 use crate::nix::NixError;
+use crate::redact;
+use crate::server::Unverified;
 use crate::source::LATEST;
+
+/// What the pages may show.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Settings {
+    /// Show the last lines of Nix's log of failed builds.
+    pub show_logs: bool,
+}
 
 #[derive(Template)]
 #[template(path = "index.html")]
@@ -71,24 +87,34 @@ struct LayerView {
     size: String,
     /// Bar width in percent, from 0.5 to 100.
     percent: String,
-    /// `shared`, `unpacked` or nothing.
+    /// `shared` or nothing.
     class: &'static str,
     state: String,
     shared_with: Vec<String>,
 }
 
 /// `GET /`.
-pub async fn index(State(builder): State<Arc<Builder>>, headers: HeaderMap) -> Response {
-    let revision = match builder.source().resolve(LATEST).await {
-        Ok(Some(resolved)) => resolved.labels.get("org.opencontainers.image.revision").cloned(),
-        _ => None,
+pub async fn index(
+    State(builder): State<Arc<Builder>>,
+    Extension(settings): Extension<Settings>,
+    unverified: Option<Extension<Unverified>>,
+    headers: HeaderMap,
+) -> Response {
+    let source = builder.source();
+    let (resolved, tags) = match unverified {
+        Some(_) => (source.resolve_known(LATEST).await, source.tags_known().await),
+        None => (
+            source.resolve(LATEST).await.ok().flatten(),
+            source.tags().await.unwrap_or_default(),
+        ),
     };
+    let revision = resolved.and_then(|r| r.labels.get("org.opencontainers.image.revision").cloned());
     let now = SystemTime::now();
     let page = IndexPage {
         host: host(&headers),
-        source: builder.source().describe(),
+        source: source.describe(),
         revision,
-        tags: builder.tags().await.unwrap_or_default(),
+        tags,
         metas: builder
             .meta_packages()
             .names()
@@ -111,7 +137,7 @@ pub async fn index(State(builder): State<Arc<Builder>>, headers: HeaderMap) -> R
                 millis: b.millis,
                 layers: b.layers,
                 newly_packed: b.newly_packed,
-                digest: b.digest.chars().take(19).collect(),
+                digest: short_digest(&b.digest),
             })
             .collect(),
         failures: builder
@@ -121,21 +147,38 @@ pub async fn index(State(builder): State<Arc<Builder>>, headers: HeaderMap) -> R
             .map(|f| FailureRow {
                 image: f.image,
                 ago: ago(now, f.when),
-                message: f.message,
-                log: f.log.join("\n"),
+                message: redact::scrub(&f.message).into_owned(),
+                log: match settings.show_logs {
+                    true => redact::scrub(&f.log.join("\n")).into_owned(),
+                    false => String::new(),
+                },
             })
             .collect(),
     };
     render(StatusCode::OK, &page)
 }
 
-/// `GET /image/<name>`: the layer plan of `name:latest`.
-pub async fn image(State(builder): State<Arc<Builder>>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+/// `GET /image/<name>`: the layer plan of `name:latest`, built first
+/// (as a pull would) when it is not built yet and the request may start it.
+pub async fn image(
+    State(builder): State<Arc<Builder>>,
+    Extension(client): Extension<Client>,
+    unverified: Option<Extension<Unverified>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let may_build = unverified.is_none().then_some(client);
     let (status, plan) = match ImageRequest::parse(&name, LATEST, builder.meta_packages()) {
         Err(e) => (StatusCode::BAD_REQUEST, Err(e.to_string())),
-        Ok(request) => match builder.describe(&request).await {
-            Ok(plan) => (StatusCode::OK, Ok(plan_view(plan))),
-            Err(e) => (error_status(&e), Err(e.to_string())),
+        Ok(request) => match builder.describe(&request, may_build).await {
+            Ok(Some(plan)) => (StatusCode::OK, Ok(plan_view(plan))),
+            Ok(None) => (
+                StatusCode::NOT_FOUND,
+                Err(format!(
+                    "{name} is not built yet: a pull with this registry's credentials builds it"
+                )),
+            ),
+            Err(e) => (error_status(&e), Err(redact::scrub(&e.to_string()).into_owned())),
         },
     };
     let page = ImagePage {
@@ -151,6 +194,9 @@ fn error_status(error: &BuildError) -> StatusCode {
         BuildError::Nix(NixError::NotFound(_) | NixError::NotAPackage(_)) | BuildError::UnknownTag(_) => {
             StatusCode::NOT_FOUND
         }
+        BuildError::TooManyPackages { .. } => StatusCode::BAD_REQUEST,
+        BuildError::TooManyBuilds(_) => StatusCode::TOO_MANY_REQUESTS,
+        BuildError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -162,11 +208,12 @@ fn plan_view(plan: ImagePlan) -> PlanView {
         .layers
         .into_iter()
         .map(|layer| {
-            let (class, state) = match (&layer.packed, layer.shared_with.is_empty()) {
-                (None, _) => ("unpacked", "not packed yet".to_owned()),
-                (Some(packed), true) => ("", format!("packed: {} compressed", human(packed.size))),
-                (Some(packed), false) => ("shared", format!("packed: {} compressed", human(packed.size))),
-            };
+            let class = if layer.shared_with.is_empty() { "" } else { "shared" };
+            let state = format!(
+                "{} compressed, {}",
+                human(layer.packed.size),
+                short_digest(layer.packed.digest.as_str())
+            );
             LayerView {
                 percent: format!("{:.1}", (layer.bytes as f64 * 100.0 / largest as f64).max(0.5)),
                 size: human(layer.bytes),
@@ -216,6 +263,11 @@ fn ago(now: SystemTime, then: SystemTime) -> String {
         60..3600 => format!("{} min ago", seconds / 60),
         _ => format!("{} h ago", seconds / 3600),
     }
+}
+
+/// `sha256:0123456789ab` of a digest.
+fn short_digest(digest: &str) -> String {
+    digest.chars().take(19).collect()
 }
 
 fn human(bytes: u64) -> String {

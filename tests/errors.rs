@@ -1,13 +1,15 @@
 //! Errors a user can act on: when Nix fails, the client's message names the
 //! package that failed and the first line of Nix's error, the registry's log
-//! has all of Nix's output, and `NIX_TIMEOUT` bounds all of Nix's work.
+//! has all of Nix's output, and `NIX_TIMEOUT` bounds all of Nix's work. The
+//! landing page shows Nix's last lines only where the operator allows it.
 
 mod common;
 
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use common::Registry;
+use base64::Engine;
+use common::{Registry, request};
 
 /// The shipped package set plus a package that fails to evaluate, one whose
 /// builder fails, and one whose evaluation waits on a server that never
@@ -70,8 +72,12 @@ fn nix_failures_name_the_package_and_the_first_error_line() {
     );
     let page = String::from_utf8(registry.get("/").body).unwrap();
     assert!(
-        page.contains("failing: compiler exploded"),
-        "and on the page of recent errors"
+        page.contains("Nix could not build failing"),
+        "on the page of recent errors"
+    );
+    assert!(
+        !page.contains("failing: compiler exploded"),
+        "but not what the builder wrote: the page is open to anyone"
     );
 
     let started = Instant::now();
@@ -86,4 +92,35 @@ fn nix_failures_name_the_package_and_the_first_error_line() {
 
     // Nothing failed for good: other images still build.
     assert_eq!(registry.get("/v2/hello/manifests/latest").status, 200);
+}
+
+#[test]
+fn nix_logs_are_shown_where_the_operator_allows() {
+    let set = troubled_package_set("http://127.0.0.1:9/never.nix");
+    let pkgs = set.path().to_str().unwrap();
+    let shown = Registry::start_with(&[("NIXERY_PKGS_PATH", pkgs), ("NIXERY_WEB_SHOW_LOGS", "true")]);
+    assert_eq!(shown.get("/v2/failing/manifests/latest").status, 500);
+    let page = String::from_utf8(shown.get("/").body).unwrap();
+    assert!(page.contains("failing: compiler exploded"), "{page}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(&htpasswd, format!("alice:{}\n", bcrypt::hash("s3cret", 4).unwrap())).unwrap();
+    let login = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("alice:s3cret")
+    );
+    let protected = Registry::start_with(&[
+        ("NIXERY_PKGS_PATH", pkgs),
+        ("NIXERY_HTPASSWD", htpasswd.to_str().unwrap()),
+        ("NIXERY_PROTECT_WEB", "true"),
+    ]);
+    let url = protected.url("/v2/failing/manifests/latest");
+    assert_eq!(request("GET", &url, &[("Authorization", &login)]).status, 500);
+    let page = request("GET", &protected.url("/"), &[("Authorization", &login)]);
+    assert!(
+        String::from_utf8(page.body)
+            .unwrap()
+            .contains("failing: compiler exploded")
+    );
 }

@@ -1,8 +1,9 @@
 //! Failing parts under a running registry: Nix killed in the middle of a
-//! build, the storage folder removed in the middle of a build, and a full
-//! disk. Each gives clients a clear error (or none, when the registry can
-//! mend it), never a blob whose bytes differ from its digest, and the
-//! registry recovers without a restart.
+//! build, the storage folder removed in the middle of a build, a full
+//! disk, and an index or a layer lost from storage. Each gives clients a
+//! clear error (or none, when the registry can mend it), never a blob whose
+//! bytes differ from its digest, and the registry recovers without a
+//! restart; what was lost is made again byte for byte.
 
 mod common;
 
@@ -174,4 +175,87 @@ fn a_full_disk_is_a_clear_error_and_leaves_no_wrong_blob() {
     let recovered = registry.get("/v2/shell/git/manifests/latest");
     assert_eq!(recovered.status, 200, "{}", String::from_utf8_lossy(&recovered.body));
     assert!(blobs_match(&storage) > 0);
+}
+
+/// A registry serving amd64 and arm64 (arm64 built offline, as in
+/// `tests/multiarch.rs`) on the storage folder `storage`.
+fn multi_arch_registry(storage: &Path) -> Registry {
+    let nix_config = format!(
+        "{}\nextra-platforms = aarch64-linux",
+        std::env::var("NIX_CONFIG").unwrap_or_default()
+    );
+    Registry::start_with(&[
+        ("NIXERY_ARCHITECTURES", "amd64,arm64"),
+        ("NIX_CONFIG", &nix_config),
+        ("STORAGE_PATH", storage.to_str().unwrap()),
+    ])
+}
+
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+fn blob_file(storage: &Path, digest: &str) -> std::path::PathBuf {
+    storage
+        .join("blobs/sha256")
+        .join(digest.strip_prefix("sha256:").unwrap())
+}
+
+#[test]
+fn a_lost_index_is_stored_again_without_a_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("storage");
+    let index_of = |registry: &Registry| {
+        let index = common::request(
+            "GET",
+            &registry.url("/v2/hello/manifests/latest"),
+            &[("Accept", OCI_INDEX)],
+        );
+        assert_eq!(index.status, 200, "{}", String::from_utf8_lossy(&index.body));
+        (index.header("docker-content-digest").to_owned(), index.body)
+    };
+    let mut registry = multi_arch_registry(&storage);
+    let (digest, bytes) = index_of(&registry);
+    assert_eq!(registry.nix_runs(), 2, "one build per architecture");
+
+    std::fs::remove_file(blob_file(&storage, &digest)).unwrap();
+    assert_eq!(
+        index_of(&registry),
+        (digest.clone(), bytes.clone()),
+        "the same index again"
+    );
+    assert_eq!(registry.nix_runs(), 2, "from the image records: no build");
+    assert!(blob_file(&storage, &digest).exists());
+
+    // A restarted registry trusts no record of an index it cannot find.
+    registry.kill();
+    std::fs::remove_file(blob_file(&storage, &digest)).unwrap();
+    let restarted = multi_arch_registry(&storage);
+    assert_eq!(index_of(&restarted), (digest, bytes));
+    assert_eq!(restarted.nix_runs(), 0);
+    blobs_match(&storage);
+}
+
+#[test]
+fn a_lost_layer_is_built_again_byte_for_byte() {
+    let registry = Registry::start();
+    let manifest = registry.get("/v2/shell/hello/manifests/latest");
+    let layers = manifest.json()["layers"].as_array().unwrap().clone();
+    let digest = layers[layers.len() / 2]["digest"].as_str().unwrap().to_owned();
+    let path = format!("/v2/shell/hello/blobs/{digest}");
+    let bytes = registry.get(&path).body;
+    std::fs::remove_file(blob_file(&registry.storage(), &digest)).unwrap();
+
+    let lost = registry.get(&path);
+    assert_eq!((lost.status, lost.error_code().as_str()), (404, "BLOB_UNKNOWN"));
+    let runs = registry.nix_runs();
+    let dir = tempfile::tempdir().unwrap();
+    common::skopeo_copy(
+        &format!("docker://{}/shell/hello", registry.address),
+        &format!("oci:{}:latest", dir.path().join("oci").display()),
+    );
+    assert_eq!(registry.nix_runs(), runs + 1, "the image was built again");
+    assert_eq!(registry.get("/v2/shell/hello/manifests/latest").body, manifest.body);
+    let again = registry.get(&path);
+    assert_eq!(again.status, 200);
+    assert!(again.body == bytes, "the same bytes");
+    blobs_match(&registry.storage());
 }

@@ -1,14 +1,22 @@
-//! Hostile requests, sent as raw HTTP so that nothing normalises them on
-//! the way: each must get the right 4xx JSON error at once, none may reach
-//! Nix unless it names valid packages, and none may create files.
+//! Hostile requests and clients. Requests sent as raw HTTP, so that
+//! nothing normalises them on the way, get the right 4xx JSON error at once,
+//! none reaches Nix unless it names valid packages, and none creates files.
+//! Outsiders cost nothing unbounded: pages go through the build admission of
+//! pulls (and run nothing without credentials when access control is on),
+//! connections that send nothing are closed and never lock clients out,
+//! source refreshes and readiness probes run one at a time, the build share
+//! follows the client behind a trusted proxy. Secrets in source URLs appear
+//! nowhere; ranges, conditions and pagination follow the RFCs.
 
 mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::Registry;
+use base64::Engine;
+use common::{Registry, Response, request};
 
 /// Sends `request` as is; the status and body of the answer.
 fn raw(registry: &Registry, request: &[u8]) -> (u16, String) {
@@ -198,4 +206,513 @@ fn walk(root: &std::path::Path) -> Vec<String> {
         }
     }
     found
+}
+
+/// Sends `method path` with `headers` from a thread of its own.
+fn in_background(
+    registry: &Registry,
+    method: &'static str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> JoinHandle<Response> {
+    let url = registry.url(path);
+    let headers: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    std::thread::spawn(move || {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        request(method, &url, &headers)
+    })
+}
+
+/// An htpasswd file in `dir` with the user `alice` (password `s3cret`),
+/// and the `Authorization` value that logs her in.
+fn alice(dir: &std::path::Path) -> (std::path::PathBuf, String) {
+    let htpasswd = dir.join("htpasswd");
+    std::fs::write(&htpasswd, format!("alice:{}\n", bcrypt::hash("s3cret", 4).unwrap())).unwrap();
+    let basic = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+    (htpasswd, format!("Basic {basic}"))
+}
+
+/// Waits until `registry`'s log mentions `text`.
+fn wait_for_log(registry: &Registry, text: &str) {
+    let started = Instant::now();
+    while !registry.log().contains(text) {
+        assert!(started.elapsed() < Duration::from_secs(30), "{text} in the log");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn image_pages_start_nothing_without_credentials() {
+    let set = common::slow_packages(2, 12);
+    let dir = tempfile::tempdir().unwrap();
+    let (htpasswd, basic) = alice(dir.path());
+    let registry = Registry::start_with(&[
+        ("NIXERY_PKGS_PATH", set.path().to_str().unwrap()),
+        ("NIXERY_HTPASSWD", htpasswd.to_str().unwrap()),
+        ("NIXERY_MAX_BUILDS", "1"),
+        ("NIXERY_CLIENT_BUILDS", "1"),
+    ]);
+    let pages: Vec<_> = (1..=12)
+        .map(|i| {
+            let method = if i % 2 == 0 { "HEAD" } else { "GET" };
+            in_background(&registry, method, &format!("/image/slow{i}"), &[])
+        })
+        .collect();
+    for (i, page) in pages.into_iter().enumerate() {
+        let page = page.join().unwrap();
+        assert_eq!(page.status, 404, "slow{}", i + 1);
+        if i % 2 == 0 {
+            assert!(String::from_utf8_lossy(&page.body).contains("not built yet"));
+        }
+    }
+    assert_eq!(registry.get("/").status, 200, "the landing page is open");
+    assert_eq!(registry.get("/image/Hello").status, 400);
+    assert_eq!(
+        registry.runs("nix"),
+        0,
+        "no Nix and no git for anyone without credentials"
+    );
+
+    // What was built is shown to anyone, from its records.
+    let pulled = request(
+        "GET",
+        &registry.url("/v2/hello/manifests/latest"),
+        &[("Authorization", &basic)],
+    );
+    assert_eq!(pulled.status, 200);
+    let runs = registry.runs("nix");
+    let page = registry.get("/image/hello");
+    assert_eq!(page.status, 200);
+    assert!(String::from_utf8_lossy(&page.body).contains("hello-2.12.1"));
+    assert_eq!(registry.runs("nix"), runs, "a built image's page runs nothing");
+
+    // With credentials, a page builds what it shows, as a pull would.
+    let page = request("GET", &registry.url("/image/slow1"), &[("Authorization", &basic)]);
+    assert_eq!(page.status, 200, "{}", String::from_utf8_lossy(&page.body));
+    assert_eq!(registry.nix_runs(), 2);
+}
+
+#[test]
+fn image_pages_are_admitted_like_pulls() {
+    let set = common::slow_packages(2, 12);
+    let registry = Registry::start_with(&[
+        ("NIXERY_PKGS_PATH", set.path().to_str().unwrap()),
+        ("NIXERY_MAX_BUILDS", "1"),
+        ("NIXERY_CLIENT_BUILDS", "1"),
+    ]);
+    // Twelve pages of new images from one client: one build within its
+    // share, the others are told to come back.
+    let pages: Vec<_> = (1..=12)
+        .map(|i| in_background(&registry, "GET", &format!("/image/slow{i}"), &[]))
+        .collect();
+    let statuses: Vec<u16> = pages.into_iter().map(|p| p.join().unwrap().status).collect();
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 11, "{statuses:?}");
+    assert_eq!(registry.runs("nix-store --realise"), 1);
+
+    // Twenty HEADs of one new image: one flight.
+    let before = registry.nix_runs();
+    let heads: Vec<_> = (0..20)
+        .map(|_| in_background(&registry, "HEAD", "/image/slow11", &[]))
+        .collect();
+    for head in heads {
+        assert_eq!(head.join().unwrap().status, 200);
+    }
+    assert_eq!(registry.nix_runs(), before + 1);
+
+    // A page and a pull of the same image wait for the same build.
+    let page = in_background(&registry, "GET", "/image/slow12", &[]);
+    let pull = in_background(&registry, "GET", "/v2/slow12/manifests/latest", &[]);
+    assert_eq!(page.join().unwrap().status, 200);
+    assert_eq!(pull.join().unwrap().status, 200);
+    assert_eq!(registry.nix_runs(), before + 2);
+    assert_eq!(registry.runs("nix-store --realise"), 3);
+}
+
+/// Lets this process open the connections a test opens.
+fn raise_own_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct they are given.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max.min(1 << 16);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+}
+
+/// Reads from `stream` until the server closes it or `deadline` passes;
+/// whether it was closed.
+fn closed_by(stream: &mut TcpStream, deadline: Instant) -> bool {
+    let mut buffer = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut buffer) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// HTTP/2 with prior knowledge: the preface and an empty SETTINGS frame.
+const H2_HELLO: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+#[test]
+fn connections_that_send_nothing_are_closed_and_never_lock_clients_out() {
+    raise_own_fd_limit();
+    let registry = Registry::start_limited(
+        &[("NIXERY_HEADER_TIMEOUT", "2"), ("NIXERY_IDLE_TIMEOUT", "2")],
+        Some(256),
+    );
+    let work = tempfile::tempdir().unwrap();
+    let pull = |n: usize| {
+        let layout = format!("oci:{}:latest", work.path().join(n.to_string()).display());
+        common::skopeo_copy(&format!("docker://{}/shell/hello", registry.address), &layout);
+    };
+    pull(0);
+
+    let opened = Instant::now();
+    let mut silent: Vec<TcpStream> = (0..400)
+        .map(|_| TcpStream::connect(&registry.address).unwrap())
+        .collect();
+    let mut idle_h2: Vec<TcpStream> = (0..50)
+        .map(|_| {
+            let mut stream = TcpStream::connect(&registry.address).unwrap();
+            stream.write_all(H2_HELLO).unwrap();
+            stream
+        })
+        .collect();
+    let started = Instant::now();
+    pull(1);
+    let took = started.elapsed();
+    eprintln!("skopeo pulled in {took:?} past 400 silent and 50 idle HTTP/2 connections");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+
+    // Each is closed: to make room, or at its first-request deadline.
+    let deadline = opened + Duration::from_secs(2 + 3);
+    let mut open = 0;
+    for stream in silent.iter_mut().chain(idle_h2.iter_mut()) {
+        if !closed_by(stream, deadline) {
+            open += 1;
+        }
+    }
+    eprintln!("all closed {:?} after they were opened", opened.elapsed());
+    assert_eq!(open, 0, "connections still open after the header timeout");
+    assert!(!registry.log().contains("cannot accept"), "descriptors never ran out");
+
+    // A keep-alive connection is closed once idle for the idle timeout.
+    let mut keep_alive = TcpStream::connect(&registry.address).unwrap();
+    keep_alive.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut answer = [0u8; 1024];
+    keep_alive.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let n = keep_alive.read(&mut answer).unwrap();
+    assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 200"));
+    let answered = Instant::now();
+    assert!(closed_by(&mut keep_alive, answered + Duration::from_secs(4)));
+    assert!(
+        answered.elapsed() >= Duration::from_millis(1900),
+        "not before the idle timeout"
+    );
+    let metrics = String::from_utf8(registry.get("/metrics").body).unwrap();
+    for reason in ["no_request", "evicted", "idle"] {
+        assert!(
+            metrics.contains(&format!("nixery_connections_closed_total{{reason=\"{reason}\"}}")),
+            "{reason}:\n{metrics}"
+        );
+    }
+}
+
+#[test]
+fn past_the_cap_new_connections_are_refused_and_busy_ones_kept() {
+    let gate = tempfile::NamedTempFile::new().unwrap();
+    let set = common::gated_package_set(gate.path());
+    let registry = Registry::start_with(&[
+        ("NIXERY_PKGS_PATH", set.path().to_str().unwrap()),
+        ("NIXERY_MAX_CONNECTIONS", "4"),
+    ]);
+    let waiting: Vec<_> = (0..4)
+        .map(|_| in_background(&registry, "GET", "/v2/slow/manifests/latest", &[]))
+        .collect();
+    wait_for_log(&registry, "slow-1.0.drv");
+    std::thread::sleep(Duration::from_millis(200));
+    let mut refused = TcpStream::connect(&registry.address).unwrap();
+    let _ = refused.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(
+        closed_by(&mut refused, Instant::now() + Duration::from_secs(2)),
+        "closed at once"
+    );
+    drop(gate);
+    for pull in waiting {
+        assert_eq!(pull.join().unwrap().status, 200, "the busy ones kept working");
+    }
+    assert!(
+        String::from_utf8(registry.get("/metrics").body)
+            .unwrap()
+            .contains("nixery_connections_closed_total{reason=\"refused\"} 1")
+    );
+}
+
+#[test]
+fn secrets_in_source_urls_are_never_shown() {
+    const SECRETS: [&str; 3] = ["S3CRET-TOKEN", "S3CRET-QUERY", "deploy"];
+    let assert_hidden = |place: &str, text: &str| {
+        for secret in SECRETS {
+            assert!(!text.contains(secret), "{secret} in {place}:\n{text}");
+        }
+    };
+
+    // A git repository that cannot be reached, as in the report.
+    let registry = Registry::start_with(&[
+        ("NIXERY_PKGS_PATH", ""),
+        (
+            "NIXERY_PKGS_REPO",
+            "http://deploy:S3CRET-TOKEN@127.0.0.1:9/nixpkgs.git?access_token=S3CRET-QUERY",
+        ),
+        ("NIXERY_WEB_SHOW_LOGS", "true"),
+    ]);
+    let listing = registry.get("/v2/hello/manifests/latest");
+    assert_eq!(listing.status, 500);
+    let message = listing.json()["errors"][0]["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.contains("listing the refs of http://127.0.0.1:9/nixpkgs.git failed"),
+        "{message}"
+    );
+    let fetch = registry.get("/v2/hello/manifests/0123456789abcdef0123456789abcdef01234567");
+    assert_eq!(fetch.status, 500);
+    let page = String::from_utf8(registry.get("/").body).unwrap();
+    assert!(
+        page.contains("the git repository http://127.0.0.1:9/nixpkgs.git"),
+        "{page}"
+    );
+    assert!(
+        page.contains("Nix&#39;s last lines") || page.contains("Nix's last lines"),
+        "{page}"
+    );
+    assert_hidden("the pull's error", &String::from_utf8_lossy(&listing.body));
+    assert_hidden("the fetch's error", &String::from_utf8_lossy(&fetch.body));
+    assert_hidden("the landing page", &page);
+    assert_hidden(
+        "the metrics",
+        &String::from_utf8(registry.get("/metrics").body).unwrap(),
+    );
+    assert_hidden("the log", &registry.log());
+
+    // A channel whose URL carries a user, a password and a token.
+    let mirror = tempfile::tempdir().unwrap();
+    let tree = tempfile::tempdir().unwrap();
+    common::package_set(tree.path(), "Hello from a mirror");
+    common::tarball(tree.path(), "nixpkgs-nixos", &mirror.path().join("nixos.tar.gz"));
+    let address = common::serve_files(mirror.path());
+    let template = format!("http://deploy:S3CRET-TOKEN@{address}/{{channel}}.tar.gz?access_token=S3CRET-QUERY");
+    let registry = Registry::start_with(&[
+        ("NIXERY_PKGS_PATH", ""),
+        ("NIXERY_CHANNEL", "nixos"),
+        ("NIXERY_CHANNEL_URL", &template),
+        ("NIXERY_CHANNEL_TAGS", "missing"),
+        ("NIXERY_WEB_SHOW_LOGS", "true"),
+    ]);
+    let hello = common::Unpacked::pull(&registry, "hello", "latest");
+    assert_eq!(hello.run_default(), "Hello from a mirror\n");
+    let labels = &hello.config["config"]["Labels"];
+    assert_eq!(
+        labels["org.opencontainers.image.source"],
+        format!("http://{address}/nixos.tar.gz")
+    );
+    let missing = registry.get("/v2/hello/manifests/missing");
+    assert_eq!(missing.status, 500, "the mirror has no missing.tar.gz");
+    assert_hidden("the labels", &labels.to_string());
+    assert_hidden("the download's error", &String::from_utf8_lossy(&missing.body));
+    assert_hidden("the landing page", &String::from_utf8(registry.get("/").body).unwrap());
+    assert_hidden(
+        "the image page",
+        &String::from_utf8(registry.get("/image/hello").body).unwrap(),
+    );
+    assert_hidden(
+        "the metrics",
+        &String::from_utf8(registry.get("/metrics").body).unwrap(),
+    );
+    assert_hidden("the log", &registry.log());
+}
+
+/// A git repository with the shipped package set in one commit; its URL.
+fn git_package_set() -> (tempfile::TempDir, String) {
+    let repo = tempfile::tempdir().unwrap();
+    common::git(repo.path(), &["init", "-q"]);
+    common::package_set(repo.path(), "Hello from git");
+    common::git(repo.path(), &["add", "default.nix"]);
+    common::git(repo.path(), &["commit", "-q", "-m", "first"]);
+    let url = format!("file://{}", repo.path().display());
+    (repo, url)
+}
+
+/// Sends `count` GETs of `path` at once; each must answer 200.
+fn all_at_once(registry: &Registry, path: &str, count: usize) {
+    let requests: Vec<_> = (0..count).map(|_| in_background(registry, "GET", path, &[])).collect();
+    for request in requests {
+        assert_eq!(request.join().unwrap().status, 200, "{path}");
+    }
+}
+
+#[test]
+fn revision_refreshes_run_one_at_a_time() {
+    let (_repo, url) = git_package_set();
+    let git = Registry::start_with(&[("NIXERY_PKGS_PATH", ""), ("NIXERY_PKGS_REPO", &url)]);
+    all_at_once(&git, "/", 30);
+    assert_eq!(git.runs("git ls-remote"), 1, "thirty pages, one listing");
+
+    let path = Registry::start_with(&[("RUST_LOG", "info,nixery::source=debug")]);
+    all_at_once(&path, "/", 40);
+    wait_for_log(&path, "hashed the package set");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        path.log().matches("hashed the package set").count(),
+        1,
+        "forty pages, one hash"
+    );
+}
+
+#[test]
+fn a_refresh_never_holds_up_a_cached_pull() {
+    let (_repo, url) = git_package_set();
+    let registry = Registry::start_with(&[("NIXERY_PKGS_PATH", ""), ("NIXERY_PKGS_REPO", &url)]);
+    assert_eq!(registry.get("/v2/hello/manifests/latest").status, 200);
+
+    // From now on, listing the refs waits for the gate to go.
+    let gate = tempfile::NamedTempFile::new().unwrap();
+    let entered = gate.path().with_extension("entered");
+    registry.wrap(
+        "git",
+        &format!(
+            r#"if [ "$1" = ls-remote ] && [ -e {gate} ]; then touch {entered}; while [ -e {gate} ]; do sleep 0.05; done; fi"#,
+            gate = gate.path().display(),
+            entered = entered.display()
+        ),
+    );
+    std::thread::sleep(Duration::from_millis(10_500)); // the refs are no longer trusted
+    let page = in_background(&registry, "GET", "/", &[]);
+    let started = Instant::now();
+    while !entered.exists() {
+        assert!(started.elapsed() < Duration::from_secs(20), "the refresh starts");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = Instant::now();
+    let pull = registry.get("/v2/hello/manifests/latest");
+    eprintln!("a cached pull during a refresh took {:?}", started.elapsed());
+    // The gate is still here, so the refresh cannot have finished: the
+    // pull was answered from the refs known before.
+    assert_eq!(pull.status, 200);
+    assert_eq!(
+        registry.runs("git ls-remote"),
+        2,
+        "the pull started no refresh of its own"
+    );
+    drop(gate);
+    assert_eq!(page.join().unwrap().status, 200);
+}
+
+#[test]
+fn readiness_is_probed_once_for_many_requests() {
+    let registry = Registry::start();
+    all_at_once(&registry, "/readyz", 200);
+    assert_eq!(registry.runs("store ping"), 1);
+}
+
+#[test]
+fn ranges_conditions_and_pages_follow_the_rfcs() {
+    let registry = Registry::start();
+    let manifest = registry.get("/v2/hello/manifests/latest").json();
+    let layer = &manifest["layers"][0];
+    let (digest, size) = (layer["digest"].as_str().unwrap(), layer["size"].as_u64().unwrap());
+    let blob = format!("/v2/hello/blobs/{digest}");
+    let ranged = |range: &str, extra: &[(&str, &str)]| {
+        let mut headers = vec![("Range", range)];
+        headers.extend_from_slice(extra);
+        request("GET", &registry.url(&blob), &headers)
+    };
+
+    let huge = ranged("bytes=0-18446744073709551615", &[]);
+    assert_eq!(huge.status, 206);
+    assert_eq!(huge.header("content-range"), format!("bytes 0-{}/{size}", size - 1));
+    assert_eq!(huge.body.len() as u64, size);
+    for signed in ["bytes=+1-2", "bytes=-+5", "bytes=1-+2", "bytes= 1-2x"] {
+        let whole = ranged(signed, &[]);
+        assert_eq!(whole.status, 200, "{signed} is no range");
+        assert_eq!(whole.body.len() as u64, size);
+    }
+    let etag = format!("\"{digest}\"");
+    for range in ["bytes=0-9", "bytes=999999999-"] {
+        let cached = ranged(range, &[("If-None-Match", &etag)]);
+        assert_eq!(cached.status, 304, "{range}: the client has it");
+        assert!(cached.body.is_empty());
+    }
+
+    for query in ["n=abc&n=1", "n=%zz&n=1", "n=1&n=1", "n=+1", "n=-1", "n=1&last=a&last=b"] {
+        let (status, body) = get(&registry, &format!("/v2/hello/tags/list?{query}"));
+        assert_eq!(
+            (status, code(&body).as_str()),
+            (400, "PAGINATION_NUMBER_INVALID"),
+            "{query}"
+        );
+    }
+    assert_eq!(get(&registry, "/v2/hello/tags/list?n=1").0, 200);
+}
+
+#[test]
+fn the_build_share_follows_the_client_behind_a_trusted_proxy() {
+    let set = common::slow_packages(3, 4);
+    let registry = Registry::start_with(&[
+        ("NIXERY_PKGS_PATH", set.path().to_str().unwrap()),
+        ("NIXERY_CLIENT_BUILDS", "1"),
+        ("NIXERY_MAX_BUILDS", "4"),
+        ("NIXERY_TRUSTED_PROXIES", "127.0.0.0/8"),
+    ]);
+    let as_client = |path: &str, client: &str| in_background(&registry, "GET", path, &[("X-Forwarded-For", client)]);
+    let first = as_client("/v2/slow1/manifests/latest", "203.0.113.1");
+    wait_for_log(&registry, "slow1-1.0.drv");
+    let other = as_client("/v2/slow2/manifests/latest", "203.0.113.2");
+    let same = as_client("/v2/hello/manifests/latest", "198.51.100.7, 203.0.113.1")
+        .join()
+        .unwrap();
+    assert_eq!(same.status, 429, "the proxy saw 203.0.113.1, whatever it claimed");
+    let ipv6 = as_client("/v2/slow3/manifests/latest", "2001:db8:1:2::1");
+    wait_for_log(&registry, "slow3-1.0.drv");
+    let neighbour = request(
+        "GET",
+        &registry.url("/v2/hello/manifests/latest"),
+        &[("Forwarded", r#"for="[2001:db8:1:2::99]:4711""#)],
+    );
+    assert_eq!(neighbour.status, 429, "one /64, one share");
+    for build in [first, other, ipv6] {
+        assert_eq!(build.join().unwrap().status, 200, "each client had its own share");
+    }
+
+    // Without trusted proxies the header means nothing: one share for all.
+    let untrusting = Registry::start_with(&[
+        ("NIXERY_PKGS_PATH", set.path().to_str().unwrap()),
+        ("NIXERY_CLIENT_BUILDS", "1"),
+    ]);
+    let first = in_background(
+        &untrusting,
+        "GET",
+        "/v2/slow4/manifests/latest",
+        &[("X-Forwarded-For", "203.0.113.1")],
+    );
+    wait_for_log(&untrusting, "slow4-1.0.drv");
+    let other = request(
+        "GET",
+        &untrusting.url("/v2/hello/manifests/latest"),
+        &[("X-Forwarded-For", "203.0.113.2")],
+    );
+    assert_eq!(other.status, 429);
+    assert_eq!(first.join().unwrap().status, 200);
 }

@@ -6,22 +6,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
-use std::path::Path;
 use std::process::Command;
 
-use common::{Registry, Unpacked, git};
-
-const PKGS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/pkgs/default.nix");
-
-/// Writes the shipped package set to `dir/default.nix` with `hello` saying `greeting`.
-fn package_set(dir: &Path, greeting: &str) {
-    std::fs::create_dir_all(dir).unwrap();
-    let text = std::fs::read_to_string(PKGS).unwrap();
-    assert!(text.contains("Hello, world!"));
-    std::fs::write(dir.join("default.nix"), text.replace("Hello, world!", greeting)).unwrap();
-}
+use common::{Registry, Unpacked, git, package_set};
 
 fn greeting(registry: &Registry, tag: &str) -> String {
     Unpacked::pull(registry, "hello", tag).run_default()
@@ -59,32 +46,6 @@ fn git_branches_tags_and_commits_select_revisions() {
     assert_eq!(greeting(&pinned, "latest"), "Hello from v1\n");
 }
 
-/// Serves the files of `dir` over HTTP on a loopback port, for as long as
-/// the test runs; returns the base URL.
-fn serve(dir: &Path) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let dir = dir.to_owned();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let mut stream = stream.unwrap();
-            let mut request = String::new();
-            BufReader::new(&stream).read_line(&mut request).unwrap();
-            let path = request.split(' ').nth(1).unwrap_or("/").trim_start_matches('/');
-            let response = match std::fs::read(dir.join(path)) {
-                Ok(body) => [
-                    format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes(),
-                    body,
-                ]
-                .concat(),
-                Err(_) => b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(),
-            };
-            let _ = stream.write_all(&response);
-        }
-    });
-    base
-}
-
 #[test]
 fn a_channel_serves_latest_and_the_tags_it_allows() {
     let mirror = tempfile::tempdir().unwrap();
@@ -102,7 +63,7 @@ fn a_channel_serves_latest_and_the_tags_it_allows() {
             .unwrap();
         assert!(status.success());
     }
-    let template = format!("{}/{{channel}}.tar.gz", serve(mirror.path()));
+    let template = format!("http://{}/{{channel}}.tar.gz", common::serve_files(mirror.path()));
     let registry = Registry::start_with(&[
         ("NIXERY_PKGS_PATH", ""),
         ("NIXERY_CHANNEL", "stable"),

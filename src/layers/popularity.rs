@@ -74,9 +74,9 @@ impl Popularity {
     /// Loads popularity data from an http(s) URL, a `file://` URL or a path.
     pub async fn load(url: &str) -> Result<Self, PopularityError> {
         if url.starts_with("http://") || url.starts_with("https://") {
-            let fetch = |source| PopularityError::Fetch {
-                url: url.to_owned(),
-                source,
+            let fetch = |source: reqwest::Error| PopularityError::Fetch {
+                url: crate::redact::url(url),
+                source: source.without_url(),
             };
             let response = reqwest::get(url)
                 .await
@@ -87,7 +87,7 @@ impl Popularity {
         }
         let path = url.strip_prefix("file://").unwrap_or(url);
         let bytes = tokio::fs::read(path).await.map_err(|source| PopularityError::Read {
-            url: url.to_owned(),
+            url: crate::redact::url(url),
             source,
         })?;
         Self::from_json(&bytes)

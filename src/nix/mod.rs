@@ -383,11 +383,12 @@ fn summarise(code: Option<i32>, stderr: &[String]) -> String {
     }
 }
 
-/// Logs each line of `stderr` and returns the last few.
+/// Logs each line of `stderr`, without secrets, and returns the last few.
 async fn log_lines(stage: &'static str, stderr: tokio::process::ChildStderr) -> Vec<String> {
     let mut lines = BufReader::new(stderr).lines();
     let mut tail = std::collections::VecDeque::with_capacity(STDERR_TAIL);
     while let Ok(Some(line)) = lines.next_line().await {
+        let line = crate::redact::scrub(&line).into_owned();
         tracing::info!(target: "nix", stage, "{line}");
         if tail.len() == STDERR_TAIL {
             tail.pop_front();

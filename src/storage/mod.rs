@@ -370,6 +370,28 @@ impl Storage {
         Ok(())
     }
 
+    /// Writes the cache record at `key` unless there is one.
+    pub async fn put_record_if_absent(&self, key: String, bytes: Bytes) -> Result<(), StorageError> {
+        self.put_if_absent(&record_path(&key), bytes).await
+    }
+
+    /// The keys of the cache records below `prefix` (relative to it).
+    pub async fn list_records(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        let below = record_path(prefix);
+        let listed: Result<Vec<_>, _> = self.store.list(Some(&below)).try_collect().await;
+        let listed = match listed {
+            Err(object_store::Error::NotFound { .. }) => return Ok(vec![]),
+            listed => listed?,
+        };
+        Ok(listed
+            .into_iter()
+            .filter_map(|meta| {
+                let mut parts = meta.location.prefix_match(&below)?;
+                Some(parts.next()?.as_ref().to_owned())
+            })
+            .collect())
+    }
+
     /// Deletes the cache record at `key`, if there is one.
     pub async fn delete_record(&self, key: &str) -> Result<(), StorageError> {
         match self.delete(&record_path(key)).await {

@@ -1,6 +1,7 @@
 //! The harness the end-to-end tests share: `nixery serve` started on a
 //! free loopback port with the shipped package set and its own empty
-//! storage, counting Nix runs; HTTP requests; running programs.
+//! storage, counting the Nix and git commands it runs; HTTP requests;
+//! package sets with slow packages; a static file server; running programs.
 #![allow(dead_code)]
 
 pub mod buckets;
@@ -28,25 +29,32 @@ impl Registry {
     /// A registry with these environment variables set as well (or, when
     /// the value is empty, removed).
     pub fn start_with(env: &[(&str, &str)]) -> Registry {
+        Registry::start_limited(env, None)
+    }
+
+    /// Like [`start_with`](Self::start_with), with at most `open_files`
+    /// file descriptors (soft and hard limit, as `ulimit -n` sets them).
+    pub fn start_limited(env: &[(&str, &str)], open_files: Option<u32>) -> Registry {
         let dir = tempfile::tempdir().unwrap();
-        // Wrappers that count how often Nix is asked to evaluate.
+        // Wrappers that count the Nix and git commands the registry runs.
         let bin = dir.path().join("bin");
         std::fs::create_dir(&bin).unwrap();
-        let real = which("nix-instantiate");
-        let wrapper = format!(
-            "#!/bin/sh\necho run >> {}\nexec {} \"$@\"\n",
-            dir.path().join("nix-runs").display(),
-            real.display()
-        );
-        std::fs::write(bin.join("nix-instantiate"), wrapper).unwrap();
-        std::fs::set_permissions(
-            bin.join("nix-instantiate"),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
+        for program in COUNTED {
+            write_counting_wrapper(&bin, program, &dir.path().join("runs"), "");
+        }
         let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
 
-        let mut command = Command::new(env!("CARGO_BIN_EXE_nixery"));
+        let mut command = match open_files {
+            Some(limit) => {
+                let mut shell = Command::new("/bin/sh");
+                shell
+                    .arg("-c")
+                    .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
+                    .arg(env!("CARGO_BIN_EXE_nixery"));
+                shell
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_nixery")),
+        };
         command
             .arg("serve")
             .env("PATH", path)
@@ -98,10 +106,27 @@ impl Registry {
         format!("http://{}{path}", self.address)
     }
 
+    /// How often Nix was asked to evaluate (`nix-instantiate` ran).
     pub fn nix_runs(&self) -> usize {
-        std::fs::read_to_string(self.dir.path().join("nix-runs"))
-            .map(|s| s.lines().count())
+        self.runs("nix-instantiate")
+    }
+
+    /// How many of the counted commands the registry ran contain `command`
+    /// (`git ls-remote`, `store ping`).
+    pub fn runs(&self, command: &str) -> usize {
+        std::fs::read_to_string(self.dir.path().join("runs"))
+            .map(|s| s.lines().filter(|l| l.contains(command)).count())
             .unwrap_or(0)
+    }
+
+    /// Makes the counted `program` run the shell code `before` first.
+    pub fn wrap(&self, program: &str, before: &str) {
+        write_counting_wrapper(&self.bin(), program, &self.dir.path().join("runs"), before);
+    }
+
+    /// The folder of the wrappers the registry finds first on its PATH.
+    pub fn bin(&self) -> std::path::PathBuf {
+        self.dir.path().join("bin")
     }
 
     pub fn get(&self, path: &str) -> Response {
@@ -135,6 +160,24 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The commands whose runs are counted.
+const COUNTED: [&str; 4] = ["nix-instantiate", "nix", "nix-store", "git"];
+
+/// Writes `bin/program`, which appends its command line to `log`, runs
+/// `before` (shell) and then the real program.
+pub fn write_counting_wrapper(bin: &Path, program: &str, log: &Path, before: &str) {
+    let real = which(program);
+    let wrapper = format!(
+        "#!/bin/sh\nprintf '%s\\n' \"$(echo \"{program} $*\" | tr '\\n' ' ')\" >> {log}\n{before}\nexec {} \"$@\"\n",
+        real.display(),
+        log = log.display(),
+    );
+    let (path, new) = (bin.join(program), bin.join(format!(".{program}.new")));
+    std::fs::write(&new, wrapper).unwrap();
+    std::fs::set_permissions(&new, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&new, &path).unwrap();
 }
 
 pub struct Response {
@@ -286,42 +329,120 @@ impl Unpacked {
 /// The shipped package set plus `slow`, whose build sleeps `seconds` and
 /// which is a new derivation on every call (so it is never built already).
 pub fn slow_package_set(seconds: u32) -> tempfile::TempDir {
-    package_set_with_slow(&format!("/bin/sleep {seconds}"))
+    package_set_with_slow(&format!("/bin/sleep {seconds}"), &["slow"])
+}
+
+/// Like [`slow_package_set`], with the packages `slow1` … `slow<count>`.
+pub fn slow_packages(seconds: u32, count: usize) -> tempfile::TempDir {
+    let names: Vec<String> = (1..=count).map(|i| format!("slow{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    package_set_with_slow(&format!("/bin/sleep {seconds}"), &names)
 }
 
 /// Like [`slow_package_set`], but `slow`'s build waits (up to a minute)
 /// for the file `gate` to go away.
 pub fn gated_package_set(gate: &Path) -> tempfile::TempDir {
-    package_set_with_slow(&format!(
-        "i=0; while [ -e {} ] && [ $i -lt 600 ]; do /bin/sleep 0.1; i=$((i+1)); done",
-        gate.display()
-    ))
+    package_set_with_slow(
+        &format!(
+            "i=0; while [ -e {} ] && [ $i -lt 600 ]; do /bin/sleep 0.1; i=$((i+1)); done",
+            gate.display()
+        ),
+        &["slow"],
+    )
 }
 
-fn package_set_with_slow(wait: &str) -> tempfile::TempDir {
+fn package_set_with_slow(wait: &str, names: &[&str]) -> tempfile::TempDir {
     let set = tempfile::tempdir().unwrap();
     let since_epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap();
     let nonce = format!("{}-{}", since_epoch.as_nanos(), set.path().display());
-    std::fs::write(
-        set.path().join("default.nix"),
-        format!(
-            r#"{{ system ? builtins.currentSystem }}:
-            import {pkgs} {{ inherit system; }} // {{
-              slow = derivation {{
-                name = "slow-1.0";
+    let packages: String = names
+        .iter()
+        .map(|name| {
+            format!(
+                r#"{name} = derivation {{
+                name = "{name}-1.0";
                 inherit system;
                 nonce = "{nonce}";
                 builder = "/bin/sh";
                 args = [ "-c" "{wait}; echo done > $out" ];
               }};
+              "#
+            )
+        })
+        .collect();
+    std::fs::write(
+        set.path().join("default.nix"),
+        format!(
+            r#"{{ system ? builtins.currentSystem }}:
+            import {pkgs} {{ inherit system; }} // {{
+              {packages}
             }}"#,
             pkgs = concat!(env!("CARGO_MANIFEST_DIR"), "/pkgs"),
         ),
     )
     .unwrap();
     set
+}
+
+/// The shipped package set, written to `dir/default.nix` with `hello`
+/// saying `greeting`.
+pub fn package_set(dir: &Path, greeting: &str) {
+    const PKGS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/pkgs/default.nix");
+    std::fs::create_dir_all(dir).unwrap();
+    let text = std::fs::read_to_string(PKGS).unwrap();
+    assert!(text.contains("Hello, world!"));
+    std::fs::write(dir.join("default.nix"), text.replace("Hello, world!", greeting)).unwrap();
+}
+
+/// `dir` packed as `tarball` with the folder `name` at its top (as GitHub's
+/// archives are).
+pub fn tarball(dir: &Path, name: &str, tarball: &Path) {
+    let staging = tempfile::tempdir().unwrap();
+    run(
+        "cp",
+        &["-r", dir.to_str().unwrap(), staging.path().join(name).to_str().unwrap()],
+    );
+    run(
+        "tar",
+        &[
+            "-czf",
+            tarball.to_str().unwrap(),
+            "-C",
+            staging.path().to_str().unwrap(),
+            name,
+        ],
+    );
+}
+
+/// Serves the files of `dir` over HTTP on a loopback port, for as long as
+/// the test runs, ignoring query strings and credentials; returns the
+/// address (`127.0.0.1:port`).
+pub fn serve_files(dir: &Path) -> String {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let dir = dir.to_owned();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            let mut request = String::new();
+            BufReader::new(&stream).read_line(&mut request).unwrap();
+            let target = request.split(' ').nth(1).unwrap_or("/");
+            let path = target.split('?').next().unwrap_or("").trim_start_matches('/');
+            let response = match std::fs::read(dir.join(path)) {
+                Ok(body) => [
+                    format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes(),
+                    body,
+                ]
+                .concat(),
+                Err(_) => b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(),
+            };
+            let _ = stream.write_all(&response);
+        }
+    });
+    address
 }
 
 /// Runs git in `repo` as a test user, with `main` as the default branch;
