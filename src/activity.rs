@@ -25,8 +25,9 @@ pub struct Build {
 pub struct Failure {
     pub image: String,
     pub when: SystemTime,
+    /// Without secrets, as everything here.
     pub message: String,
-    /// The last lines Nix wrote, when Nix failed.
+    /// The last lines Nix wrote, when Nix failed (scrubbed as Nix wrote them).
     pub log: Vec<String>,
 }
 

@@ -36,6 +36,7 @@ use crate::metrics::{CacheKind, Metrics, Stage};
 use crate::negotiate::Choice;
 use crate::nix::{Nix, NixError, Realised};
 use crate::oci::{self, Format, IndexEntry, OciError};
+use crate::redact;
 use crate::source::{PackageSource, Resolved, SourceError};
 use crate::storage::{Storage, StorageError};
 
@@ -296,12 +297,7 @@ impl Builder {
         client: Option<Client>,
     ) -> BuildResult<ManifestRecord> {
         self.admit(request).map_err(Arc::new)?;
-        let resolved = self
-            .source
-            .resolve(&request.tag)
-            .await
-            .map_err(|e| Arc::new(e.into()))?
-            .ok_or_else(|| Arc::new(BuildError::UnknownTag(request.tag.clone())))?;
+        let resolved = self.revision(&request.tag).await.map_err(Arc::new)?;
         let architectures = self.architectures(request);
         let format = choice.format;
         if !choice.index {
@@ -323,6 +319,33 @@ impl Builder {
             })
             .collect();
         self.index(choice.format, &entries).await.map_err(Arc::new)
+    }
+
+    /// What `tag` names in the package source; an error when it names nothing.
+    async fn revision(&self, tag: &str) -> Result<Resolved, BuildError> {
+        self.source
+            .resolve(tag)
+            .await?
+            .ok_or_else(|| BuildError::UnknownTag(tag.to_owned()))
+    }
+
+    /// The build of one architecture's layer set, whose key is `key`; its
+    /// result is recorded under the key when the revision is pinned.
+    fn job(
+        &self,
+        key: &str,
+        request: &ImageRequest,
+        arch: Arch,
+        resolved: Resolved,
+        compression: Compression,
+    ) -> BuildJob {
+        BuildJob {
+            request: request.clone(),
+            arch,
+            compression,
+            cache_key: resolved.revision.is_some().then(|| key.to_owned()),
+            resolved,
+        }
     }
 
     /// One architecture's manifest in `format`: cached, being built, or
@@ -348,13 +371,7 @@ impl Builder {
             tracing::debug!(image = %request, arch = arch.oci_name(), "image cache hit");
             return Ok(manifest.clone());
         }
-        let job = BuildJob {
-            request: request.clone(),
-            arch,
-            compression,
-            resolved: resolved.clone(),
-            cache_key: cacheable.then(|| key.clone()),
-        };
+        let job = self.job(&key, request, arch, resolved.clone(), compression);
         let built = self.join_build(key, job, client).await?;
         Ok(built
             .record
@@ -387,11 +404,7 @@ impl Builder {
         missing: &Digest,
     ) -> Result<(), BuildError> {
         self.caches.forget_index(missing.hex()).await?;
-        let resolved = self
-            .source
-            .resolve(&request.tag)
-            .await?
-            .ok_or_else(|| BuildError::UnknownTag(request.tag.clone()))?;
+        let resolved = self.revision(&request.tag).await?;
         let compression = self.settings.compression(choice.format);
         for arch in self.architectures(request) {
             let key = self.image_key(request, arch, resolved.revision.as_deref(), compression);
@@ -466,7 +479,7 @@ impl Builder {
                             this.activity.failed(activity::Failure {
                                 image: job.request.to_string(),
                                 when: std::time::SystemTime::now(),
-                                message: error.to_string(),
+                                message: redact::scrub(&error.to_string()).into_owned(),
                                 log: match error.as_ref() {
                                     BuildError::Nix(NixError::Eval { log, .. } | NixError::Build { log, .. }) => {
                                         log.clone()
@@ -717,12 +730,7 @@ impl Builder {
     ) -> BuildResult<Option<ImagePlan>> {
         self.admit(request).map_err(Arc::new)?;
         let resolved = match client {
-            Some(_) => self
-                .source
-                .resolve(&request.tag)
-                .await
-                .map_err(|e| Arc::new(e.into()))?
-                .ok_or_else(|| Arc::new(BuildError::UnknownTag(request.tag.clone())))?,
+            Some(_) => self.revision(&request.tag).await.map_err(Arc::new)?,
             None => match self.source.resolve_known(&request.tag).await {
                 Some(resolved) => resolved,
                 None => return Ok(None),
@@ -736,30 +744,20 @@ impl Builder {
             return Ok(Some(self.plan_view(request, arch, true, &plan)));
         }
         let Some(client) = client else { return Ok(None) };
-        let job = BuildJob {
-            request: request.clone(),
-            arch,
-            compression,
-            resolved,
-            cache_key: cacheable.then(|| key.clone()),
-        };
+        let job = self.job(&key, request, arch, resolved, compression);
         let built = self.join_build(key, job, Some(client)).await?;
         Ok(Some(self.plan_view(request, arch, cacheable, &built.plan)))
     }
 
     /// The plan of the image recorded under `key`, when both its record
-    /// and its plan are in storage. An image record without a plan (lost,
-    /// or from a version that kept none) is forgotten, so that building the
-    /// image again records both.
+    /// and its plan are in storage. (An image record without a plan, lost or
+    /// from a version that kept none, counts as not built: building the
+    /// image again records both.)
     async fn recorded_plan(&self, key: &str) -> Result<Option<PlanRecord>, BuildError> {
-        if self.caches.image(key).await?.is_none() {
-            return Ok(None);
+        match self.caches.image(key).await? {
+            Some(_) => Ok(self.caches.plan(key).await?),
+            None => Ok(None),
         }
-        let plan = self.caches.plan(key).await?;
-        if plan.is_none() {
-            self.caches.forget_image(key).await?;
-        }
-        Ok(plan)
     }
 
     /// A recorded plan as its page shows it, with the other images here

@@ -137,8 +137,7 @@ async fn check_access(State(auth): State<Arc<Auth>>, mut request: Request, next:
     if health {
         return next.run(request).await;
     }
-    // bcrypt only runs for requests that show credentials.
-    let verified = credentials.is_some() && auth.allows(credentials);
+    let verified = auth.allows(credentials);
     if verified || open_page {
         if !verified {
             request.extensions_mut().insert(Unverified);
@@ -631,6 +630,11 @@ fn byte_range(value: &str, size: u64) -> Result<Option<Range<u64>>, ()> {
         }
     };
     if range.start >= size { Err(()) } else { Ok(Some(range)) }
+}
+
+/// The status a failed build answers with, on every route.
+pub fn status_of(error: &BuildError) -> StatusCode {
+    RegistryError::from_build(error).status
 }
 
 /// A registry error: a status and the spec's JSON envelope.

@@ -19,13 +19,12 @@ use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 
-use crate::builder::{BuildError, Builder, ImagePlan};
+use crate::builder::{Builder, ImagePlan};
 use crate::client::Client;
 use crate::image::ImageRequest;
 use crate::meta::Meta;
-use crate::nix::NixError;
 use crate::redact;
-use crate::server::Unverified;
+use crate::server::{self, Unverified};
 use crate::source::LATEST;
 
 /// What the pages may show.
@@ -147,9 +146,9 @@ pub async fn index(
             .map(|f| FailureRow {
                 image: f.image,
                 ago: ago(now, f.when),
-                message: redact::scrub(&f.message).into_owned(),
+                message: f.message,
                 log: match settings.show_logs {
-                    true => redact::scrub(&f.log.join("\n")).into_owned(),
+                    true => f.log.join("\n"),
                     false => String::new(),
                 },
             })
@@ -178,7 +177,7 @@ pub async fn image(
                     "{name} is not built yet: a pull with this registry's credentials builds it"
                 )),
             ),
-            Err(e) => (error_status(&e), Err(redact::scrub(&e.to_string()).into_owned())),
+            Err(e) => (server::status_of(&e), Err(redact::scrub(&e.to_string()).into_owned())),
         },
     };
     let page = ImagePage {
@@ -187,18 +186,6 @@ pub async fn image(
         plan,
     };
     render(status, &page)
-}
-
-fn error_status(error: &BuildError) -> StatusCode {
-    match error {
-        BuildError::Nix(NixError::NotFound(_) | NixError::NotAPackage(_)) | BuildError::UnknownTag(_) => {
-            StatusCode::NOT_FOUND
-        }
-        BuildError::TooManyPackages { .. } => StatusCode::BAD_REQUEST,
-        BuildError::TooManyBuilds(_) => StatusCode::TOO_MANY_REQUESTS,
-        BuildError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    }
 }
 
 fn plan_view(plan: ImagePlan) -> PlanView {

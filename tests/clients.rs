@@ -447,8 +447,7 @@ fn nixery_build_writes_what_skopeo_and_docker_load_accept() {
 #[test]
 fn pulls_need_credentials_when_configured() {
     let dir = tempfile::tempdir().unwrap();
-    let htpasswd = dir.path().join("htpasswd");
-    std::fs::write(&htpasswd, format!("alice:{}\n", bcrypt::hash("s3cret", 4).unwrap())).unwrap();
+    let (htpasswd, _) = common::alice(dir.path());
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, "ci-token-1\n").unwrap();
     let registry = Registry::start_with(&[

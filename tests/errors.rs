@@ -8,7 +8,6 @@ mod common;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use common::{Registry, request};
 
 /// The shipped package set plus a package that fails to evaluate, one whose
@@ -104,12 +103,7 @@ fn nix_logs_are_shown_where_the_operator_allows() {
     assert!(page.contains("failing: compiler exploded"), "{page}");
 
     let dir = tempfile::tempdir().unwrap();
-    let htpasswd = dir.path().join("htpasswd");
-    std::fs::write(&htpasswd, format!("alice:{}\n", bcrypt::hash("s3cret", 4).unwrap())).unwrap();
-    let login = format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode("alice:s3cret")
-    );
+    let (htpasswd, login) = common::alice(dir.path());
     let protected = Registry::start_with(&[
         ("NIXERY_PKGS_PATH", pkgs),
         ("NIXERY_HTPASSWD", htpasswd.to_str().unwrap()),

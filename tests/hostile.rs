@@ -15,7 +15,6 @@ use std::net::TcpStream;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use common::{Registry, Response, request};
 
 /// Sends `request` as is; the status and body of the answer.
@@ -223,15 +222,6 @@ fn in_background(
     })
 }
 
-/// An htpasswd file in `dir` with the user `alice` (password `s3cret`),
-/// and the `Authorization` value that logs her in.
-fn alice(dir: &std::path::Path) -> (std::path::PathBuf, String) {
-    let htpasswd = dir.join("htpasswd");
-    std::fs::write(&htpasswd, format!("alice:{}\n", bcrypt::hash("s3cret", 4).unwrap())).unwrap();
-    let basic = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
-    (htpasswd, format!("Basic {basic}"))
-}
-
 /// Waits until `registry`'s log mentions `text`.
 fn wait_for_log(registry: &Registry, text: &str) {
     let started = Instant::now();
@@ -245,7 +235,7 @@ fn wait_for_log(registry: &Registry, text: &str) {
 fn image_pages_start_nothing_without_credentials() {
     let set = common::slow_packages(2, 12);
     let dir = tempfile::tempdir().unwrap();
-    let (htpasswd, basic) = alice(dir.path());
+    let (htpasswd, basic) = common::alice(dir.path());
     let registry = Registry::start_with(&[
         ("NIXERY_PKGS_PATH", set.path().to_str().unwrap()),
         ("NIXERY_HTPASSWD", htpasswd.to_str().unwrap()),

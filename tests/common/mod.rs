@@ -162,6 +162,16 @@ impl Drop for Registry {
     }
 }
 
+/// An htpasswd file in `dir` with the user `alice` (password `s3cret`),
+/// and the `Authorization` value that logs her in.
+pub fn alice(dir: &Path) -> (PathBuf, String) {
+    use base64::Engine;
+    let htpasswd = dir.join("htpasswd");
+    std::fs::write(&htpasswd, format!("alice:{}\n", bcrypt::hash("s3cret", 4).unwrap())).unwrap();
+    let basic = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+    (htpasswd, format!("Basic {basic}"))
+}
+
 /// The commands whose runs are counted.
 const COUNTED: [&str; 4] = ["nix-instantiate", "nix", "nix-store", "git"];
 
