@@ -284,7 +284,7 @@ fn image_pages_start_nothing_without_credentials() {
 
 #[test]
 fn image_pages_are_admitted_like_pulls() {
-    let set = common::slow_packages(2, 12);
+    let set = common::slow_packages(2, 14);
     let registry = Registry::start_with(&[
         ("NIXERY_PKGS_PATH", set.path().to_str().unwrap()),
         ("NIXERY_MAX_BUILDS", "1"),
@@ -300,10 +300,11 @@ fn image_pages_are_admitted_like_pulls() {
     assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 11, "{statuses:?}");
     assert_eq!(registry.runs("nix-store --realise"), 1);
 
-    // Twenty HEADs of one new image: one flight.
+    // Twenty HEADs of one new image, one none of the twelve asked for
+    // (whichever of them won the build slot is built now): one flight.
     let before = registry.nix_runs();
     let heads: Vec<_> = (0..20)
-        .map(|_| in_background(&registry, "HEAD", "/image/slow11", &[]))
+        .map(|_| in_background(&registry, "HEAD", "/image/slow13", &[]))
         .collect();
     for head in heads {
         assert_eq!(head.join().unwrap().status, 200);
@@ -311,8 +312,8 @@ fn image_pages_are_admitted_like_pulls() {
     assert_eq!(registry.nix_runs(), before + 1);
 
     // A page and a pull of the same image wait for the same build.
-    let page = in_background(&registry, "GET", "/image/slow12", &[]);
-    let pull = in_background(&registry, "GET", "/v2/slow12/manifests/latest", &[]);
+    let page = in_background(&registry, "GET", "/image/slow14", &[]);
+    let pull = in_background(&registry, "GET", "/v2/slow14/manifests/latest", &[]);
     assert_eq!(page.join().unwrap().status, 200);
     assert_eq!(pull.join().unwrap().status, 200);
     assert_eq!(registry.nix_runs(), before + 2);
