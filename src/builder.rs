@@ -23,12 +23,13 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 
 use crate::activity::{self, Activity};
+use crate::arch::Arch;
 use crate::archive::{self, Compression, LayerDigests, RootFs};
 use crate::cache::{Caches, ImageRecord, ManifestRecord, PlanLayer, PlanRecord};
 use crate::client::Client;
 use crate::digest::Digest;
 use crate::fresh::Fresh;
-use crate::image::{self, Arch, ImageRequest};
+use crate::image::{self, ImageRequest};
 use crate::layers::{self, Popularity};
 use crate::learning::Learned;
 use crate::meta::{MetaPackages, User};

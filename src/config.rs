@@ -15,11 +15,11 @@ use std::time::Duration;
 use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::arch::Arch;
 use crate::archive::{Compression, DEFAULT_GZIP_LEVEL, DEFAULT_ZSTD_LEVEL};
 use crate::auth::Auth;
 use crate::client::TrustedProxies;
 use crate::export::OutputFormat;
-use crate::image::Arch;
 use crate::layers::{DEFAULT_BUDGET, Strategy};
 use crate::meta::MetaPackages;
 use crate::oci::Format;

@@ -1,77 +1,18 @@
-//! Image names: the Docker reference grammar for repository names and tags,
-//! the meta-packages they start with (`meta.rs`), and the canonical image
-//! request the rest of nixery works from. Nothing here runs Nix.
+//! Image requests: a repository name and tag (checked against the
+//! reference grammar, `reference.rs`), its leading meta-packages expanded
+//! (`meta.rs`), made into the canonical request the rest of nixery works
+//! from. Nothing here runs Nix.
 
-use std::fmt;
-use std::sync::LazyLock;
-
-use regex::Regex;
-
+use crate::arch::Arch;
 use crate::meta::{MetaPackages, User};
-
-/// Longest repository name clients accept (the Docker reference limit).
-const MAX_NAME_LEN: usize = 255;
-
-/// One path component of a repository name (distribution-spec grammar).
-static COMPONENT: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*$").unwrap());
-
-/// A tag (distribution-spec grammar).
-static TAG: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$").unwrap());
+use crate::reference::{self, NameError};
+use std::fmt;
 
 /// Packages every image gets, as in the original since 2019-10.
 pub const ALWAYS: [&str; 2] = ["cacert", "iana-etc"];
 
 /// The package whose presence makes `bash` the image's default command.
 pub const BASH: &str = "bashInteractive";
-
-/// The CPU architecture an image is built for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Arch {
-    Amd64,
-    Arm64,
-}
-
-impl Arch {
-    /// The Nix system double packages are evaluated for.
-    pub fn nix_system(self) -> &'static str {
-        match self {
-            Arch::Amd64 => "x86_64-linux",
-            Arch::Arm64 => "aarch64-linux",
-        }
-    }
-
-    /// The architecture name in OCI image configs and platforms.
-    pub fn oci_name(self) -> &'static str {
-        match self {
-            Arch::Amd64 => "amd64",
-            Arch::Arm64 => "arm64",
-        }
-    }
-}
-
-impl std::str::FromStr for Arch {
-    type Err = String;
-
-    /// Reads an OCI architecture name (`amd64`, `arm64`).
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "amd64" => Ok(Arch::Amd64),
-            "arm64" => Ok(Arch::Arm64),
-            other => Err(format!("unknown architecture {other:?}: use amd64 or arm64")),
-        }
-    }
-}
-
-/// Why an image name or tag cannot be served.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum NameError {
-    #[error("invalid repository name {0:?}: components must match [a-z0-9]+ joined by '.', '_', '__' or '-'")]
-    InvalidName(String),
-    #[error("repository name is longer than {MAX_NAME_LEN} characters")]
-    NameTooLong,
-    #[error("invalid tag {0:?}: must match [A-Za-z0-9_][A-Za-z0-9._-]{{0,127}}")]
-    InvalidTag(String),
-}
 
 /// A request for one image: what to put in it and, when the name pins one,
 /// for which architecture.
@@ -99,8 +40,8 @@ impl ImageRequest {
     /// Meta-packages count only as a leading run of components; elsewhere
     /// their names are ordinary package names, as in the original.
     pub fn parse(name: &str, tag: &str, metas: &MetaPackages) -> Result<Self, NameError> {
-        validate_name(name)?;
-        if !TAG.is_match(tag) {
+        reference::validate_name(name)?;
+        if !reference::is_tag(tag) {
             return Err(NameError::InvalidTag(tag.to_owned()));
         }
         let components: Vec<&str> = name.split('/').collect();
@@ -149,23 +90,6 @@ impl fmt::Display for ImageRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.name, self.tag)
     }
-}
-
-/// Checks a repository name against the distribution-spec grammar.
-pub fn validate_name(name: &str) -> Result<(), NameError> {
-    if name.len() > MAX_NAME_LEN {
-        return Err(NameError::NameTooLong);
-    }
-    if name.split('/').all(|c| COMPONENT.is_match(c)) {
-        Ok(())
-    } else {
-        Err(NameError::InvalidName(name.to_owned()))
-    }
-}
-
-/// Whether `reference` is a valid tag.
-pub fn is_tag(reference: &str) -> bool {
-    TAG.is_match(reference)
 }
 
 #[cfg(test)]
@@ -307,7 +231,7 @@ mod tests {
             );
         }
         let long = vec!["abcdefghij"; 24].join("/");
-        assert!(long.len() > MAX_NAME_LEN);
+        assert!(long.len() > reference::MAX_NAME_LEN);
         assert_eq!(
             ImageRequest::parse(&long, "latest", &MetaPackages::default()),
             Err(NameError::NameTooLong)
@@ -317,7 +241,7 @@ mod tests {
     #[test]
     fn tags_follow_the_reference_grammar() {
         for good in ["latest", "v1.2.3", "_x", "A-b.c_d", &"a".repeat(128)] {
-            assert!(is_tag(good), "{good}");
+            assert!(reference::is_tag(good), "{good}");
         }
         for bad in [
             "",
@@ -327,7 +251,7 @@ mod tests {
             "sha256:abc",
             &"a".repeat(129),
         ] {
-            assert!(!is_tag(bad), "{bad}");
+            assert!(!reference::is_tag(bad), "{bad}");
             assert_eq!(
                 ImageRequest::parse("hello", bad, &MetaPackages::default()),
                 Err(NameError::InvalidTag(bad.to_owned()))

@@ -3,6 +3,7 @@
 //! how a request flows through these modules.
 
 pub mod activity;
+pub mod arch;
 pub mod archive;
 pub mod auth;
 pub mod builder;
@@ -22,6 +23,7 @@ pub mod negotiate;
 pub mod nix;
 pub mod oci;
 pub mod redact;
+pub mod reference;
 pub mod server;
 pub mod source;
 pub mod storage;

@@ -19,7 +19,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::image::{self, Arch};
+use crate::arch::Arch;
+use crate::reference;
 
 /// The meta-packages a registry knows, by name.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,7 +121,7 @@ impl MetaPackages {
             source,
         })?;
         for (name, meta) in &by_name {
-            if image::validate_name(name).is_err() || name.contains('/') {
+            if reference::validate_name(name).is_err() || name.contains('/') {
                 return Err(MetaError::BadName(name.clone()));
             }
             if meta == &Meta::default() {

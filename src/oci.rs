@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use crate::arch::Arch;
 use crate::archive::{Compression, LayerDigests};
 use crate::digest::Digest;
-use crate::image::Arch;
 use crate::meta::User;
 
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";

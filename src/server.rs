@@ -27,11 +27,12 @@ use crate::auth::Auth;
 use crate::builder::{BuildError, Builder};
 use crate::client::{Client, TrustedProxies};
 use crate::digest::{Digest, DigestError};
-use crate::image::{self, ImageRequest, NameError};
+use crate::image::ImageRequest;
 use crate::negotiate;
 use crate::nix::NixError;
 use crate::oci;
 use crate::redact;
+use crate::reference::{self, NameError};
 use crate::source::LATEST;
 use crate::storage::StorageError;
 use crate::web;
@@ -350,11 +351,11 @@ async fn manifest(
     head: bool,
     client: Client,
 ) -> Result<Response, RegistryError> {
-    image::validate_name(name)?;
+    reference::validate_name(name)?;
     if reference.contains(':') {
         return manifest_by_digest(builder, reference, head).await;
     }
-    if !image::is_tag(reference) {
+    if !reference::is_tag(reference) {
         return Err(RegistryError::manifest_unknown(format!(
             "{reference:?} is not a valid tag"
         )));
@@ -463,7 +464,7 @@ async fn tags(
     query: Option<&[(String, String)]>,
     head: bool,
 ) -> Result<Response, RegistryError> {
-    image::validate_name(name)?;
+    reference::validate_name(name)?;
     let query = query.ok_or_else(|| RegistryError::pagination_invalid("the query string cannot be read"))?;
     let limit = match single(query, "n")? {
         Some(n) => Some(
@@ -517,7 +518,7 @@ fn decimal(text: &str) -> Option<u64> {
 /// `GET /v2/<name>/referrers/<digest>`: nothing here refers to anything
 /// (images carry no signatures or attestations), so always an empty index.
 fn referrers(name: &str, reference: &str, query: &[(String, String)], head: bool) -> Result<Response, RegistryError> {
-    image::validate_name(name)?;
+    reference::validate_name(name)?;
     reference.parse::<Digest>()?;
     let index = oci::empty_index();
     let mut response = Response::builder()
@@ -537,7 +538,7 @@ async fn blob(
     headers: &HeaderMap,
     head: bool,
 ) -> Result<Response, RegistryError> {
-    image::validate_name(name)?;
+    reference::validate_name(name)?;
     let unknown = || RegistryError::blob_unknown(reference);
     let digest = match reference.parse::<Digest>() {
         Ok(digest) => digest,

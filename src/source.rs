@@ -269,7 +269,7 @@ impl PackageSource {
                 let mut tags: Vec<String> = channel
                     .allowed_tags
                     .iter()
-                    .filter(|t| *t != ANY_COMMIT && crate::image::is_tag(t))
+                    .filter(|t| *t != ANY_COMMIT && crate::reference::is_tag(t))
                     .cloned()
                     .chain([LATEST.to_owned()])
                     .collect();
@@ -284,7 +284,7 @@ impl PackageSource {
                 let mut tags: Vec<String> = refs
                     .named
                     .into_keys()
-                    .filter(|name| crate::image::is_tag(name))
+                    .filter(|name| crate::reference::is_tag(name))
                     .collect();
                 if refs.head.is_some() && !tags.iter().any(|t| t == LATEST) {
                     tags.push(LATEST.to_owned());

@@ -3,13 +3,14 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nixery::image::{self, ImageRequest};
+use nixery::image::ImageRequest;
 use nixery::meta::MetaPackages;
+use nixery::reference;
 
 fuzz_target!(|input: &str| {
     let (name, tag) = input.split_once(':').unwrap_or((input, "latest"));
     if let Ok(request) = ImageRequest::parse(name, tag, &MetaPackages::default()) {
-        assert!(image::validate_name(name).is_ok());
+        assert!(reference::validate_name(name).is_ok());
         assert!(request.packages.windows(2).all(|w| w[0] < w[1]), "sorted, no duplicates");
         assert!(request.packages.iter().any(|p| p == "cacert"));
     }
