@@ -413,8 +413,12 @@ pub struct ServeConfig {
     pub idle_timeout: Duration,
     /// `None`: derived from the open-file limit.
     pub max_connections: Option<usize>,
-    /// Access control, client addresses, what pages show.
-    pub http: crate::server::Settings,
+    /// Who may pull; `None`: anyone.
+    pub auth: Option<std::sync::Arc<Auth>>,
+    /// Whose forwarding headers name the client.
+    pub trusted_proxies: TrustedProxies,
+    /// What the web pages show.
+    pub web: crate::web::Settings,
     /// What the settings hold that must never be shown.
     pub secrets: Secrets,
 }
@@ -463,13 +467,11 @@ impl ServeArgs {
             header_timeout: Duration::from_secs(self.header_timeout),
             idle_timeout: Duration::from_secs(self.idle_timeout),
             max_connections: self.max_connections.map(|n| n as usize),
-            http: crate::server::Settings {
-                web: crate::web::Settings {
-                    show_logs: self.web_show_logs || auth.as_ref().is_some_and(|a| a.protect_web),
-                },
-                auth,
-                trusted_proxies: self.trusted_proxies.clone(),
+            web: crate::web::Settings {
+                show_logs: self.web_show_logs || auth.as_ref().is_some_and(|a| a.protect_web),
             },
+            auth,
+            trusted_proxies: self.trusted_proxies.clone(),
         })
     }
 

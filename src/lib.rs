@@ -3,6 +3,7 @@
 //! how a request flows through these modules.
 
 pub mod activity;
+pub mod app;
 pub mod arch;
 pub mod archive;
 pub mod auth;

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use nixery::builder::{Builder, Settings};
+use nixery::activity::Activity;
+use nixery::app::AppState;
+use nixery::builder::{Builder, Parts, Settings};
 use nixery::config::{Cli, Command, LayersArgs, LogFormat, ServeConfig};
 use nixery::export::{self, OutputFormat};
 use nixery::image::ImageRequest;
@@ -21,6 +23,7 @@ use nixery::redact;
 use nixery::server;
 use nixery::source::LATEST;
 use nixery::storage::Storage;
+use nixery::web;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -103,8 +106,9 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             .max_connections
             .unwrap_or_else(|| listen::default_max_connections(fd_limit)),
     };
-    let (address, grace, http) = (config.listen, config.shutdown_timeout, config.http.clone());
-    let builder = open_builder(config).await?;
+    let (address, grace) = (config.listen, config.shutdown_timeout);
+    let (proxies, pages) = (config.trusted_proxies.clone(), config.web);
+    let state = open(config).await?;
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("cannot listen on {address}"))?;
@@ -113,15 +117,16 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     eprintln!(
         "nixery is serving on http://{address}\n  pull an image: skopeo copy --src-tls-verify=false docker://{address}/shell/hello oci:hello:latest\n  or:            docker pull {address}/shell/hello"
     );
-    serve_until_stopped(listener, builder, http, grace, limits).await
+    let app = server::router(state.clone(), proxies, web::routes(pages));
+    serve_until_stopped(listener, app, &state, grace, limits).await
 }
 
 /// `nixery build`: the image built as the registry would build it, then
 /// written out, with a progress bar on a terminal and plain lines otherwise.
 async fn build(config: ServeConfig, image: &str, output: &std::path::Path, format: OutputFormat) -> anyhow::Result<()> {
-    let builder = open_builder(config).await?;
+    let state = open(config).await?;
     let (name, tag) = image.split_once(':').unwrap_or((image, LATEST));
-    let request = ImageRequest::parse(name, tag, builder.meta_packages())?;
+    let request = ImageRequest::parse(name, tag, &state.meta_packages)?;
     let progress = Progress::new();
     progress.stage(&format!("building {request} (Nix, layers)"));
     let choice = Choice {
@@ -132,7 +137,8 @@ async fn build(config: ServeConfig, image: &str, output: &std::path::Path, forma
         index: false,
     };
     let started = std::time::Instant::now();
-    let manifest = builder
+    let manifest = state
+        .builder
         .resolve(&request, choice, None)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -144,7 +150,7 @@ async fn build(config: ServeConfig, image: &str, output: &std::path::Path, forma
     ));
     let reference = format!("{name}:{tag}");
     let copy = |bytes| progress.copied(bytes);
-    let written = export::export(builder.storage(), &manifest, &reference, format, output, &copy).await?;
+    let written = export::export(&state.storage, &manifest, &reference, format, output, &copy).await?;
     progress.done(&format!(
         "wrote {reference} ({:.1} MiB of layers) to {}",
         written as f64 / 1048576.0,
@@ -195,7 +201,7 @@ impl Progress {
 }
 
 /// The builder and everything it works with, from the configuration.
-async fn open_builder(config: ServeConfig) -> anyhow::Result<Arc<Builder>> {
+async fn open(config: ServeConfig) -> anyhow::Result<AppState> {
     let storage = Storage::open(&config.storage)
         .await
         .with_context(|| format!("cannot use the {} storage backend", config.storage.backend.name()))?;
@@ -220,34 +226,44 @@ async fn open_builder(config: ServeConfig) -> anyhow::Result<Arc<Builder>> {
         max_builds: config.max_builds.unwrap_or(parallel),
         architectures: config.architectures,
         preferred_format: config.manifest_format,
-        meta_packages: config.meta_packages,
         entrypoint: config.entrypoint,
         max_packages: config.max_packages,
         builds_per_client: config.builds_per_client,
     };
     let metrics = Arc::new(Metrics::default());
-    Ok(Builder::new(
-        config.source,
-        Nix::new(config.nix_timeout, Arc::clone(&metrics)),
-        storage,
+    let activity = Arc::new(Activity::default());
+    let source = Arc::new(config.source);
+    let parts = Parts {
+        source: Arc::clone(&source),
+        nix: Nix::new(config.nix_timeout, Arc::clone(&metrics)),
+        storage: storage.clone(),
         popularity,
         learned,
-        settings,
+        metrics: Arc::clone(&metrics),
+        activity: Arc::clone(&activity),
+    };
+    Ok(AppState {
+        builder: Builder::new(parts, settings),
+        storage,
         metrics,
-    ))
+        activity,
+        source,
+        meta_packages: Arc::new(config.meta_packages),
+        auth: config.auth,
+    })
 }
 
 /// Serves until SIGINT or SIGTERM; then stops accepting connections and
 /// lets open requests and running builds finish, for at most `grace`.
 async fn serve_until_stopped(
     listener: tokio::net::TcpListener,
-    builder: Arc<Builder>,
-    http: server::Settings,
+    app: axum::Router,
+    state: &AppState,
     grace: std::time::Duration,
     limits: listen::Limits,
 ) -> anyhow::Result<()> {
     let (stopped_at, mut stopping) = tokio::sync::watch::channel(None);
-    let app = server::router(Arc::clone(&builder), http);
+    let builder = &state.builder;
     let stop = async move {
         stop_signal().await;
         tracing::info!(
@@ -256,7 +272,7 @@ async fn serve_until_stopped(
         );
         let _ = stopped_at.send(Some(tokio::time::Instant::now()));
     };
-    let server = listen::serve(listener, app, stop, limits, Arc::clone(builder.metrics()));
+    let server = listen::serve(listener, app, stop, limits, Arc::clone(&state.metrics));
     let deadline = async {
         let _ = stopping.wait_for(Option::is_some).await;
         let since = stopping.borrow().expect("set");

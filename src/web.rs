@@ -11,20 +11,22 @@
 //! protected pages); otherwise an error shows its packages and Nix's first
 //! error line.
 
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use askama::Template;
+use axum::Router;
 use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
 
-use crate::builder::{Builder, ImagePlan};
+use crate::app::AppState;
+use crate::builder::ImagePlan;
 use crate::client::Client;
 use crate::image::ImageRequest;
 use crate::meta::Meta;
 use crate::redact;
-use crate::server::{self, Unverified};
+use crate::server::{RegistryError, Unverified};
 use crate::source::LATEST;
 
 /// What the pages may show.
@@ -32,6 +34,14 @@ use crate::source::LATEST;
 pub struct Settings {
     /// Show the last lines of Nix's log of failed builds.
     pub show_logs: bool,
+}
+
+/// The pages' routes, for the server's router.
+pub fn routes(settings: Settings) -> Router<AppState> {
+    Router::new()
+        .route("/", get(index))
+        .route("/image/{*name}", get(image))
+        .layer(axum::Extension(settings))
 }
 
 #[derive(Template)]
@@ -93,13 +103,13 @@ struct LayerView {
 }
 
 /// `GET /`.
-pub async fn index(
-    State(builder): State<Arc<Builder>>,
+async fn index(
+    State(state): State<AppState>,
     Extension(settings): Extension<Settings>,
     unverified: Option<Extension<Unverified>>,
     headers: HeaderMap,
 ) -> Response {
-    let source = builder.source();
+    let source = &state.source;
     let (resolved, tags) = match unverified {
         Some(_) => (source.resolve_known(LATEST).await, source.tags_known().await),
         None => (
@@ -114,18 +124,16 @@ pub async fn index(
         source: source.describe(),
         revision,
         tags,
-        metas: builder
-            .meta_packages()
+        metas: state
+            .meta_packages
             .names()
             .map(|name| {
-                (
-                    name.to_owned(),
-                    meta_meaning(builder.meta_packages().get(name).expect("listed")),
-                )
+                let meta = state.meta_packages.get(name).expect("listed");
+                (name.to_owned(), meta_meaning(meta))
             })
             .collect(),
-        builds: builder
-            .activity()
+        builds: state
+            .activity
             .builds()
             .into_iter()
             .map(|b| BuildRow {
@@ -139,8 +147,8 @@ pub async fn index(
                 digest: short_digest(&b.digest),
             })
             .collect(),
-        failures: builder
-            .activity()
+        failures: state
+            .activity
             .failures()
             .into_iter()
             .map(|f| FailureRow {
@@ -159,17 +167,20 @@ pub async fn index(
 
 /// `GET /image/<name>`: the layer plan of `name:latest`, built first
 /// (as a pull would) when it is not built yet and the request may start it.
-pub async fn image(
-    State(builder): State<Arc<Builder>>,
+async fn image(
+    State(state): State<AppState>,
     Extension(client): Extension<Client>,
     unverified: Option<Extension<Unverified>>,
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
     let may_build = unverified.is_none().then_some(client);
-    let (status, plan) = match ImageRequest::parse(&name, LATEST, builder.meta_packages()) {
-        Err(e) => (StatusCode::BAD_REQUEST, Err(e.to_string())),
-        Ok(request) => match builder.describe(&request, may_build).await {
+    let (status, plan) = match ImageRequest::parse(&name, LATEST, &state.meta_packages) {
+        Err(e) => {
+            let message = e.to_string();
+            (status_of(RegistryError::from(e)), Err(message))
+        }
+        Ok(request) => match state.builder.describe(&request, may_build).await {
             Ok(Some(plan)) => (StatusCode::OK, Ok(plan_view(plan))),
             Ok(None) => (
                 StatusCode::NOT_FOUND,
@@ -177,7 +188,10 @@ pub async fn image(
                     "{name} is not built yet: a pull with this registry's credentials builds it"
                 )),
             ),
-            Err(e) => (server::status_of(&e), Err(redact::scrub(&e.to_string()).into_owned())),
+            Err(e) => (
+                status_of(RegistryError::from(e.as_ref())),
+                Err(redact::scrub(&e.to_string()).into_owned()),
+            ),
         },
     };
     let page = ImagePage {
@@ -186,6 +200,11 @@ pub async fn image(
         plan,
     };
     render(status, &page)
+}
+
+/// A page's status: the one a registry route would answer the error with.
+fn status_of(error: RegistryError) -> StatusCode {
+    error.kind().0
 }
 
 fn plan_view(plan: ImagePlan) -> PlanView {

@@ -1,0 +1,33 @@
+//! What the HTTP side shares: the one [`AppState`] every registry route and
+//! web page is given, so that handlers reach each part directly instead of
+//! through the builder.
+
+use std::sync::Arc;
+
+use crate::activity::Activity;
+use crate::auth::Auth;
+use crate::builder::Builder;
+use crate::meta::MetaPackages;
+use crate::metrics::Metrics;
+use crate::source::PackageSource;
+use crate::storage::Storage;
+
+/// The parts a request may use.
+#[derive(Clone)]
+pub struct AppState {
+    /// Makes the images pulls and pages ask for, and makes again what
+    /// storage lost.
+    pub builder: Arc<Builder>,
+    /// Where manifests and blobs are read from (the builder writes them).
+    pub storage: Storage,
+    /// Requests, bytes served, builds and cache hits, for `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// Recent builds and failures, for the landing page.
+    pub activity: Arc<Activity>,
+    /// The package set: its tags and what they resolve to.
+    pub source: Arc<PackageSource>,
+    /// What leading image name components stand for.
+    pub meta_packages: Arc<MetaPackages>,
+    /// Who may pull; `None`: anyone.
+    pub auth: Option<Arc<Auth>>,
+}

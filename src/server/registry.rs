@@ -1,0 +1,287 @@
+//! The registry's read API below `/v2/`: manifests by tag (built on
+//! demand, in the format the client's `Accept` asks for) and by digest,
+//! blobs (whole, by range, or redirected to a bucket's signed URL),
+//! tags/list with pagination, and referrers. GET and HEAD answer alike but
+//! for the body; anything else is refused.
+
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde_json::json;
+
+use super::error::RegistryError;
+use super::http::{self, DOCKER_CONTENT_DIGEST, OCI_FILTERS_APPLIED};
+use crate::app::AppState;
+use crate::client::Client;
+use crate::digest::{Digest, DigestError};
+use crate::image::ImageRequest;
+use crate::negotiate;
+use crate::oci;
+use crate::reference;
+
+/// Larger blobs are never manifests; they are not read to find out.
+const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
+
+/// `/v2/<name>/manifests/<reference>`, `/v2/<name>/blobs/<digest>`,
+/// `/v2/<name>/tags/list` and `/v2/<name>/referrers/<digest>`.
+pub async fn registry(
+    State(state): State<AppState>,
+    Extension(client): Extension<Client>,
+    method: Method,
+    Path(rest): Path<String>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, RegistryError> {
+    if method != Method::GET && method != Method::HEAD {
+        return Err(RegistryError::unsupported_method());
+    }
+    let head = method == Method::HEAD;
+    let Some(Route { name, kind, reference }) = Route::parse(&rest) else {
+        return Err(RegistryError::unknown_route());
+    };
+    let query = query.map(|Query(q)| q).ok();
+    let response = match (kind, reference) {
+        ("manifests", _) => manifest(&state, &name, reference, &headers, head, client).await,
+        ("blobs", _) => blob(&state, &name, reference, &headers, head).await,
+        ("tags", "list") => tags(&state, &name, query.as_deref(), head).await,
+        ("referrers", _) => referrers(&name, reference, query.as_deref().unwrap_or_default(), head),
+        _ => Err(RegistryError::unknown_route()),
+    }?;
+    Ok(http::not_modified_if_current(&headers, response))
+}
+
+/// A path below `/v2/`: `<name>/<kind>/<reference>`, the name being one or
+/// more components (`shell/git/manifests/latest`, `a/tags/list`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Route<'a> {
+    pub name: String,
+    pub kind: &'a str,
+    pub reference: &'a str,
+}
+
+impl<'a> Route<'a> {
+    pub fn parse(rest: &'a str) -> Option<Self> {
+        let mut parts: Vec<&str> = rest.split('/').collect();
+        match (parts.pop(), parts.pop()) {
+            (Some(reference), Some(kind)) if !parts.is_empty() => Some(Route {
+                name: parts.join("/"),
+                kind,
+                reference,
+            }),
+            _ => None,
+        }
+    }
+}
+
+async fn manifest(
+    state: &AppState,
+    name: &str,
+    reference: &str,
+    headers: &HeaderMap,
+    head: bool,
+    client: Client,
+) -> Result<Response, RegistryError> {
+    reference::validate_name(name)?;
+    if reference.contains(':') {
+        return manifest_by_digest(state, reference, head).await;
+    }
+    if !reference::is_tag(reference) {
+        return Err(RegistryError::manifest_unknown(format!(
+            "{reference:?} is not a valid tag"
+        )));
+    }
+    let request = ImageRequest::parse(name, reference, &state.meta_packages)?;
+    let builder = &state.builder;
+    let multi_arch = builder.architectures(&request).len() > 1;
+    let choice = negotiate::choose(headers, multi_arch, builder.preferred_format());
+    let (record, body) = if head {
+        let record = builder.resolve(&request, choice, Some(client)).await?;
+        let size = record.size;
+        (record, ManifestBody::Head(size))
+    } else {
+        let (record, bytes) = builder.fetch(&request, choice, Some(client)).await?;
+        (record, ManifestBody::Get(bytes))
+    };
+    let mut response = manifest_response(&record.media_type, &record.digest, body);
+    // What a tag resolves to depends on the client's Accept header.
+    response
+        .headers_mut()
+        .insert(header::VARY, HeaderValue::from_static("Accept"));
+    Ok(response)
+}
+
+/// A manifest response's body: the bytes, or for HEAD their length only.
+enum ManifestBody {
+    Get(Bytes),
+    Head(u64),
+}
+
+async fn manifest_by_digest(state: &AppState, reference: &str, head: bool) -> Result<Response, RegistryError> {
+    let unknown = || RegistryError::manifest_unknown(format!("manifest {reference} is not known"));
+    let digest = match reference.parse::<Digest>() {
+        Ok(digest) => digest,
+        Err(DigestError::UnsupportedAlgorithm(_)) => return Err(unknown()),
+        Err(e) => return Err(e.into()),
+    };
+    let storage = &state.storage;
+    match storage.blob_size(&digest).await? {
+        Some(size) if size <= MAX_MANIFEST_SIZE => {}
+        _ => return Err(unknown()),
+    }
+    let bytes = storage.read_blob_bytes(&digest).await?.ok_or_else(unknown)?;
+    let media_type = oci::manifest_media_type(&bytes).ok_or_else(unknown)?;
+    let body = if head {
+        ManifestBody::Head(bytes.len() as u64)
+    } else {
+        ManifestBody::Get(bytes)
+    };
+    Ok(manifest_response(media_type, &digest, body))
+}
+
+fn manifest_response(media_type: &str, digest: &Digest, body: ManifestBody) -> Response {
+    let (length, body) = match body {
+        ManifestBody::Get(bytes) => (bytes.len() as u64, Body::from(bytes)),
+        ManifestBody::Head(length) => (length, Body::empty()),
+    };
+    let headers = [
+        (header::CONTENT_TYPE, media_type.to_owned()),
+        (header::CONTENT_LENGTH, length.to_string()),
+        (DOCKER_CONTENT_DIGEST, digest.to_string()),
+        (header::ETAG, http::etag(digest)),
+    ];
+    (headers, body).into_response()
+}
+
+/// `GET /v2/<name>/tags/list[?n=&last=]`: the tags the package source can
+/// name, sorted, the page after `last`, at most `n`, with a `Link` to the
+/// next page when there is one.
+async fn tags(
+    state: &AppState,
+    name: &str,
+    query: Option<&[(String, String)]>,
+    head: bool,
+) -> Result<Response, RegistryError> {
+    reference::validate_name(name)?;
+    let query = query.ok_or_else(|| RegistryError::pagination_invalid("the query string cannot be read"))?;
+    let limit = match single(query, "n")? {
+        Some(n) => Some(
+            http::decimal(n)
+                .and_then(|n| usize::try_from(n).ok())
+                .ok_or_else(|| RegistryError::pagination_invalid(format!("n={n:?} is not a number of tags")))?,
+        ),
+        None => None,
+    };
+    let last = single(query, "last")?;
+    let all = state.source.tags().await?;
+    let after: Vec<String> = match last {
+        Some(last) => all.into_iter().filter(|t| t.as_str() > last).collect(),
+        None => all,
+    };
+    let page: Vec<&String> = after.iter().take(limit.unwrap_or(usize::MAX)).collect();
+    let body = json!({ "name": name, "tags": page }).to_string();
+    let mut response = Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, body.len());
+    if let (Some(n), Some(last)) = (limit, page.last())
+        && page.len() < after.len()
+    {
+        response = response.header(
+            header::LINK,
+            format!("</v2/{name}/tags/list?n={n}&last={last}>; rel=\"next\""),
+        );
+    }
+    let body = if head { Body::empty() } else { Body::from(body) };
+    Ok(response.body(body).expect("headers are valid"))
+}
+
+/// The value of `name` in a query, if it is there; given twice, it is an error.
+fn single<'q>(query: &'q [(String, String)], name: &str) -> Result<Option<&'q str>, RegistryError> {
+    let mut values = query.iter().filter(|(key, _)| key == name).map(|(_, v)| v.as_str());
+    let first = values.next();
+    match values.next() {
+        Some(_) => Err(RegistryError::pagination_invalid(format!(
+            "{name} is given more than once"
+        ))),
+        None => Ok(first),
+    }
+}
+
+/// `GET /v2/<name>/referrers/<digest>`: nothing here refers to anything
+/// (images carry no signatures or attestations), so always an empty index.
+fn referrers(name: &str, reference: &str, query: &[(String, String)], head: bool) -> Result<Response, RegistryError> {
+    reference::validate_name(name)?;
+    reference.parse::<Digest>()?;
+    let index = oci::empty_index();
+    let mut response = Response::builder()
+        .header(header::CONTENT_TYPE, oci::OCI_INDEX)
+        .header(header::CONTENT_LENGTH, index.bytes.len());
+    if query.iter().any(|(key, _)| key == "artifactType") {
+        response = response.header(OCI_FILTERS_APPLIED, "artifactType");
+    }
+    let body = if head { Body::empty() } else { Body::from(index.bytes) };
+    Ok(response.body(body).expect("headers are valid"))
+}
+
+async fn blob(
+    state: &AppState,
+    name: &str,
+    reference: &str,
+    headers: &HeaderMap,
+    head: bool,
+) -> Result<Response, RegistryError> {
+    reference::validate_name(name)?;
+    let unknown = || RegistryError::blob_unknown(reference);
+    let digest = match reference.parse::<Digest>() {
+        Ok(digest) => digest,
+        Err(DigestError::UnsupportedAlgorithm(_)) => return Err(unknown()),
+        Err(e) => return Err(e.into()),
+    };
+    let storage = &state.storage;
+    let Some(size) = storage.blob_size(&digest).await? else {
+        if let Err(error) = state.builder.blob_missing(&digest).await {
+            tracing::warn!(%error, "could not look up the images of a missing blob");
+        }
+        return Err(unknown());
+    };
+    if !head && let Some(url) = storage.blob_url(&digest).await? {
+        return Ok(Response::builder()
+            .status(StatusCode::TEMPORARY_REDIRECT)
+            .header(header::LOCATION, url)
+            .header(DOCKER_CONTENT_DIGEST, digest.to_string())
+            .body(Body::empty())
+            .expect("headers are valid"));
+    }
+    let etag = http::etag(&digest);
+    // A client that has the blob gets a 304, whatever range it asks for.
+    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        Some(_) if http::has_current_etag(headers, &etag) => None,
+        Some(value) => http::byte_range(value, size).map_err(|()| RegistryError::range_not_satisfiable(size))?,
+        None => None,
+    };
+
+    let mut response = Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(DOCKER_CONTENT_DIGEST, digest.to_string())
+        .header(header::ETAG, etag)
+        .header(header::CACHE_CONTROL, "max-age=31536000");
+    let length = match &range {
+        Some(r) => {
+            response = response
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(header::CONTENT_RANGE, format!("bytes {}-{}/{size}", r.start, r.end - 1));
+            r.end - r.start
+        }
+        None => size,
+    };
+    response = response.header(header::CONTENT_LENGTH, length);
+    let body = if head || length == 0 {
+        Body::empty()
+    } else {
+        Body::from_stream(storage.read_blob(&digest, range).await?.ok_or_else(unknown)?)
+    };
+    Ok(response.body(body).expect("headers are valid"))
+}
