@@ -14,10 +14,9 @@ use object_store::memory::InMemory;
 use object_store::signer::Signer;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
 
-use crate::config::{Backend, GcsConfig, S3Config};
-
 use super::StorageError;
 use super::gcs::JsonWrites;
+use super::settings::{Backend, GcsConfig, S3Config};
 
 /// How long a bucket request may take before it is retried or fails.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);

@@ -20,6 +20,9 @@
 
 mod backend;
 mod gcs;
+mod settings;
+
+pub use settings::{Backend, GcsConfig, S3Config, StorageConfig};
 
 use std::io::{self, Write};
 use std::ops::Range;
@@ -39,7 +42,6 @@ use object_store::{
 use tempfile::NamedTempFile;
 use tokio::io::AsyncReadExt;
 
-use crate::config::{Backend, StorageConfig};
 use crate::digest::Digest;
 
 /// Staging prefix in the store; in a folder, also where layers are packed
