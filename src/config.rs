@@ -25,6 +25,7 @@ use crate::meta::MetaPackages;
 use crate::oci::Format;
 use crate::redact::Secrets;
 use crate::source::{Channel, DEFAULT_CHANNEL_URL, PackageSource};
+use crate::storage::{Backend, GcsConfig, S3Config, StorageConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -336,53 +337,6 @@ pub enum ConfigError {
     HalfCredentials,
     #[error("NIXERY_BLOB_REDIRECT needs a bucket that can presign URLs (s3 or gcs), not {0}")]
     RedirectWithoutBucket(&'static str),
-}
-
-/// Where to keep data, and how blobs are served from it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StorageConfig {
-    pub backend: Backend,
-    /// Lifetime of presigned URLs when blob GETs are redirected to them.
-    pub redirect: Option<Duration>,
-    /// Where layers are packed before upload (buckets only).
-    pub spool: PathBuf,
-}
-
-/// A storage backend and its settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Backend {
-    Filesystem(PathBuf),
-    S3(S3Config),
-    Gcs(GcsConfig),
-    Memory,
-}
-
-impl Backend {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Backend::Filesystem(_) => "filesystem",
-            Backend::S3(_) => "s3",
-            Backend::Gcs(_) => "gcs",
-            Backend::Memory => "memory",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct S3Config {
-    pub bucket: String,
-    pub endpoint: Option<String>,
-    pub region: String,
-    /// Access key id, secret and session token; `None`: the instance's role.
-    pub credentials: Option<(String, String, Option<String>)>,
-    pub path_style: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GcsConfig {
-    pub bucket: String,
-    pub credentials: Option<PathBuf>,
-    pub endpoint: Option<String>,
 }
 
 /// A checked configuration for `serve`.

@@ -1,6 +1,7 @@
 //! Opening the object store a configuration names: a local folder, an S3 or
-//! GCS bucket, or memory; for buckets, the signer of presigned URLs; for
-//! GCS, the JSON API client that writes (`gcs.rs`).
+//! GCS bucket, or memory; for buckets, the signer of presigned URLs; and
+//! what writes go through (`writes.rs`): the store itself, or for GCS the
+//! JSON API client (`gcs.rs`), decided here and nowhere else.
 //! Requests to buckets give up after a few quick retries, so that clients
 //! hear of an unreachable bucket in seconds rather than minutes.
 
@@ -14,10 +15,10 @@ use object_store::memory::InMemory;
 use object_store::signer::Signer;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
 
-use crate::config::{Backend, GcsConfig, S3Config};
-
 use super::StorageError;
 use super::gcs::JsonWrites;
+use super::settings::{Backend, GcsConfig, S3Config};
+use super::writes::Writes;
 
 /// How long a bucket request may take before it is retried or fails.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -31,8 +32,8 @@ pub struct Opened {
     pub store: Arc<dyn ObjectStore>,
     /// For buckets: what presigns URLs.
     pub signer: Option<Arc<dyn Signer>>,
-    /// For GCS: where writes go instead of `store`.
-    pub gcs: Option<Arc<JsonWrites>>,
+    /// What writes go through: `store`, or for GCS its JSON API.
+    pub writes: Writes,
 }
 
 /// Opens `backend`; a filesystem root is created if missing.
@@ -40,35 +41,38 @@ pub async fn open(backend: &Backend) -> Result<Opened, StorageError> {
     Ok(match backend {
         Backend::Filesystem(root) => {
             tokio::fs::create_dir_all(root).await?;
-            let store = LocalFileSystem::new_with_prefix(root)?.with_fsync(true);
+            let store: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(root)?.with_fsync(true));
             Opened {
-                store: Arc::new(store),
+                writes: Writes::Store(store.clone()),
+                store,
                 signer: None,
-                gcs: None,
             }
         }
         Backend::S3(config) => {
             let s3 = Arc::new(s3(config).build()?);
             Opened {
                 store: s3.clone(),
-                signer: Some(s3),
-                gcs: None,
+                signer: Some(s3.clone()),
+                writes: Writes::Store(s3),
             }
         }
         Backend::Gcs(config) => {
             let gcs = Arc::new(gcs(config).build()?);
-            let writes = JsonWrites::new(config.endpoint.as_deref(), &config.bucket, gcs.credentials().clone())?;
+            let json = JsonWrites::new(config.endpoint.as_deref(), &config.bucket, gcs.credentials().clone())?;
             Opened {
                 store: gcs.clone(),
                 signer: Some(gcs),
-                gcs: Some(Arc::new(writes)),
+                writes: Writes::GcsJson(Arc::new(json)),
             }
         }
-        Backend::Memory => Opened {
-            store: Arc::new(InMemory::new()),
-            signer: None,
-            gcs: None,
-        },
+        Backend::Memory => {
+            let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+            Opened {
+                writes: Writes::Store(store.clone()),
+                store,
+                signer: None,
+            }
+        }
     })
 }
 

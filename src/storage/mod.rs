@@ -1,7 +1,10 @@
 //! Where bytes live. Blobs (layers, configs, manifests) sit at their content
 //! address, `blobs/sha256/<hex>`, so the storage root (a folder or a bucket)
 //! is an OCI image layout; small cache records sit under `cache/`.
-//! Everything goes through `object_store` (backends in `backend.rs`).
+//! Reads go through `object_store` (backends in `backend.rs`); writes go
+//! through one `Writes` (`writes.rs`), chosen when the backend is opened:
+//! the same object store, or for a GCS bucket its JSON API (`gcs.rs`).
+//! Once opened, `Storage` never asks which backend it has.
 //!
 //! A layer is packed into a staged file and reaches its content address only
 //! once its digest is known, and only if nothing is there yet:
@@ -15,11 +18,18 @@
 //!   S3, after a check that nothing is there: a copy of the same digest
 //!   writes the same bytes), and the staging object is deleted.
 //!
+//! Small blobs and the layout files are put only where nothing is, the same
+//! way (conditionally, or after a check where the store cannot).
+//!
 //! A crash leaves at most garbage under `staging/`, never a wrong blob at an
 //! address; staging objects older than an hour are deleted at start.
 
 mod backend;
 mod gcs;
+mod settings;
+mod writes;
+
+pub use settings::{Backend, GcsConfig, S3Config, StorageConfig};
 
 use std::io::{self, Write};
 use std::ops::Range;
@@ -33,14 +43,12 @@ use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as StorePath;
 use object_store::signer::Signer;
-use object_store::{
-    GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart,
-};
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 use tempfile::NamedTempFile;
-use tokio::io::AsyncReadExt;
 
-use crate::config::{Backend, StorageConfig};
 use crate::digest::Digest;
+
+use writes::Writes;
 
 /// Staging prefix in the store; in a folder, also where layers are packed
 /// (the same filesystem, so that a commit is a hard link).
@@ -50,8 +58,6 @@ const STALE: Duration = Duration::from_secs(3600);
 /// Bytes of a staged file after which the kernel is asked to write them out;
 /// also the part size of multipart uploads.
 const WRITE_BEHIND: u64 = 8 << 20;
-/// Parts of one upload in flight at once.
-const UPLOAD_CONCURRENCY: usize = 4;
 const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
 const EMPTY_INDEX: &[u8] =
     br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
@@ -74,11 +80,12 @@ pub type BlobStream = BoxStream<'static, Result<Bytes, StorageError>>;
 /// The registry's storage.
 #[derive(Clone, Debug)]
 pub struct Storage {
+    /// What reads, lists and heads go to.
     store: Arc<dyn ObjectStore>,
     /// Presigns blob URLs, and for how long, when blob GETs are redirected.
     redirect: Option<(Arc<dyn Signer>, Duration)>,
-    /// For GCS: the JSON API, which all writes go through.
-    gcs: Option<Arc<gcs::JsonWrites>>,
+    /// What all writes go through.
+    writes: Writes,
     spool: Spool,
 }
 
@@ -107,7 +114,7 @@ impl Storage {
         let storage = Storage {
             store: opened.store,
             redirect,
-            gcs: opened.gcs,
+            writes: opened.writes,
             spool,
         };
         tokio::fs::create_dir_all(storage.spool_dir()).await?;
@@ -118,9 +125,11 @@ impl Storage {
 
     /// Writes the OCI layout's own files unless they are there.
     pub async fn ensure_layout(&self) -> Result<(), StorageError> {
-        self.put_if_absent(&StorePath::from("oci-layout"), Bytes::from_static(OCI_LAYOUT))
+        self.writes
+            .put_if_absent(&StorePath::from("oci-layout"), Bytes::from_static(OCI_LAYOUT))
             .await?;
-        self.put_if_absent(&StorePath::from("index.json"), Bytes::from_static(EMPTY_INDEX))
+        self.writes
+            .put_if_absent(&StorePath::from("index.json"), Bytes::from_static(EMPTY_INDEX))
             .await
     }
 
@@ -169,7 +178,7 @@ impl Storage {
                 let file = tokio::task::spawn_blocking(move || file.as_file().sync_all().map(|_| file))
                     .await
                     .expect("sync does not panic")?;
-                let committed = self.copy_if_absent(&staging, &blob_path(digest)).await;
+                let committed = self.writes.copy_if_absent(&staging, &blob_path(digest)).await;
                 drop(file);
                 committed
             }
@@ -178,7 +187,7 @@ impl Storage {
                     return Ok(());
                 }
                 let uploaded = self.upload_and_copy(&staged, &staging, digest).await;
-                if let Err(object_store::Error::NotFound { .. }) | Ok(()) = self.delete(&staging).await {
+                if let Err(object_store::Error::NotFound { .. }) | Ok(()) = self.writes.delete(&staging).await {
                 } else {
                     tracing::warn!(%staging, "could not delete a staging object; it goes at the next start");
                 }
@@ -205,7 +214,7 @@ impl Storage {
                 found,
             });
         }
-        self.upload(staged.file.path(), staging).await?;
+        self.writes.upload_file(staged.file.path(), staging).await?;
         let found = self.store.head(staging).await?.size;
         if found != staged.written {
             return Err(StorageError::UploadSize {
@@ -214,61 +223,7 @@ impl Storage {
                 found,
             });
         }
-        self.copy_if_absent(staging, &blob_path(digest)).await
-    }
-
-    /// Streams a local file to `to`: in one request when small, else in
-    /// parts, a few at a time.
-    async fn upload(&self, file: &Path, to: &StorePath) -> Result<(), StorageError> {
-        let mut file = tokio::fs::File::open(file).await?;
-        if let Some(gcs) = &self.gcs {
-            return Ok(gcs.upload_file(to, file).await?);
-        }
-        let size = file.metadata().await?.len();
-        if size <= WRITE_BEHIND {
-            let mut bytes = Vec::with_capacity(size as usize);
-            file.read_to_end(&mut bytes).await?;
-            self.store.put(to, PutPayload::from(bytes)).await?;
-            return Ok(());
-        }
-        let mut upload =
-            WriteMultipart::new_with_chunk_size(self.store.put_multipart(to).await?, WRITE_BEHIND as usize);
-        let mut buffer = vec![0; WRITE_BEHIND as usize];
-        loop {
-            let n = match file.read(&mut buffer).await {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) => {
-                    let _ = upload.abort().await;
-                    return Err(e.into());
-                }
-            };
-            upload.write(&buffer[..n]);
-            if let Err(e) = upload.wait_for_capacity(UPLOAD_CONCURRENCY).await {
-                let _ = upload.abort().await;
-                return Err(e.into());
-            }
-        }
-        upload.finish().await?;
-        Ok(())
-    }
-
-    /// Copies `from` to `to` unless something is at `to`. A bucket without
-    /// copy-if-absent (S3) gets a plain copy: callers checked that `to` was
-    /// empty, and `to` is a content address, so a racing copy writes the
-    /// same bytes.
-    async fn copy_if_absent(&self, from: &StorePath, to: &StorePath) -> Result<(), StorageError> {
-        let copied = match &self.gcs {
-            Some(gcs) => gcs.copy_if_absent(from, to).await,
-            None => self.store.copy_if_not_exists(from, to).await,
-        };
-        match copied {
-            Ok(()) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
-            Err(object_store::Error::NotSupported { .. } | object_store::Error::NotImplemented { .. }) => {
-                Ok(self.store.copy(from, to).await?)
-            }
-            Err(e) => Err(e.into()),
-        }
+        self.writes.copy_if_absent(staging, &blob_path(digest)).await
     }
 
     /// Deletes staging objects (and spooled files) older than [`STALE`]:
@@ -283,7 +238,7 @@ impl Storage {
             .try_collect()
             .await?;
         for location in &stale {
-            match self.delete(location).await {
+            match self.writes.delete(location).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -308,7 +263,7 @@ impl Storage {
 
     /// Puts a small blob at its address unless it is there already.
     pub async fn put_blob(&self, digest: &Digest, bytes: Bytes) -> Result<(), StorageError> {
-        self.put_if_absent(&blob_path(digest), bytes).await
+        self.writes.put_if_absent(&blob_path(digest), bytes).await
     }
 
     /// The size of a blob, or `None` if there is none at `digest`.
@@ -362,17 +317,12 @@ impl Storage {
 
     /// Writes (or replaces) the cache record at `key`.
     pub async fn put_record(&self, key: &str, bytes: Bytes) -> Result<(), StorageError> {
-        let path = record_path(key);
-        match &self.gcs {
-            Some(gcs) => gcs.put(&path, bytes, false).await?,
-            None => drop(self.store.put(&path, PutPayload::from_bytes(bytes)).await?),
-        }
-        Ok(())
+        self.writes.put(&record_path(key), bytes).await
     }
 
     /// Writes the cache record at `key` unless there is one.
     pub async fn put_record_if_absent(&self, key: String, bytes: Bytes) -> Result<(), StorageError> {
-        self.put_if_absent(&record_path(&key), bytes).await
+        self.writes.put_if_absent(&record_path(&key), bytes).await
     }
 
     /// The keys of the cache records below `prefix` (relative to it).
@@ -394,16 +344,9 @@ impl Storage {
 
     /// Deletes the cache record at `key`, if there is one.
     pub async fn delete_record(&self, key: &str) -> Result<(), StorageError> {
-        match self.delete(&record_path(key)).await {
+        match self.writes.delete(&record_path(key)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.into()),
-        }
-    }
-
-    async fn delete(&self, path: &StorePath) -> Result<(), object_store::Error> {
-        match &self.gcs {
-            Some(gcs) => gcs.delete(path).await,
-            None => self.store.delete(path).await,
         }
     }
 
@@ -411,39 +354,6 @@ impl Storage {
         match self.store.get(path).await {
             Ok(result) => Ok(Some(result.bytes().await?)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// A put that never replaces: conditional where the store has it, else
-    /// after a check (content addresses only, so a race writes the same bytes).
-    async fn put_if_absent(&self, path: &StorePath, bytes: Bytes) -> Result<(), StorageError> {
-        let options = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        let put = match &self.gcs {
-            Some(gcs) => gcs.put(path, bytes.clone(), true).await,
-            None => self
-                .store
-                .put_opts(path, PutPayload::from_bytes(bytes.clone()), options)
-                .await
-                .map(drop),
-        };
-        match put {
-            Ok(()) | Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
-                Ok(())
-            }
-            Err(object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. }) => {
-                match self.store.head(path).await {
-                    Ok(_) => Ok(()),
-                    Err(object_store::Error::NotFound { .. }) => {
-                        self.store.put(path, PutPayload::from_bytes(bytes)).await?;
-                        Ok(())
-                    }
-                    Err(e) => Err(e.into()),
-                }
-            }
             Err(e) => Err(e.into()),
         }
     }
