@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod negotiate;
 pub mod nix;
 pub mod oci;
+pub mod programs;
 pub mod redact;
 pub mod server;
 pub mod source;
