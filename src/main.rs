@@ -17,6 +17,7 @@ use nixery::metrics::Metrics;
 use nixery::negotiate::Choice;
 use nixery::nix::Nix;
 use nixery::oci::Format;
+use nixery::programs::Programs;
 use nixery::redact;
 use nixery::server;
 use nixery::source::LATEST;
@@ -226,9 +227,10 @@ async fn open_builder(config: ServeConfig) -> anyhow::Result<Arc<Builder>> {
         builds_per_client: config.builds_per_client,
     };
     let metrics = Arc::new(Metrics::default());
+    let programs = Programs::new(Arc::clone(&metrics));
     Ok(Builder::new(
         config.source,
-        Nix::new(config.nix_timeout, Arc::clone(&metrics)),
+        Nix::new(config.nix_timeout, programs),
         storage,
         popularity,
         learned,
