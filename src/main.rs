@@ -229,7 +229,7 @@ async fn open_builder(config: ServeConfig) -> anyhow::Result<Arc<Builder>> {
     let metrics = Arc::new(Metrics::default());
     let programs = Programs::new(Arc::clone(&metrics));
     Ok(Builder::new(
-        config.source,
+        config.source.with_programs(programs.clone()),
         Nix::new(config.nix_timeout, programs),
         storage,
         popularity,
