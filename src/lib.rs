@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod negotiate;
 pub mod nix;
 pub mod oci;
+pub mod programs;
 pub mod redact;
 pub mod reference;
 pub mod server;

@@ -19,6 +19,7 @@ use nixery::metrics::Metrics;
 use nixery::negotiate::Choice;
 use nixery::nix::Nix;
 use nixery::oci::Format;
+use nixery::programs::Programs;
 use nixery::redact;
 use nixery::server;
 use nixery::source::LATEST;
@@ -232,10 +233,11 @@ async fn open(config: ServeConfig) -> anyhow::Result<AppState> {
     };
     let metrics = Arc::new(Metrics::default());
     let activity = Arc::new(Activity::default());
-    let source = Arc::new(config.source);
+    let programs = Programs::new(Arc::clone(&metrics));
+    let source = Arc::new(config.source.with_programs(programs.clone()));
     let parts = Parts {
         source: Arc::clone(&source),
-        nix: Nix::new(config.nix_timeout, Arc::clone(&metrics)),
+        nix: Nix::new(config.nix_timeout, programs),
         storage: storage.clone(),
         popularity,
         learned,

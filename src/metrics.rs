@@ -1,7 +1,8 @@
 //! The registry's metrics, in the Prometheus text format at `/metrics`:
-//! builds, build time per stage, cache hits and misses, Nix invocations,
-//! bytes served, requests by route and status, and connections: open, and
-//! closed by the registry, by why.
+//! builds, build time per stage, cache hits and misses, external program
+//! invocations (Nix and git, under the name `nix_invocations`), bytes
+//! served, requests by route and status, and connections: open, and closed
+//! by the registry, by why.
 
 use std::time::Duration;
 
@@ -117,7 +118,7 @@ impl Default for Metrics {
         );
         registry.register(
             "nix_invocations",
-            "Nix processes started, by command",
+            "External program invocations (Nix and git), by command",
             metrics.nix_invocations.clone(),
         );
         registry.register(
@@ -177,6 +178,8 @@ impl Metrics {
         family.get_or_create(&CacheLabel { cache }).inc();
     }
 
+    /// One start of an external program (Nix or git), by its name
+    /// (`nix`, `nix-instantiate`, `nix-store`, `git`).
     pub fn nix_invocation(&self, command: &'static str) {
         self.nix_invocations.get_or_create(&CommandLabel { command }).inc();
     }

@@ -3,6 +3,9 @@
 //! a revision of it, what Nix is told to import for such a tag, the revision
 //! string that identifies the package set's contents so images can be
 //! cached, and the labels that tell an image's users where it came from.
+//! Listing a git repository's refs (`git ls-remote`) and locking a flake
+//! (`nix flake metadata`) are run by [`crate::programs`], within
+//! `GIT_LIST_TIMEOUT` and `FLAKE_LOCK_TIMEOUT`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,6 +15,7 @@ use sha2::{Digest as _, Sha256};
 use walkdir::WalkDir;
 
 use crate::fresh::Fresh;
+use crate::programs::{Invocation, Program, Programs, RunError};
 use crate::redact;
 
 /// How long a path source's content hash is trusted before it is taken again.
@@ -51,11 +55,15 @@ pub enum PackageSource {
         /// What `latest` names instead of `HEAD` (`NIXERY_DEFAULT_TAG`).
         default_tag: Option<String>,
         refs: Fresh<GitRefs, SourceError>,
+        /// Runs `git ls-remote`.
+        programs: Programs,
     },
     /// A flake's `legacyPackages` (or `packages`) (`NIXERY_FLAKE`).
     Flake {
         reference: String,
         locked: Fresh<LockedFlake, SourceError>,
+        /// Runs `nix flake metadata`.
+        programs: Programs,
     },
 }
 
@@ -145,19 +153,37 @@ impl PackageSource {
         }
     }
 
+    /// A git source; it runs git with a runner of its own until
+    /// [`with_programs`](Self::with_programs) gives it the registry's.
     pub fn git(url: String, default_tag: Option<String>) -> Self {
         PackageSource::Git {
             url,
             default_tag,
             refs: revision_cache(GIT_REFS_TTL),
+            programs: Programs::default(),
         }
     }
 
+    /// A flake source; it runs Nix with a runner of its own until
+    /// [`with_programs`](Self::with_programs) gives it the registry's.
     pub fn flake(reference: String) -> Self {
         PackageSource::Flake {
             reference,
             locked: revision_cache(GIT_REFS_TTL),
+            programs: Programs::default(),
         }
+    }
+
+    /// The source, running git and Nix through `programs` (so that they are
+    /// counted in its metrics). Path and channel sources run nothing.
+    pub fn with_programs(mut self, programs: Programs) -> Self {
+        match &mut self {
+            PackageSource::Git { programs: own, .. } | PackageSource::Flake { programs: own, .. } => {
+                *own = programs;
+            }
+            PackageSource::Path { .. } | PackageSource::Channel(_) => {}
+        }
+        self
     }
 
     /// What an image with this tag is built from, or `None` when the tag
@@ -199,7 +225,12 @@ impl PackageSource {
                 }))
             }
             PackageSource::Channel(channel) => Ok(channel.resolve(tag)),
-            PackageSource::Git { url, default_tag, refs } => {
+            PackageSource::Git {
+                url,
+                default_tag,
+                refs,
+                programs,
+            } => {
                 let tag = match (tag, default_tag) {
                     (LATEST, Some(default)) => default.as_str(),
                     _ => tag,
@@ -207,7 +238,7 @@ impl PackageSource {
                 let pinned = if is_commit(tag) {
                     Some((None, tag.to_owned()))
                 } else {
-                    let Some(refs) = git_refs(url, refs, mode).await? else {
+                    let Some(refs) = git_refs(programs, url, refs, mode).await? else {
                         return Ok(None);
                     };
                     let named = if tag == LATEST {
@@ -219,11 +250,15 @@ impl PackageSource {
                 };
                 Ok(pinned.map(|(reference, commit)| git_resolved(url, reference, commit)))
             }
-            PackageSource::Flake { reference, locked } => {
+            PackageSource::Flake {
+                reference,
+                locked,
+                programs,
+            } => {
                 if tag != LATEST {
                     return Ok(None);
                 }
-                let Some(lock) = lock_flake(reference, locked, mode).await? else {
+                let Some(lock) = lock_flake(programs, reference, locked, mode).await? else {
                     return Ok(None);
                 };
                 Ok(Some(Resolved {
@@ -277,8 +312,10 @@ impl PackageSource {
                 tags.dedup();
                 Ok(tags)
             }
-            PackageSource::Git { url, refs, .. } => {
-                let Some(refs) = git_refs(url, refs, mode).await? else {
+            PackageSource::Git {
+                url, refs, programs, ..
+            } => {
+                let Some(refs) = git_refs(programs, url, refs, mode).await? else {
                     return Ok(vec![]);
                 };
                 let mut tags: Vec<String> = refs
@@ -367,21 +404,21 @@ impl Channel {
 
 /// The flake locked now, or within the last few seconds.
 async fn lock_flake(
+    programs: &Programs,
     reference: &str,
     known: &Fresh<LockedFlake, SourceError>,
     mode: Lookup,
 ) -> Result<Option<LockedFlake>, SourceError> {
-    let reference = reference.to_owned();
+    let (programs, reference) = (programs.clone(), reference.to_owned());
     refreshed(known, mode, || async move {
         let failed = |reason: String| SourceError::FlakeLock {
             reference: redact::url(&reference),
             reason,
         };
-        let mut metadata = tokio::process::Command::new("nix");
-        metadata
+        let metadata = Invocation::new(Program::Nix, "flake metadata", FLAKE_LOCK_TIMEOUT)
             .args(["--extra-experimental-features", "nix-command flakes"])
             .args(["flake", "metadata", "--json", "--", &reference]);
-        let stdout = output_of(metadata, FLAKE_LOCK_TIMEOUT).await.map_err(failed)?;
+        let stdout = programs.run(metadata).await.map_err(|e| failed(reason(e)))?;
         let lock = LockedFlake::parse(&stdout).map_err(failed)?;
         tracing::debug!(flake = %redact::url(&reference), nar_hash = %lock.nar_hash, "locked the flake");
         Ok(lock)
@@ -424,42 +461,37 @@ async fn path_revision(
 
 /// The repository's refs, listed again at most every few seconds.
 async fn git_refs(
+    programs: &Programs,
     url: &str,
     known: &Fresh<GitRefs, SourceError>,
     mode: Lookup,
 ) -> Result<Option<GitRefs>, SourceError> {
-    let url = url.to_owned();
+    let (programs, url) = (programs.clone(), url.to_owned());
     refreshed(known, mode, || async move {
-        let mut listing = tokio::process::Command::new("git");
-        listing
+        let listing = Invocation::new(Program::Git, "ls-remote", GIT_LIST_TIMEOUT)
             .args(["ls-remote", "--symref", "--", &url])
             .env("GIT_TERMINAL_PROMPT", "0");
-        let stdout = output_of(listing, GIT_LIST_TIMEOUT)
-            .await
-            .map_err(|reason| SourceError::GitList {
-                url: redact::url(&url),
-                reason,
-            })?;
+        let stdout = programs.run(listing).await.map_err(|e| SourceError::GitList {
+            url: redact::url(&url),
+            reason: reason(e),
+        })?;
         tracing::debug!(repository = %redact::url(&url), "listed the git refs");
         Ok(GitRefs::parse(&String::from_utf8_lossy(&stdout)))
     })
     .await
 }
 
-/// A command's stdout, or why there is none: it could not start, said no
-/// in time, or failed (its stderr, without secrets).
-async fn output_of(mut command: tokio::process::Command, timeout: Duration) -> Result<Vec<u8>, String> {
-    let running = command.kill_on_drop(true).output();
-    let output = tokio::time::timeout(timeout, running)
-        .await
-        .map_err(|_| format!("no answer in {} s", timeout.as_secs()))?
-        .map_err(|e| e.to_string())?;
-    if output.status.success() {
-        Ok(output.stdout)
-    } else {
-        Err(redact::scrub(String::from_utf8_lossy(&output.stderr).trim()).into_owned())
+/// Why a lookup's program gave no stdout, in the words a source error
+/// quotes: it could not start, gave no answer in time, or failed (its last
+/// lines of stderr, without secrets).
+fn reason(error: RunError) -> String {
+    match error {
+        RunError::Spawn { source, .. } => source.to_string(),
+        RunError::TimedOut { after, .. } => format!("no answer in {} s", after.as_secs()),
+        RunError::Failed { stderr, .. } => stderr.join("\n").trim().to_owned(),
     }
 }
+
 impl GitRefs {
     /// Reads `git ls-remote --symref` output.
     fn parse(listing: &str) -> Self {
@@ -634,6 +666,35 @@ mod tests {
             commit.revision.unwrap(),
             format!("git:{}#{COMMIT}", dir.path().join("nothing").display())
         );
+    }
+
+    #[tokio::test]
+    async fn listing_git_refs_is_counted_in_the_given_metrics() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
+        let source = PackageSource::git(dir.path().join("nothing").display().to_string(), None)
+            .with_programs(Programs::new(std::sync::Arc::clone(&metrics)));
+        let Err(SourceError::GitList { reason, .. }) = source.resolve("main").await else {
+            panic!("nothing to list");
+        };
+        assert!(!reason.is_empty(), "git's message");
+        let counted = "nixery_nix_invocations_total{command=\"git\"} 1";
+        assert!(metrics.encode().lines().any(|l| l == counted), "{}", metrics.encode());
+    }
+
+    #[test]
+    fn reasons_read_as_before() {
+        let timed_out = RunError::TimedOut {
+            program: Program::Git,
+            after: GIT_LIST_TIMEOUT,
+        };
+        assert_eq!(reason(timed_out), "no answer in 30 s");
+        let failed = RunError::Failed {
+            program: Program::Git,
+            code: Some(128),
+            stderr: vec!["fatal: one".into(), "fatal: two  ".into(), String::new()],
+        };
+        assert_eq!(reason(failed), "fatal: one\nfatal: two");
     }
 
     #[test]

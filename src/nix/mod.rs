@@ -1,26 +1,25 @@
-//! Running Nix: evaluating package names against the package set, realising
-//! them, and reading the runtime graph of their closure. This is the only
-//! module that starts Nix. Nix's log is streamed line by line to the
-//! registry's log while it runs; `NIX_TIMEOUT` bounds the whole of it (and,
-//! through `--timeout`, each builder). Failures name the packages that
-//! failed and the first line of Nix's error.
+//! Using Nix: evaluating package names against the package set, realising
+//! them, and reading the runtime graph of their closure. This module says
+//! what to ask Nix (the arguments of `nix-instantiate`, `nix-store` and
+//! `nix`, and the lookup expression) and what its answers and failures
+//! mean; it asks [`crate::programs`] to run them, which counts each run,
+//! streams Nix's log line by line to the registry's log and kills Nix at
+//! the deadline. `NIX_TIMEOUT` bounds the whole of an image's evaluation
+//! and build (and, through `--timeout`, each builder). Failures name the
+//! packages that failed and the first line of Nix's error.
 
-use std::process::Stdio;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
-use tokio::process::Command;
 
 use crate::layers::{GraphError, RuntimeGraph};
-use crate::metrics::Metrics;
+use crate::programs::{Invocation, Program, Programs, RunError};
 use crate::source::NixSource;
 
 /// The lookup expression (see its header).
 const EVAL_NIX: &str = include_str!("eval.nix");
-/// How many lines of Nix's stderr an error keeps.
-const STDERR_TAIL: usize = 20;
+/// How long `nix store ping` may take.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Exit status of nix-store when a build timed out (`--timeout`).
 const EXIT_TIMED_OUT: i32 = 101;
 
@@ -89,7 +88,7 @@ struct Found {
 #[derive(Clone, Debug)]
 pub struct Nix {
     timeout: Duration,
-    metrics: Arc<Metrics>,
+    programs: Programs,
 }
 
 #[derive(Deserialize)]
@@ -104,9 +103,16 @@ struct Lookup {
 }
 
 impl Nix {
-    /// `timeout` bounds all Nix does for one image and each builder.
-    pub fn new(timeout: Duration, metrics: Arc<Metrics>) -> Self {
-        Nix { timeout, metrics }
+    /// `timeout` bounds all Nix does for one image and each builder;
+    /// `programs` runs Nix.
+    pub fn new(timeout: Duration, programs: Programs) -> Self {
+        Nix { timeout, programs }
+    }
+
+    /// A run of `program` for `stage`, within the image's timeout (which
+    /// [`realise`](Self::realise) also applies to all of its stages at once).
+    fn invocation(&self, program: Program, stage: &'static str) -> Invocation {
+        Invocation::new(program, stage, self.timeout)
     }
 
     /// Evaluates and realises `packages` for `system` from `source` and
@@ -151,20 +157,18 @@ impl Nix {
 
     /// Whether Nix can reach its store (`nix store ping`), within 10 s.
     pub async fn ready(&self) -> Result<(), NixError> {
-        let mut cmd = Command::new("nix");
-        cmd.args(["--extra-experimental-features", "nix-command", "store", "ping"]);
-        let ping = self.run("store ping", "nix", cmd);
-        match tokio::time::timeout(Duration::from_secs(10), ping).await {
-            Ok(result) => result.map(drop).map_err(|e| {
-                e.into_nix(|detail, _| NixError::Output {
-                    stage: "store ping",
-                    detail,
-                })
-            }),
-            Err(_) => Err(NixError::Timeout {
-                after: Duration::from_secs(10),
-            }),
-        }
+        let ping = Invocation::new(Program::Nix, "store ping", READY_TIMEOUT).args([
+            "--extra-experimental-features",
+            "nix-command",
+            "store",
+            "ping",
+        ]);
+        self.programs.run(ping).await.map(drop).map_err(|e| {
+            into_nix(e, |detail, _| NixError::Output {
+                stage: "store ping",
+                detail,
+            })
+        })
     }
 
     /// The closure's graph without a build, when every output is already in
@@ -194,18 +198,19 @@ impl Nix {
             .iter()
             .map(|name| serde_json::json!({ "name": name, "path": attribute_path(name) }))
             .collect();
-        let mut cmd = Command::new("nix-instantiate");
+        let mut eval = self.invocation(Program::NixInstantiate, "evaluation");
         if source.kind == "flake" {
-            cmd.args(["--extra-experimental-features", "nix-command flakes"]);
+            eval = eval.args(["--extra-experimental-features", "nix-command flakes"]);
         }
-        cmd.args(["--read-write-mode", "--eval", "--strict", "--json", "--expr", EVAL_NIX])
+        let eval = eval
+            .args(["--read-write-mode", "--eval", "--strict", "--json", "--expr", EVAL_NIX])
             .args(["--arg", "catch", if catch { "true" } else { "false" }])
             .args(["--argstr", "srcType", source.kind])
             .args(["--argstr", "srcArgs", &source.args])
             .args(["--argstr", "system", system])
             .args(["--argstr", "packages", &serde_json::Value::from(requests).to_string()]);
-        let stdout = self.run("evaluation", "nix-instantiate", cmd).await.map_err(|e| {
-            e.into_nix(|error, log| NixError::Eval {
+        let stdout = self.programs.run(eval).await.map_err(|e| {
+            into_nix(e, |error, log| NixError::Eval {
                 packages: if catch { vec![] } else { packages.to_vec() },
                 error,
                 log,
@@ -266,15 +271,16 @@ impl Nix {
     /// packages left without their output are the ones to blame.
     async fn build(&self, packages: &[String], found: &[Found]) -> Result<(), NixError> {
         let targets = found.iter().map(|f| format!("{}!{}", f.drv, f.output));
-        let mut cmd = Command::new("nix-store");
-        cmd.args([
-            "--realise",
-            "--keep-going",
-            "--timeout",
-            &self.timeout.as_secs().max(1).to_string(),
-        ])
-        .args(targets);
-        match self.run("build", "nix-store", cmd).await {
+        let build = self
+            .invocation(Program::NixStore, "build")
+            .args([
+                "--realise",
+                "--keep-going",
+                "--timeout",
+                &self.timeout.as_secs().max(1).to_string(),
+            ])
+            .args(targets);
+        match self.programs.run(build).await {
             Ok(_) => Ok(()),
             Err(RunError::Failed {
                 code: Some(EXIT_TIMED_OUT),
@@ -287,7 +293,7 @@ impl Nix {
                     .filter(|(_, f)| std::path::Path::new(&f.out).symlink_metadata().is_err())
                     .map(|(name, _)| name.clone())
                     .collect();
-                Err(e.into_nix(|error, log| NixError::Build {
+                Err(into_nix(e, |error, log| NixError::Build {
                     packages: failed,
                     error,
                     log,
@@ -297,75 +303,36 @@ impl Nix {
     }
 
     async fn runtime_graph(&self, outputs: &[String]) -> Result<RuntimeGraph, NixError> {
-        let mut cmd = Command::new("nix");
-        cmd.args([
-            "--extra-experimental-features",
-            "nix-command",
-            "path-info",
-            "--json",
-            "--recursive",
-        ])
-        .args(outputs);
-        let stdout = self.run("closure query", "nix", cmd).await.map_err(|e| {
-            e.into_nix(|detail, _| NixError::Output {
+        let query = self
+            .invocation(Program::Nix, "closure query")
+            .args([
+                "--extra-experimental-features",
+                "nix-command",
+                "path-info",
+                "--json",
+                "--recursive",
+            ])
+            .args(outputs);
+        let stdout = self.programs.run(query).await.map_err(|e| {
+            into_nix(e, |detail, _| NixError::Output {
                 stage: "closure query",
                 detail,
             })
         })?;
         Ok(RuntimeGraph::from_path_info(outputs.to_vec(), &stdout)?)
     }
-
-    /// Runs a Nix command to completion within the deadline, logging its
-    /// stderr as it comes; returns its stdout.
-    async fn run(&self, stage: &'static str, program: &'static str, mut cmd: Command) -> Result<Vec<u8>, RunError> {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        self.metrics.nix_invocation(program);
-        let mut child = cmd.spawn().map_err(|source| RunError::Spawn { program, source })?;
-        let mut stdout = child.stdout.take().expect("piped");
-        let stderr = child.stderr.take().expect("piped");
-
-        let work = async {
-            let mut out = Vec::new();
-            let (read, tail, status) =
-                tokio::join!(stdout.read_to_end(&mut out), log_lines(stage, stderr), child.wait());
-            read.map_err(|source| RunError::Spawn { program, source })?;
-            let status = status.map_err(|source| RunError::Spawn { program, source })?;
-            if status.success() {
-                Ok(out)
-            } else {
-                Err(RunError::Failed {
-                    code: status.code(),
-                    stderr: tail,
-                })
-            }
-        };
-        work.await
-    }
 }
 
-/// How a Nix process ended badly.
-enum RunError {
-    Spawn {
-        program: &'static str,
-        source: std::io::Error,
-    },
-    Failed {
-        code: Option<i32>,
-        stderr: Vec<String>,
-    },
-}
-
-impl RunError {
-    /// A failure becomes `failed(message)`; other cases keep their kind.
-    /// A failure becomes `failed(summary, last lines)`; other cases keep their kind.
-    fn into_nix(self, failed: impl FnOnce(String, Vec<String>) -> NixError) -> NixError {
-        match self {
-            RunError::Spawn { program, source } => NixError::Spawn { program, source },
-            RunError::Failed { code, stderr } => failed(summarise(code, &stderr), stderr),
-        }
+/// A failed run becomes `failed(summary, last lines)`; a run that could not
+/// start or ran out of time keeps its kind.
+fn into_nix(error: RunError, failed: impl FnOnce(String, Vec<String>) -> NixError) -> NixError {
+    match error {
+        RunError::Spawn { program, source } => NixError::Spawn {
+            program: program.name(),
+            source,
+        },
+        RunError::Failed { code, stderr, .. } => failed(summarise(code, &stderr), stderr),
+        RunError::TimedOut { after, .. } => NixError::Timeout { after },
     }
 }
 
@@ -381,21 +348,6 @@ fn summarise(code: Option<i32>, stderr: &[String]) -> String {
         (Some(line), _) => line.trim_end_matches([';', ':']).to_owned(),
         (None, Some(code)) => format!("exited with status {code}"),
     }
-}
-
-/// Logs each line of `stderr`, without secrets, and returns the last few.
-async fn log_lines(stage: &'static str, stderr: tokio::process::ChildStderr) -> Vec<String> {
-    let mut lines = BufReader::new(stderr).lines();
-    let mut tail = std::collections::VecDeque::with_capacity(STDERR_TAIL);
-    while let Ok(Some(line)) = lines.next_line().await {
-        let line = crate::redact::scrub(&line).into_owned();
-        tracing::info!(target: "nix", stage, "{line}");
-        if tail.len() == STDERR_TAIL {
-            tail.pop_front();
-        }
-        tail.push_back(line);
-    }
-    tail.into()
 }
 
 /// The attribute path of a package name: split on `.`, with `_` before a
