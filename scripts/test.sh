@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 scripts/setup.sh test
 # The same settings setup.sh writes to nix.conf, for a machine whose
-# nix.conf is managed elsewhere (TOOLCHAIN.md §1).
+# nix.conf is managed elsewhere.
 export NIX_CONFIG=$'substituters =\nexperimental-features = nix-command\nbuild-users-group ='
 # The engines work on this kind of machine: a test that cannot start one fails
 # rather than skips.

@@ -307,6 +307,24 @@ mod tests {
         assert!(html.contains("raw Nix output") && html.contains("a&#38;b"), "{html}");
     }
 
+    /// With access control on, an open page asked for without credentials
+    /// shows what is built and starts nothing for what is not.
+    #[tokio::test]
+    async fn unverified_pages_start_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let htpasswd = dir.path().join("htpasswd");
+        std::fs::write(&htpasswd, format!("alice:{}\n", bcrypt::hash("s3cret", 4).unwrap())).unwrap();
+        let auth = crate::auth::Auth::load(Some(&htpasswd), None, false).unwrap();
+        let served = crate::server::tests::served(auth, routes(Settings::default())).await;
+        let page = served.get("/image/shell/git", &[]).await;
+        assert_eq!(page.status, StatusCode::NOT_FOUND);
+        assert!(String::from_utf8_lossy(&page.body).contains("not built yet"));
+        let landing = served.get("/", &[]).await;
+        assert_eq!(landing.status, StatusCode::OK);
+        assert_eq!(served.get("/image/Hello", &[]).await.status, StatusCode::BAD_REQUEST);
+        assert!(served.ran_nothing());
+    }
+
     #[test]
     fn sizes_and_ages_read_well() {
         assert_eq!(human(512), "512 B");

@@ -66,3 +66,21 @@ fn fuzz_reports_a_build_that_fails_as_such() {
         "the build's error is shown: {stdout}"
     );
 }
+
+/// No module of the library imports a module that imports it, directly or
+/// through others: `scripts/module-graph.sh` prints the graph and fails on
+/// a cycle.
+#[test]
+fn the_module_graph_has_no_cycles() {
+    let graph = Command::new(Path::new(ROOT).join("scripts/module-graph.sh"))
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&graph.stdout);
+    assert!(
+        graph.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&graph.stderr)
+    );
+    assert!(printed.lines().any(|l| l.starts_with("server -> ")), "{printed}");
+    assert!(printed.ends_with("cycles: none\n"), "{printed}");
+}

@@ -1,5 +1,6 @@
 //! The web pages in a real browser: headless Chromium (Debian's `chromium`,
-//! flags from TOOLCHAIN §8, its own empty profile, no background traffic)
+//! without a sandbox or GPU, with its own empty profile and no background
+//! traffic)
 //! loads the landing page and an image page from a running registry; the
 //! rendered DOM is checked and screenshots are saved under
 //! `target/tmp/web/`.

@@ -517,3 +517,17 @@ fn note_failure(activity: &Activity, job: &BuildJob, error: &BuildError) {
         },
     });
 }
+
+#[cfg(test)]
+impl Builder {
+    /// Records `record` as the image a build of `request` made for its
+    /// first architecture and `format`'s layer set, under the key a pull
+    /// looks up: lets tests of the HTTP side serve an image without Nix.
+    pub(crate) async fn record_built(&self, request: &ImageRequest, format: Format, record: ImageRecord) {
+        let resolved = self.revision(&request.tag).await.expect("the tag resolves");
+        let arch = self.architectures(request)[0];
+        let compression = self.pipeline.settings.compression(format);
+        let key = self.image_key(request, arch, resolved.revision.as_deref(), compression);
+        self.pipeline.caches.put_image(&key, record).await.expect("recorded");
+    }
+}

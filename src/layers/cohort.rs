@@ -1,8 +1,9 @@
-//! The size-cohort grouping of nixpkgs' auto-layer (PEERS §2), for
-//! comparison: the largest store paths, one at a time, become "primaries";
-//! every path is labelled with the primaries that need it and that no other
-//! of its primaries already implies; paths with the same label share a layer.
-//! Primaries are added while the number of labels fits the budget.
+//! The size-cohort grouping of nixpkgs' auto-layer (`auto-layer.py`, which
+//! dockerTools' `streamLayeredImage` uses), for comparison: the largest
+//! store paths, one at a time, become "primaries"; every path is labelled
+//! with the primaries that need it and that no other of its primaries
+//! already implies; paths with the same label share a layer. Primaries are
+//! added while the number of labels fits the budget.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 

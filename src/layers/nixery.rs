@@ -1,4 +1,4 @@
-//! The original Nixery's grouping (REFERENCE §4.4), kept faithful: a
+//! The original Nixery's grouping (its `layers.go`), kept faithful: a
 //! dominator tree over the runtime graph where big or popular paths hang off
 //! the root, one layer per child of the root, and the lowest-rated layers
 //! merged until the budget holds. Unlike the original, every sort here is

@@ -233,25 +233,4 @@ async fn ping(method: Method) -> Response {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn routes_for_metrics() {
-        for (path, route) in [
-            ("/v2/", "ping"),
-            ("/v2/shell/hello/manifests/latest", "manifest"),
-            ("/v2/a/b/blobs/sha256:00", "blob"),
-            ("/v2/a/tags/list", "tags"),
-            ("/v2/a/referrers/sha256:00", "referrers"),
-            ("/image/shell/git", "web"),
-            ("/", "web"),
-            ("/readyz", "health"),
-            ("/metrics", "metrics"),
-            ("/v2/x", "other"),
-            ("/favicon.ico", "other"),
-        ] {
-            assert_eq!(route_of(path), route, "{path}");
-        }
-    }
-}
+pub(crate) mod tests;
