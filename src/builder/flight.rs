@@ -166,21 +166,26 @@ mod tests {
         (release, start)
     }
 
+    /// `flights.join(key, client, start)` on a task of its own.
+    fn in_background(
+        flights: &Arc<Flights<u32>>,
+        key: &'static str,
+        client: Option<Client>,
+        start: impl FnOnce() -> BoxFuture<'static, u32> + Send + 'static,
+    ) -> tokio::task::JoinHandle<Result<u32, ShareUsed>> {
+        let flights = Arc::clone(flights);
+        tokio::spawn(async move { flights.join(key, client, start).await })
+    }
+
     #[tokio::test]
     async fn one_flight_per_key() {
         let flights = Arc::new(Flights::<u32>::new(4, 4));
         let starts = Arc::new(AtomicUsize::new(0));
         let (release, start) = gated(&starts);
-        let first = tokio::spawn({
-            let flights = Arc::clone(&flights);
-            async move { flights.join("k", client(1), start).await }
-        });
+        let first = in_background(&flights, "k", client(1), start);
         tokio::task::yield_now().await;
         let (_, again) = gated(&starts);
-        let second = tokio::spawn({
-            let flights = Arc::clone(&flights);
-            async move { flights.join("k", client(2), again).await }
-        });
+        let second = in_background(&flights, "k", client(2), again);
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!flights.idle());
         release.send(()).unwrap();
@@ -225,19 +230,13 @@ mod tests {
         let flights = Arc::new(Flights::<u32>::new(4, 1));
         let starts = Arc::new(AtomicUsize::new(0));
         let (release, start) = gated(&starts);
-        let mine = tokio::spawn({
-            let flights = Arc::clone(&flights);
-            async move { flights.join("a", client(1), start).await }
-        });
+        let mine = in_background(&flights, "a", client(1), start);
         tokio::time::sleep(Duration::from_millis(20)).await;
         let (_, other) = gated(&starts);
         assert_eq!(flights.join("b", client(1), other).await, Err(ShareUsed(1)));
         assert_eq!(starts.load(Ordering::SeqCst), 1, "a refused flight never starts");
         let (_, join) = gated(&starts);
-        let joined = tokio::spawn({
-            let flights = Arc::clone(&flights);
-            async move { flights.join("a", client(1), join).await }
-        });
+        let joined = in_background(&flights, "a", client(1), join);
         let (release_other, other) = gated(&starts);
         release_other.send(()).unwrap();
         assert_eq!(
