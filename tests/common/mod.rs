@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod buckets;
+pub mod engines;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
