@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Starts a nixery registry in the background on the offline package set in
-# pkgs/, with filesystem storage under .nixery/ in the repository, and prints
-# how to pull from it. Re-running restarts it. Stop it with
+# Starts a nixery registry in the background on Debian bookworm's programs
+# (the package set in pkgs-debian/, whose .deb files setup.sh fetches), with
+# filesystem storage under .nixery/ in the repository, and prints how to pull
+# from it. Re-running restarts it. Stop it with
 #   kill "$(cat .nixery/nixery.pid)"
-# PORT (default 8080) and NIXERY_LISTEN_ADDRESS (default 127.0.0.1) apply.
+# PORT (default 8080), NIXERY_LISTEN_ADDRESS (default 127.0.0.1) and
+# NIXERY_PKGS_PATH (default pkgs-debian; pkgs/ is the small busybox set the
+# fast tests use) apply.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,8 +22,9 @@ fi
 
 port=${PORT:-8080}
 address=${NIXERY_LISTEN_ADDRESS:-127.0.0.1}
+pkgs=${NIXERY_PKGS_PATH:-$PWD/pkgs-debian}
 PORT=$port NIXERY_LISTEN_ADDRESS=$address \
-  NIXERY_PKGS_PATH=$PWD/pkgs NIXERY_STORAGE_BACKEND=filesystem STORAGE_PATH=$state/storage \
+  NIXERY_PKGS_PATH=$pkgs NIXERY_STORAGE_BACKEND=filesystem STORAGE_PATH=$state/storage \
   setsid target/release/nixery serve > "$state/nixery.log" 2>&1 < /dev/null &
 echo $! > "$state/nixery.pid"
 
@@ -32,14 +36,13 @@ done
 curl -fs "http://$address:$port/v2/" > /dev/null || { echo "nixery did not come up; see $state/nixery.log" >&2; exit 1; }
 
 cat <<TXT
-nixery is running on http://$address:$port (log: $state/nixery.log, pid $(cat "$state/nixery.pid")).
+nixery is running on http://$address:$port (log: $state/nixery.log, pid $(cat "$state/nixery.pid")),
+serving the package set in $pkgs.
 
-Pull an image with a shell and hello, unpack it and run it:
-  skopeo copy --src-tls-verify=false docker://$address:$port/shell/hello oci:/tmp/hello:latest
-  umoci unpack --image /tmp/hello:latest /tmp/hello-bundle
-  chroot /tmp/hello-bundle/rootfs hello
-  chroot /tmp/hello-bundle/rootfs bash -c 'echo ok'
-Docker, podman and containerd pull $address:$port/shell/hello the same way.
-Packages in this set: $(nix-instantiate --eval --strict --json -E "builtins.attrNames (import $PWD/pkgs {})" 2>/dev/null | tr -d '[]"' | tr ',' ' ')
+Pull and run an image (the first pull of an image builds it):
+  podman run --rm --tls-verify=false $address:$port/shell/git/curl/python3 git --version
+  docker run --rm $address:$port/shell/git/curl/python3 python3 -c 'import ssl; print(ssl.OPENSSL_VERSION)'
+  skopeo copy --src-tls-verify=false docker://$address:$port/shell/jq oci:/tmp/jq:latest
+Its page: http://$address:$port/image/shell/git/curl/python3
 Stop it with: kill \$(cat $state/nixery.pid)
 TXT

