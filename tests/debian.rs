@@ -288,3 +288,102 @@ fn curl_verifies_tls_against_the_bundle() {
         "curl's exit status for a certificate it cannot verify"
     );
 }
+
+/// The nixpkgs names people type, and every Debian package of the set
+/// (the images of the public request sequence among them), evaluate to
+/// derivations.
+#[test]
+fn nixpkgs_and_debian_names_are_attributes() {
+    let names = "git curl wget jq htop nano vim python3 perl openssh gnumake gcc nodejs ripgrep file zstd \
+                 rsync tmux sqlite less findutils gnugrep gnused gawk openssl iproute2 procps strace tree \
+                 unzip zip which bashInteractive coreutils moreutils cacert iana-etc emacs-nox golang-go \
+                 nginx openjdk-17-jre-headless php-cli postgresql python3-numpy python3-scipy redis-server \
+                 ruby rustc openssh-client libc6 libgcc-s1";
+    let expression = format!(
+        "let set = import {}/pkgs-debian {{ system = \"x86_64-linux\"; }}; in \
+         map (name: set.${{name}}.drvPath) [ {} ]",
+        ROOT,
+        names
+            .split_whitespace()
+            .map(|n| format!("\"{n}\""))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let paths = run("nix-instantiate", &["--eval", "--strict", "--json", "-E", &expression]);
+    let paths: Vec<String> = serde_json::from_str(&paths).unwrap();
+    assert_eq!(paths.len(), names.split_whitespace().count());
+    assert!(
+        paths
+            .iter()
+            .all(|p| p.starts_with("/nix/store/") && p.ends_with(".drv"))
+    );
+    let named = |name: &str| {
+        let expression = format!("(import {ROOT}/pkgs-debian {{ }}).{name}.name");
+        run("nix-instantiate", &["--eval", "-E", &expression])
+    };
+    assert!(
+        named("gnumake").starts_with("\"gnumake-4."),
+        "aliases keep their own name"
+    );
+    assert_eq!(
+        named("libgcc-s1").split('-').next(),
+        Some("\"libgcc"),
+        "a member of a collapsed cycle is an attribute of its own"
+    );
+}
+
+/// A .deb that is not in the cache fails the evaluation with its name.
+#[test]
+fn a_missing_deb_is_named() {
+    let empty = tempfile::tempdir().unwrap();
+    let output = Command::new("nix-instantiate")
+        .env("NIXERY_DEBIAN_CACHE", empty.path())
+        .args(["--eval", "-E", &format!("(import {ROOT}/pkgs-debian {{ }}).jq.drvPath")])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("_amd64.deb is not in") && stderr.contains("run scripts/setup.sh"),
+        "{stderr}"
+    );
+}
+
+/// The generator gives the same file from the same index, every time.
+#[test]
+fn the_set_is_generated_alike_from_one_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let generate = |name: &str| {
+        let output = dir.path().join(name);
+        run(
+            &format!("{ROOT}/scripts/debian-set.py"),
+            &["--output", output.to_str().unwrap()],
+        );
+        std::fs::read_to_string(output).unwrap()
+    };
+    let first = generate("a.nix");
+    assert_eq!(first, generate("b.nix"));
+    assert!(
+        first.contains("\"libgcc-s1\" = \"libc6\";"),
+        "libc6 and libgcc-s1 depend on each other: one node"
+    );
+}
+
+/// Two registries with their own storage serve the same bytes.
+#[test]
+fn two_registries_serve_the_same_digests() {
+    let set = debian_set();
+    let digests: Vec<String> = (0..2)
+        .map(|_| {
+            let registry = Registry::start_with(&[("NIXERY_PKGS_PATH", set.to_str().unwrap())]);
+            let manifest = common::request(
+                "GET",
+                &registry.url("/v2/shell/jq/manifests/latest"),
+                &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+            );
+            assert_eq!(manifest.status, 200);
+            manifest.header("docker-content-digest").to_owned()
+        })
+        .collect();
+    assert_eq!(digests[0], digests[1]);
+}
