@@ -69,7 +69,7 @@
     "libbsd0" = "libbsd0";
     "libbz2-1.0" = "libbz2-1.0";
     "libc-ares2" = "libc-ares2";
-    "libc-bin" = "libc-bin";
+    "libc-bin" = "libc6";
     "libc-dev-bin" = "libc-dev-bin";
     "libc-l10n" = "libc-l10n";
     "libc6" = "libc6";
@@ -244,6 +244,7 @@
     "media-types" = "media-types";
     "moreutils" = "moreutils";
     "nano" = "nano";
+    "ncurses-base" = "ncurses-base";
     "netbase" = "netbase";
     "nginx" = "nginx";
     "nginx-common" = "nginx-common";
@@ -791,13 +792,6 @@
       ];
       depends = [ "libc6" ];
     };
-    "libc-bin" = {
-      version = "2.36-9+deb12u14";
-      debs = [
-        { package = "libc-bin"; version = "2.36-9+deb12u14"; file = "libc-bin_2.36-9+deb12u14_amd64.deb"; sha256 = "e667401af91fad95f15b3ebd25d1abd8373fd18b00dc32219678413170544e84"; size = 609144; }
-      ];
-      depends = [ "libc6" ];
-    };
     "libc-dev-bin" = {
       version = "2.36-9+deb12u14";
       debs = [
@@ -815,6 +809,7 @@
     "libc6" = {
       version = "2.36-9+deb12u14";
       debs = [
+        { package = "libc-bin"; version = "2.36-9+deb12u14"; file = "libc-bin_2.36-9+deb12u14_amd64.deb"; sha256 = "e667401af91fad95f15b3ebd25d1abd8373fd18b00dc32219678413170544e84"; size = 609144; }
         { package = "libc6"; version = "2.36-9+deb12u14"; file = "libc6_2.36-9+deb12u14_amd64.deb"; sha256 = "ba4f88f73dbc3ae9055f3c20f4523bfdbaf1ad13ff95e258924f77d20b4fbedf"; size = 2759320; }
         { package = "libgcc-s1"; version = "12.2.0-14+deb12u1"; file = "libgcc-s1_12.2.0-14+deb12u1_amd64.deb"; sha256 = "3016e62cb4b7cd8038822870601f5ed131befe942774d0f745622cc77d8a88f7"; size = 49856; }
       ];
@@ -1813,7 +1808,7 @@
       debs = [
         { package = "libtinfo6"; version = "6.4-4"; file = "libtinfo6_6.4-4_amd64.deb"; sha256 = "072d908f38f51090ca28ca5afa3b46b2957dc61fe35094c0b851426859a49a51"; size = 331352; }
       ];
-      depends = [ "libc6" ];
+      depends = [ "libc6" "ncurses-base" ];
     };
     "libtirpc-common" = {
       version = "1.3.3+ds-1";
@@ -1967,7 +1962,7 @@
       debs = [
         { package = "locales"; version = "2.36-9+deb12u14"; file = "locales_2.36-9+deb12u14_all.deb"; sha256 = "00c6e3d9456411ac78b199b577f25231be80186796ebdff65089240154ebbcb0"; size = 3906316; }
       ];
-      depends = [ "debconf" "libc-bin" "libc-l10n" ];
+      depends = [ "debconf" "libc-l10n" "libc6" ];
     };
     "lsb-base" = {
       version = "11.6";
@@ -2010,6 +2005,13 @@
         { package = "nano"; version = "7.2-1+deb12u1"; file = "nano_7.2-1+deb12u1_amd64.deb"; sha256 = "45a9b3960aa5ac18552459225ec26800abb73fc2edd11626046daf6d968ac968"; size = 689556; }
       ];
       depends = [ "libc6" "libncursesw6" "libtinfo6" ];
+    };
+    "ncurses-base" = {
+      version = "6.4-4";
+      debs = [
+        { package = "ncurses-base"; version = "6.4-4"; file = "ncurses-base_6.4-4_all.deb"; sha256 = "bfd1d89f833c09a28b062ee916495cf69649ca2bf529532476c7b69d75d24909"; size = 261308; }
+      ];
+      depends = [  ];
     };
     "netbase" = {
       version = "6.4";

@@ -9,7 +9,8 @@ updates, security). Dependencies are Pre-Depends and Depends; of `a | b` the
 first alternative the index can install; a virtual name through its
 provider (by Priority, then name); version constraints and arch qualifiers
 are not looked at, and of a package listed in several indexes the highest
-version counts. Same index, same file.
+version counts. Dependencies on Essential packages that Debian leaves
+unsaid are added from pkgs-debian/implied.txt. Same index, same file.
 
     scripts/debian-set.py [--lists DIR] [--roots FILE] [--output FILE]
 """
@@ -106,7 +107,8 @@ def alternatives(field):
 
 
 class Index:
-    def __init__(self, lists):
+    def __init__(self, lists, implied):
+        self.implied = implied
         self.packages = {}
         for path in index_files(lists):
             for record in stanzas(read(path)):
@@ -133,6 +135,7 @@ class Index:
                 target = next((t for t in map(self.resolve, group) if t), None)
                 if target and target != name:
                     found.add(target)
+        found.update(self.implied.get(name, ()))
         return sorted(found)
 
 
@@ -241,15 +244,23 @@ def render(index, roots, node_of, graph):
     return "\n".join(lines) + "\n"
 
 
+def lines(path):
+    """The lines of `path` without comments and blank lines."""
+    stripped = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+    return [line for line in stripped if line]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lists", default="/var/lib/apt/lists")
     parser.add_argument("--roots", default=ROOT / "pkgs-debian/roots.txt", type=Path)
     parser.add_argument("--output", default=ROOT / "pkgs-debian/packages.nix", type=Path)
     args = parser.parse_args()
-    index = Index(args.lists)
-    roots = [line.split("#")[0].strip() for line in args.roots.read_text().splitlines()]
-    roots = [r for r in roots if r]
+    implied = {}
+    for package, dependency in map(str.split, lines(ROOT / "pkgs-debian/implied.txt")):
+        implied.setdefault(package, []).append(dependency)
+    index = Index(args.lists, implied)
+    roots = lines(args.roots)
     unknown = [r for r in roots if index.resolve(r) is None]
     if unknown:
         sys.exit(f"debian-set: not in the index: {', '.join(unknown)}")
