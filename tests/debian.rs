@@ -90,6 +90,13 @@ fn check_programs(registry: &Registry, web: &str, engine: &Runner) {
     assert_eq!(as_user, "1000\n/home/nixery\nmade\n");
 }
 
+/// podman's arguments to run `args` in `image` on the host's network.
+fn run_on_host<'a>(image: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = vec!["run", "--rm", "--tls-verify=false", "--network", "host", image];
+    all.extend_from_slice(args);
+    all
+}
+
 /// A directory with `greeting.txt`, served over HTTP on loopback.
 fn web_server() -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
@@ -103,11 +110,7 @@ fn podman_runs_real_programs() {
     let registry = Registry::start_with(&[("NIXERY_PKGS_PATH", debian_set().to_str().unwrap())]);
     let (_files, web) = web_server();
     let podman = Podman::overlay();
-    let engine = |image: &str, args: &[&str]| {
-        let mut all = vec!["run", "--rm", "--tls-verify=false", "--network", "host", image];
-        all.extend_from_slice(args);
-        podman.run(&all)
-    };
+    let engine = |image: &str, args: &[&str]| podman.run(&run_on_host(image, args));
     check_programs(&registry, &web, &engine);
 }
 
@@ -255,33 +258,13 @@ fn curl_verifies_tls_against_the_bundle() {
     let podman = Podman::overlay();
     let image = format!("{}/curl", registry.address);
     let url = format!("https://localhost:{port}/");
-    let page = podman.run(&[
-        "run",
-        "--rm",
-        "--tls-verify=false",
-        "--network",
-        "host",
-        &image,
-        "curl",
-        "-fsS",
-        &url,
-    ]);
+    let page = podman.run(&run_on_host(&image, &["curl", "-fsS", &url]));
     assert!(page.contains("s_server"), "{page}");
 
     // The same image without the test CA refuses the server.
     let plain = Registry::start_with(&[("NIXERY_PKGS_PATH", debian_set().to_str().unwrap())]);
     let image = format!("{}/curl", plain.address);
-    let refused = podman.status(&[
-        "run",
-        "--rm",
-        "--tls-verify=false",
-        "--network",
-        "host",
-        &image,
-        "curl",
-        "-fsS",
-        &url,
-    ]);
+    let refused = podman.status(&run_on_host(&image, &["curl", "-fsS", &url]));
     assert_eq!(
         refused,
         Some(60),
