@@ -117,6 +117,7 @@ blob_bytes() {
 for s in "${strategies[@]}"; do
   d=$work/$s
   mkdir -p "$d"
+  : > "$d/registry.log"
   # NIX_TIMEOUT: the first strategy's builds run Nix on a cold store.
   NIXERY_LAYERING=$s NIX_TIMEOUT=1800 PORT=0 NIXERY_LISTEN_ADDRESS=127.0.0.1 NIXERY_PKGS_PATH=$root/pkgs-debian \
     NIXERY_STORAGE_BACKEND=filesystem STORAGE_PATH=$d/storage NO_COLOR=1 \
