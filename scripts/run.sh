@@ -6,7 +6,8 @@
 #   kill "$(cat .nixery/nixery.pid)"
 # PORT (default 8080), NIXERY_LISTEN_ADDRESS (default 127.0.0.1) and
 # NIXERY_PKGS_PATH (default pkgs-debian; pkgs/ is the small busybox set the
-# fast tests use) apply.
+# fast tests use) and NIX_TIMEOUT (default here 600 s: a first image of large
+# Debian packages unpacks a hundred of them) apply.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +24,7 @@ fi
 port=${PORT:-8080}
 address=${NIXERY_LISTEN_ADDRESS:-127.0.0.1}
 pkgs=${NIXERY_PKGS_PATH:-$PWD/pkgs-debian}
-PORT=$port NIXERY_LISTEN_ADDRESS=$address \
+PORT=$port NIXERY_LISTEN_ADDRESS=$address NIX_TIMEOUT=${NIX_TIMEOUT:-600} \
   NIXERY_PKGS_PATH=$pkgs NIXERY_STORAGE_BACKEND=filesystem STORAGE_PATH=$state/storage \
   setsid target/release/nixery serve > "$state/nixery.log" 2>&1 < /dev/null &
 echo $! > "$state/nixery.pid"
