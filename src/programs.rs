@@ -71,11 +71,6 @@ impl Invocation {
         }
     }
 
-    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
-        self.args.push(arg.as_ref().to_owned());
-        self
-    }
-
     pub fn args<I>(mut self, args: I) -> Self
     where
         I: IntoIterator,

@@ -19,7 +19,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::any;
+use axum::routing::{any, get};
 use serde_json::json;
 
 pub use error::RegistryError;
@@ -42,9 +42,9 @@ pub fn router(state: AppState, trusted_proxies: TrustedProxies, pages: Router<Ap
         .route("/v2/", any(ping))
         .route("/v2/{*rest}", any(registry::registry))
         .merge(pages)
-        .route("/metrics", axum::routing::get(metrics))
-        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
-        .route("/readyz", axum::routing::get(ready))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_request));
     let routes = match &state.auth {
         Some(auth) => routes.layer(axum::middleware::from_fn_with_state(Arc::clone(auth), check_access)),
