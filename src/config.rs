@@ -182,6 +182,11 @@ pub struct ServeArgs {
     /// s3 or gcs bucket (default: nixery-spool in the temporary folder).
     #[arg(long, env = "NIXERY_SPOOL_PATH")]
     spool_path: Option<PathBuf>,
+    /// MiB of a bucket's blobs kept in the spool folder as they are
+    /// streamed (without blob redirects), so popular layers are read from
+    /// local disk; 0 keeps none.
+    #[arg(long, env = "NIXERY_BLOB_CACHE_MB", default_value_t = 2048)]
+    blob_cache_mb: u64,
     /// Image builds that may run at once (default: one per core); requests
     /// for other new images wait for a slot.
     #[arg(long, env = "NIXERY_MAX_BUILDS", value_parser = clap::value_parser!(u16).range(1..))]
@@ -473,6 +478,7 @@ impl ServeArgs {
             backend,
             redirect,
             spool,
+            blob_cache_bytes: self.blob_cache_mb.saturating_mul(1 << 20),
         })
     }
 

@@ -83,7 +83,7 @@ pub async fn export(
 
 async fn blobs(storage: &Storage, manifest: &Digest) -> Result<Blobs, ExportError> {
     let bytes = storage
-        .read_blob_bytes(manifest)
+        .read_small_blob(manifest, None)
         .await?
         .ok_or_else(|| ExportError::Missing(manifest.clone()))?;
     let bad = |e: String| ExportError::Manifest(manifest.clone(), e);

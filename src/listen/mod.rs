@@ -34,6 +34,12 @@ use connections::{Conn, InFlight, Reason, Table, Timeouts, Wait};
 const CLOSE_GRACE: Duration = Duration::from_millis(200);
 /// The most connections open by default, whatever the descriptor limit.
 const DEFAULT_MAX_CONNECTIONS: u64 = 16_384;
+/// Bytes of a response a connection holds beyond what the socket took:
+/// one blob chunk (storage streams 64 KiB at a time), so that 200
+/// downloads at once hold about 13 MiB. (hyper's default, about 400 KiB,
+/// held six chunks each.) It also bounds an HTTP/1 request's headers,
+/// far above the 16 KiB the router reads.
+const SEND_BUFFER: usize = 64 * 1024;
 /// Idle connections closed at once when descriptors run out.
 const EVICT_ON_EXHAUSTION: usize = 16;
 /// How often accept errors are logged at most.
@@ -148,7 +154,9 @@ async fn drive(stream: TcpStream, peer: SocketAddr, app: Router, conn: Arc<Conn>
         let conn = Arc::clone(&conn);
         hyper::service::service_fn(move |request| handle(request, peer, app.clone(), conn.request_started()))
     };
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().max_buf_size(SEND_BUFFER);
+    builder.http2().max_send_buf_size(SEND_BUFFER);
     let connection = builder.serve_connection(TokioIo::new(stream), service);
     let mut connection = std::pin::pin!(connection);
     let reason = loop {

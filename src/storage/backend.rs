@@ -34,6 +34,8 @@ pub struct Opened {
     pub signer: Option<Arc<dyn Signer>>,
     /// What writes go through: `store`, or for GCS its JSON API.
     pub writes: Writes,
+    /// For a folder: its root, whose blob files are read directly.
+    pub folder: Option<std::path::PathBuf>,
 }
 
 /// Opens `backend`; a filesystem root is created if missing.
@@ -46,6 +48,7 @@ pub async fn open(backend: &Backend) -> Result<Opened, StorageError> {
                 writes: Writes::Store(store.clone()),
                 store,
                 signer: None,
+                folder: Some(std::fs::canonicalize(root)?),
             }
         }
         Backend::S3(config) => {
@@ -54,6 +57,7 @@ pub async fn open(backend: &Backend) -> Result<Opened, StorageError> {
                 store: s3.clone(),
                 signer: Some(s3.clone()),
                 writes: Writes::Store(s3),
+                folder: None,
             }
         }
         Backend::Gcs(config) => {
@@ -63,6 +67,7 @@ pub async fn open(backend: &Backend) -> Result<Opened, StorageError> {
                 store: gcs.clone(),
                 signer: Some(gcs),
                 writes: Writes::GcsJson(Arc::new(json)),
+                folder: None,
             }
         }
         Backend::Memory => {
@@ -71,6 +76,7 @@ pub async fn open(backend: &Backend) -> Result<Opened, StorageError> {
                 writes: Writes::Store(store.clone()),
                 store,
                 signer: None,
+                folder: None,
             }
         }
     })

@@ -25,6 +25,9 @@
 //! address; staging objects older than an hour are deleted at start.
 
 mod backend;
+mod blob_cache;
+mod documents;
+mod files;
 mod gcs;
 mod settings;
 mod writes;
@@ -77,6 +80,57 @@ pub enum StorageError {
 /// A stream of a blob's bytes.
 pub type BlobStream = BoxStream<'static, Result<Bytes, StorageError>>;
 
+/// An opened blob (see [`Storage::open_blob`]).
+pub enum Blob {
+    File(files::OpenFile),
+    Object {
+        store: Arc<dyn ObjectStore>,
+        path: StorePath,
+        digest: Digest,
+        size: u64,
+        /// Where a whole GET of it is kept, if anywhere.
+        cache: Option<Arc<blob_cache::BlobCache>>,
+    },
+}
+
+impl Blob {
+    pub fn size(&self) -> u64 {
+        match self {
+            Blob::File(file) => file.size,
+            Blob::Object { size, .. } => *size,
+        }
+    }
+
+    /// Its bytes, or those of `range`; `None` if an object went since it
+    /// was opened. A whole object streams into the blob cache too.
+    pub async fn stream(self, range: Option<Range<u64>>) -> Result<Option<BlobStream>, StorageError> {
+        let (store, path, digest, size, cache) = match self {
+            Blob::File(file) => return Ok(Some(file.stream(range))),
+            Blob::Object {
+                store,
+                path,
+                digest,
+                size,
+                cache,
+            } => (store, path, digest, size, cache),
+        };
+        let whole = range.is_none();
+        let options = GetOptions {
+            range: range.map(GetRange::Bounded),
+            ..Default::default()
+        };
+        let stream = match store.get_opts(&path, options).await {
+            Ok(result) => result.into_stream().map_err(StorageError::from).boxed(),
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Some(match (cache, whole) {
+            (Some(cache), true) => cache.fill(&digest, size, stream),
+            _ => stream,
+        }))
+    }
+}
+
 /// The registry's storage.
 #[derive(Clone, Debug)]
 pub struct Storage {
@@ -84,6 +138,14 @@ pub struct Storage {
     store: Arc<dyn ObjectStore>,
     /// Presigns blob URLs, and for how long, when blob GETs are redirected.
     redirect: Option<(Arc<dyn Signer>, Duration)>,
+    /// For a folder: its root, whose blob files are read directly.
+    folder: Option<PathBuf>,
+    /// For a folder: the small blobs kept in memory, and the blob files
+    /// kept open.
+    documents: Arc<documents::Documents>,
+    files: Arc<files::OpenFiles>,
+    /// For a bucket whose blobs are streamed: those kept on local disk.
+    blob_cache: Option<Arc<blob_cache::BlobCache>>,
     /// What all writes go through.
     writes: Writes,
     spool: Spool,
@@ -111,9 +173,20 @@ impl Storage {
             (Some(signer), Some(ttl)) => Some((signer, ttl)),
             _ => None,
         };
+        let bucket = matches!(config.backend, Backend::S3(_) | Backend::Gcs(_));
+        let blob_cache = match (&spool, &redirect, config.blob_cache_bytes) {
+            (Spool::Local(dir), None, bytes) if bucket && bytes > 0 => {
+                Some(Arc::new(blob_cache::BlobCache::open(dir.join("blobs"), bytes)?))
+            }
+            _ => None,
+        };
         let storage = Storage {
             store: opened.store,
             redirect,
+            folder: opened.folder,
+            documents: Arc::default(),
+            files: Arc::default(),
+            blob_cache,
             writes: opened.writes,
             spool,
         };
@@ -139,6 +212,7 @@ impl Storage {
             backend: Backend::Filesystem(root.to_owned()),
             redirect: None,
             spool: root.join(STAGING),
+            blob_cache_bytes: 0,
         })
         .await
     }
@@ -288,26 +362,62 @@ impl Storage {
         }
     }
 
+    /// Opens a blob: its size, and then its bytes or a range of them;
+    /// `None` if there is none. A folder's blob files are read directly
+    /// (`files.rs`); a bucket's objects are asked for their size here and
+    /// read from the blob cache (`blob_cache.rs`) when it has them, else
+    /// fetched when streamed.
+    pub async fn open_blob(&self, digest: &Digest) -> Result<Option<Blob>, StorageError> {
+        let path = blob_path(digest);
+        if let Some(root) = &self.folder {
+            let file = self.files.open(digest, root.join(path.as_ref())).await?;
+            return Ok(file.map(Blob::File));
+        }
+        let Some(size) = self.blob_size(digest).await? else {
+            return Ok(None);
+        };
+        if let Some(cache) = &self.blob_cache
+            && let Some(file) = cache.get(digest, size).await?
+        {
+            return Ok(Some(Blob::File(file)));
+        }
+        Ok(Some(Blob::Object {
+            store: Arc::clone(&self.store),
+            path,
+            digest: digest.clone(),
+            size,
+            cache: self.blob_cache.clone(),
+        }))
+    }
+
     /// Streams a blob, or the byte range of it; `None` if there is none.
     pub async fn read_blob(
         &self,
         digest: &Digest,
         range: Option<Range<u64>>,
     ) -> Result<Option<BlobStream>, StorageError> {
-        let options = GetOptions {
-            range: range.map(GetRange::Bounded),
-            ..Default::default()
-        };
-        match self.store.get_opts(&blob_path(digest), options).await {
-            Ok(result) => Ok(Some(result.into_stream().map_err(StorageError::from).boxed())),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e.into()),
+        match self.open_blob(digest).await? {
+            Some(blob) => blob.stream(range).await,
+            None => Ok(None),
         }
     }
 
-    /// A small blob's bytes, or `None` if there is none.
-    pub async fn read_blob_bytes(&self, digest: &Digest) -> Result<Option<Bytes>, StorageError> {
-        self.get(&blob_path(digest)).await
+    /// A small blob's bytes (a manifest, an index, a config): `None` if
+    /// there is none, or it has more than `limit` bytes (no limit: the
+    /// caller's records say it is small). A folder's are kept in memory
+    /// while their files stay (`documents.rs`).
+    pub async fn read_small_blob(&self, digest: &Digest, limit: Option<u64>) -> Result<Option<Bytes>, StorageError> {
+        let path = blob_path(digest);
+        if let Some(root) = &self.folder {
+            return self.documents.read(digest, root.join(path.as_ref()), limit).await;
+        }
+        if let Some(limit) = limit {
+            match self.blob_size(digest).await? {
+                Some(size) if size <= limit => {}
+                _ => return Ok(None),
+            }
+        }
+        self.get(&path).await
     }
 
     /// The cache record at `key` (a `/`-separated path below `cache/`).
@@ -364,7 +474,7 @@ fn remove_stale_files(dir: &Path) -> io::Result<()> {
     let cutoff = SystemTime::now() - STALE;
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
-        if entry.metadata()?.modified()? < cutoff {
+        if entry.file_type()?.is_file() && entry.metadata()?.modified()? < cutoff {
             std::fs::remove_file(entry.path())?;
         }
     }
@@ -453,7 +563,7 @@ mod tests {
             b"bytes"
         );
         assert_eq!(
-            storage.read_blob_bytes(&digest).await.unwrap().unwrap(),
+            storage.read_small_blob(&digest, None).await.unwrap().unwrap(),
             &b"layer bytes"[..]
         );
     }
@@ -472,7 +582,7 @@ mod tests {
         assert_eq!(staged.flushed, 2 * WRITE_BEHIND, "two stretches handed to the kernel");
         let digest = Digest::of(&whole);
         storage.commit(staged, &digest).await.unwrap();
-        assert_eq!(storage.read_blob_bytes(&digest).await.unwrap().unwrap(), whole);
+        assert_eq!(storage.read_small_blob(&digest, None).await.unwrap().unwrap(), whole);
     }
 
     #[tokio::test]
@@ -482,6 +592,7 @@ mod tests {
             backend: Backend::Memory,
             redirect: None,
             spool: spool.path().to_owned(),
+            blob_cache_bytes: 0,
         })
         .await
         .unwrap();
@@ -491,7 +602,7 @@ mod tests {
             staged.write_all(&bytes).unwrap();
             let digest = Digest::of(&bytes);
             storage.commit(staged, &digest).await.unwrap();
-            assert_eq!(storage.read_blob_bytes(&digest).await.unwrap().unwrap(), bytes);
+            assert_eq!(storage.read_small_blob(&digest, None).await.unwrap().unwrap(), bytes);
         }
         let staging: Vec<_> = storage
             .store
@@ -541,7 +652,10 @@ mod tests {
         staged.write_all(b"something else").unwrap();
         storage.commit(staged, &digest).await.unwrap();
         storage.put_blob(&digest, Bytes::from_static(b"other")).await.unwrap();
-        assert_eq!(storage.read_blob_bytes(&digest).await.unwrap().unwrap(), &b"x"[..]);
+        assert_eq!(
+            storage.read_small_blob(&digest, None).await.unwrap().unwrap(),
+            &b"x"[..]
+        );
         assert_eq!(std::fs::read_dir(dir.path().join(STAGING)).unwrap().count(), 0);
     }
 

@@ -14,6 +14,8 @@ pub struct StorageConfig {
     pub redirect: Option<Duration>,
     /// Where layers are packed before upload (buckets only).
     pub spool: PathBuf,
+    /// Bytes of a bucket's streamed blobs kept in the spool folder (0: none).
+    pub blob_cache_bytes: u64,
 }
 
 /// A storage backend and its settings.

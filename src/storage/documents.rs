@@ -1,0 +1,190 @@
+//! Small blobs of a storage folder (manifests and indexes, read on every
+//! pull) kept in memory, each with its file held open.
+//!
+//! A pull of a cached tag would otherwise open and read a file on the
+//! blocking pool, and the threads handing the work back and forth cost more
+//! than the rest of the request. A kept document is served after one
+//! `fstat` of its open file, which says, without a path lookup or a wait
+//! for the disk, whether the file is still linked at its address. A removed
+//! one (its link count is 0) is forgotten and looked up again, so a lost
+//! manifest is noticed as soon as it is lost, and made again as before.
+//!
+//! Blob files never change once at their address, so kept bytes are the
+//! file's bytes for as long as it is linked. Documents are few (one per
+//! image and format) and read far more often than added, so they sit in a
+//! plain map behind a read-write lock; past [`KEPT_BYTES`], the oldest go.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+
+use super::StorageError;
+use crate::digest::Digest;
+
+/// Bytes of documents kept at most.
+const KEPT_BYTES: usize = 16 << 20;
+
+/// The documents kept, by digest.
+#[derive(Debug, Default)]
+pub struct Documents {
+    kept: RwLock<Kept>,
+}
+
+#[derive(Debug, Default)]
+struct Kept {
+    by_digest: HashMap<Digest, Arc<Document>>,
+    /// Oldest first.
+    order: VecDeque<Digest>,
+    bytes: usize,
+}
+
+#[derive(Debug)]
+struct Document {
+    file: File,
+    bytes: Bytes,
+}
+
+impl Documents {
+    /// The bytes of the blob `digest` whose file is `path`, if it is there
+    /// and holds at most `limit` bytes (if there is a limit).
+    pub async fn read(
+        &self,
+        digest: &Digest,
+        path: PathBuf,
+        limit: Option<u64>,
+    ) -> Result<Option<Bytes>, StorageError> {
+        let kept = self
+            .kept
+            .read()
+            .expect("no panics under the lock")
+            .by_digest
+            .get(digest)
+            .cloned();
+        if let Some(document) = kept {
+            if document.file.metadata()?.nlink() > 0 {
+                return Ok(Some(document.bytes.clone()));
+            }
+            self.forget(digest);
+        }
+        let read = tokio::task::spawn_blocking(move || open(path, limit))
+            .await
+            .expect("reading a file does not panic")?;
+        let Some(document) = read else {
+            return Ok(None);
+        };
+        let bytes = document.bytes.clone();
+        self.keep(digest, document);
+        Ok(Some(bytes))
+    }
+
+    fn keep(&self, digest: &Digest, document: Document) {
+        let mut kept = self.kept.write().expect("no panics under the lock");
+        let size = document.bytes.len();
+        if let Some(old) = kept.by_digest.insert(digest.clone(), Arc::new(document)) {
+            kept.bytes -= old.bytes.len();
+            kept.order.retain(|d| d != digest);
+        }
+        kept.order.push_back(digest.clone());
+        kept.bytes += size;
+        while kept.bytes > KEPT_BYTES {
+            let Some(oldest) = kept.order.pop_front() else { break };
+            if let Some(gone) = kept.by_digest.remove(&oldest) {
+                kept.bytes -= gone.bytes.len();
+            }
+        }
+    }
+
+    fn forget(&self, digest: &Digest) {
+        let mut kept = self.kept.write().expect("no panics under the lock");
+        if let Some(gone) = kept.by_digest.remove(digest) {
+            kept.bytes -= gone.bytes.len();
+            kept.order.retain(|d| d != digest);
+        }
+    }
+}
+
+/// The file at `path` and its bytes; `None` when there is none, or it is
+/// larger than `limit`.
+fn open(path: PathBuf, limit: Option<u64>) -> io::Result<Option<Document>> {
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let size = file.metadata()?.len();
+    if limit.is_some_and(|limit| size > limit) {
+        return Ok(None);
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    file.read_to_end(&mut bytes)?;
+    Ok(Some(Document {
+        file,
+        bytes: Bytes::from(bytes),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn kept_documents_are_served_until_their_file_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("manifest");
+        std::fs::write(&path, b"{}").unwrap();
+        let digest = Digest::of(b"{}");
+        let documents = Documents::default();
+        let read = || documents.read(&digest, path.clone(), Some(10));
+        assert_eq!(read().await.unwrap().unwrap(), &b"{}"[..]);
+        // Kept: a second read does not read the file again (its bytes are
+        // changed in place here, which storage never does).
+        std::fs::write(&path, b"[]").unwrap();
+        assert_eq!(read().await.unwrap().unwrap(), &b"{}"[..]);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(read().await.unwrap(), None, "a removed file is noticed");
+        std::fs::write(&path, b"[]").unwrap();
+        assert_eq!(
+            read().await.unwrap().unwrap(),
+            &b"[]"[..],
+            "and read again once it is back"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_oldest_go_past_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let documents = Documents::default();
+        let big = vec![b'x'; KEPT_BYTES / 3 + 1];
+        let mut digests = vec![];
+        for i in 0..3u8 {
+            let mut bytes = big.clone();
+            bytes[0] = i;
+            let digest = Digest::of(&bytes);
+            let path = dir.path().join(digest.hex());
+            std::fs::write(&path, &bytes).unwrap();
+            documents.read(&digest, path, None).await.unwrap().unwrap();
+            digests.push(digest);
+        }
+        let kept = documents.kept.read().unwrap();
+        assert_eq!(kept.order, &digests[1..], "the first went");
+        assert_eq!(kept.bytes, 2 * big.len());
+        assert!(!kept.by_digest.contains_key(&digests[0]));
+    }
+
+    #[tokio::test]
+    async fn larger_blobs_are_not_documents() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("layer");
+        std::fs::write(&path, [0; 11]).unwrap();
+        let documents = Documents::default();
+        assert_eq!(
+            documents.read(&Digest::of(&[0; 11]), path, Some(10)).await.unwrap(),
+            None
+        );
+    }
+}
