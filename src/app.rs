@@ -19,7 +19,7 @@ pub struct AppState {
     /// storage lost.
     pub builder: Arc<Builder>,
     /// Where manifests and blobs are read from (the builder writes them).
-    pub storage: Storage,
+    pub storage: Arc<Storage>,
     /// Requests, bytes served, builds and cache hits, for `/metrics`.
     pub metrics: Arc<Metrics>,
     /// Recent builds and failures, for the landing page.

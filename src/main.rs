@@ -140,7 +140,7 @@ async fn build(config: ServeConfig, image: &str, output: &std::path::Path, forma
     let started = std::time::Instant::now();
     let manifest = state
         .builder
-        .resolve(&request, choice, None)
+        .resolve(&request, choice, None, None)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     progress.stage(&format!(
@@ -246,7 +246,7 @@ async fn open(config: ServeConfig) -> anyhow::Result<AppState> {
     };
     Ok(AppState {
         builder: Builder::new(parts, settings),
-        storage,
+        storage: Arc::new(storage),
         metrics,
         activity,
         source,

@@ -7,8 +7,11 @@
 //! alike; a set is packed only when a client asks for a format that uses
 //! it (with zstd for OCI, the Docker gzip set waits for a Docker client).
 //! When storage has lost something the records name, the builder forgets
-//! those records and makes it again, byte for byte.
+//! those records and makes it again, byte for byte. Tags answered from
+//! records are remembered by the question as asked (`answers.rs`), so a
+//! pull of a cached tag costs little more than reading its manifest.
 
+mod answers;
 mod flight;
 mod keys;
 mod pipeline;
@@ -35,7 +38,10 @@ use crate::oci::{self, Format, IndexEntry, OciError};
 use crate::redact;
 use crate::source::{PackageSource, Resolved, SourceError};
 use crate::storage::{Storage, StorageError};
+use answers::{Answer, Answers};
 use flight::{Flights, ShareUsed};
+
+pub use answers::Question;
 use pipeline::{BuildJob, Built, Pipeline};
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +137,7 @@ pub struct Builder {
     pipeline: Arc<Pipeline>,
     flights: Flights<BuildResult<Built>>,
     readiness: Fresh<Readiness, std::convert::Infallible>,
+    answers: Answers,
 }
 
 /// What the readiness probe found: each part's problem, if it has one.
@@ -186,6 +193,7 @@ impl Builder {
             pipeline: Arc::new(pipeline),
             flights,
             readiness: Fresh::new(READINESS_TTL, READINESS_STALE),
+            answers: Answers::default(),
         })
     }
 
@@ -232,30 +240,61 @@ impl Builder {
         request: &ImageRequest,
         choice: Choice,
         client: Option<Client>,
+        question: Option<&Question>,
     ) -> BuildResult<ManifestRecord> {
         self.admit(request).map_err(Arc::new)?;
         let resolved = self.revision(&request.tag).await.map_err(Arc::new)?;
         let architectures = self.architectures(request);
         let format = choice.format;
-        if !choice.index {
-            return self.image(request, architectures[0], &resolved, format, client).await;
-        }
-        let manifests = futures::future::try_join_all(
-            architectures
+        let record = if !choice.index {
+            self.image(request, architectures[0], &resolved, format, client).await?
+        } else {
+            let manifests = futures::future::try_join_all(
+                architectures
+                    .iter()
+                    .map(|&arch| self.image(request, arch, &resolved, format, client)),
+            )
+            .await?;
+            let entries: Vec<IndexEntry> = architectures
                 .iter()
-                .map(|&arch| self.image(request, arch, &resolved, format, client)),
-        )
-        .await?;
-        let entries: Vec<IndexEntry> = architectures
-            .iter()
-            .zip(manifests)
-            .map(|(&arch, manifest)| IndexEntry {
-                arch,
-                digest: manifest.digest,
-                size: manifest.size,
-            })
-            .collect();
-        self.index(choice.format, &entries).await.map_err(Arc::new)
+                .zip(manifests)
+                .map(|(&arch, manifest)| IndexEntry {
+                    arch,
+                    digest: manifest.digest,
+                    size: manifest.size,
+                })
+                .collect();
+            self.index(choice.format, &entries).await.map_err(Arc::new)?
+        };
+        if let (Some(question), Some(revision)) = (question, resolved.revision) {
+            let lookups = if choice.index { architectures.len() } else { 1 };
+            let answer = Answer {
+                revision,
+                record: record.clone(),
+                lookups,
+            };
+            self.answers.put(question.clone(), answer);
+        }
+        Ok(record)
+    }
+
+    /// What `question` was answered with, if it was, and the tag still
+    /// names the same revision; with the document's bytes if `bytes` (and
+    /// `None` if storage lost them: [`Builder::fetch`] makes them again).
+    pub async fn recall(&self, question: &Question, tag: &str, bytes: bool) -> Option<(ManifestRecord, Option<Bytes>)> {
+        let answer = self.answers.get(question)?;
+        let resolved = self.revision(tag).await.ok()?;
+        if resolved.revision.as_ref() != Some(&answer.revision) {
+            return None;
+        }
+        let document = match bytes {
+            true => Some(self.document(&answer.record.digest).await.ok()??),
+            false => None,
+        };
+        for _ in 0..answer.lookups {
+            self.pipeline.metrics.cache(CacheKind::Manifest, true);
+        }
+        Some((answer.record, document))
     }
 
     /// Like [`Builder::resolve`], with the document's bytes. A manifest or
@@ -267,14 +306,15 @@ impl Builder {
         request: &ImageRequest,
         choice: Choice,
         client: Option<Client>,
+        question: Option<&Question>,
     ) -> BuildResult<(ManifestRecord, Bytes)> {
-        let record = self.resolve(request, choice, client).await?;
+        let record = self.resolve(request, choice, client, question).await?;
         if let Some(bytes) = self.document(&record.digest).await? {
             return Ok((record, bytes));
         }
         tracing::warn!(image = %request, missing = %record.digest, "a manifest or index is missing from storage: making it again");
         self.forget(request, choice, &record.digest).await.map_err(Arc::new)?;
-        let record = self.resolve(request, choice, client).await?;
+        let record = self.resolve(request, choice, client, question).await?;
         match self.document(&record.digest).await? {
             Some(bytes) => Ok((record, bytes)),
             None => Err(Arc::new(BuildError::Lost(record.digest))),
@@ -282,7 +322,7 @@ impl Builder {
     }
 
     async fn document(&self, digest: &Digest) -> BuildResult<Option<Bytes>> {
-        let bytes = self.pipeline.storage.read_blob_bytes(digest).await;
+        let bytes = self.pipeline.storage.read_small_blob(digest, None).await;
         bytes.map_err(|e| Arc::new(e.into()))
     }
 
@@ -367,6 +407,8 @@ impl Builder {
                 caches.forget_image(&key).await?;
             }
         }
+        // After the records: an answer found meanwhile may name them.
+        self.answers.clear();
         Ok(())
     }
 
@@ -381,6 +423,10 @@ impl Builder {
             caches.forget_image(key).await?;
         }
         if !users.is_empty() {
+            // After the records: an answer found meanwhile may name them.
+            // (One found after this is cleared at the next miss: the
+            // notes of who uses the blob stay.)
+            self.answers.clear();
             tracing::warn!(%blob, images = users.len(), "a blob is missing from storage: its images are built again at their next pull");
         }
         Ok(())
@@ -404,6 +450,7 @@ impl Builder {
             pipeline.metrics.build_started();
             async move {
                 let result = pipeline.build(&job).await.map_err(Arc::new);
+                trim_heap();
                 pipeline.metrics.build_ended(result.is_ok());
                 if let Err(error) = &result {
                     note_failure(&pipeline.activity, &job, error);
@@ -501,6 +548,17 @@ impl Builder {
             compression,
             formats: settings.formats(compression),
         })
+    }
+}
+
+/// Gives the heap's free pages back to the system. A build's packing
+/// buffers would otherwise stay resident after it, under whatever the
+/// registry serves next.
+fn trim_heap() {
+    // SAFETY: malloc_trim only releases free memory of glibc's heap.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -6,7 +6,7 @@
 
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -15,6 +15,7 @@ use serde_json::json;
 use super::error::RegistryError;
 use super::http::{self, DOCKER_CONTENT_DIGEST, OCI_FILTERS_APPLIED};
 use crate::app::AppState;
+use crate::builder::Question;
 use crate::client::Client;
 use crate::digest::{Digest, DigestError};
 use crate::image::ImageRequest;
@@ -30,11 +31,11 @@ const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
 pub async fn registry(
     State(state): State<AppState>,
     Extension(client): Extension<Client>,
-    method: Method,
     Path(rest): Path<String>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
-    headers: HeaderMap,
+    request: Request,
 ) -> Result<Response, RegistryError> {
+    let (method, headers) = (request.method(), request.headers());
     if method != Method::GET && method != Method::HEAD {
         return Err(RegistryError::unsupported_method());
     }
@@ -44,13 +45,13 @@ pub async fn registry(
     };
     let query = query.map(|Query(q)| q).ok();
     let response = match (kind, reference) {
-        ("manifests", _) => manifest(&state, &name, reference, &headers, head, client).await,
-        ("blobs", _) => blob(&state, &name, reference, &headers, head).await,
+        ("manifests", _) => manifest(&state, &name, reference, headers, head, client).await,
+        ("blobs", _) => blob(&state, &name, reference, headers, head).await,
         ("tags", "list") => tags(&state, &name, query.as_deref(), head).await,
         ("referrers", _) => referrers(&name, reference, query.as_deref().unwrap_or_default(), head),
         _ => Err(RegistryError::unknown_route()),
     }?;
-    Ok(http::not_modified_if_current(&headers, response))
+    Ok(http::not_modified_if_current(headers, response))
 }
 
 /// A path below `/v2/`: `<name>/<kind>/<reference>`, the name being one or
@@ -84,26 +85,39 @@ async fn manifest(
     head: bool,
     client: Client,
 ) -> Result<Response, RegistryError> {
-    reference::validate_name(name)?;
     if reference.contains(':') {
+        reference::validate_name(name)?;
         return manifest_by_digest(state, reference, head).await;
     }
     if !reference::is_tag(reference) {
+        reference::validate_name(name)?;
         return Err(RegistryError::manifest_unknown(format!(
             "{reference:?} is not a valid tag"
         )));
     }
-    let request = ImageRequest::parse(name, reference, &state.meta_packages)?;
     let builder = &state.builder;
-    let multi_arch = builder.architectures(&request).len() > 1;
-    let choice = negotiate::choose(headers, multi_arch, builder.preferred_format());
-    let (record, body) = if head {
-        let record = builder.resolve(&request, choice, Some(client)).await?;
-        let size = record.size;
-        (record, ManifestBody::Head(size))
-    } else {
-        let (record, bytes) = builder.fetch(&request, choice, Some(client)).await?;
-        (record, ManifestBody::Get(bytes))
+    let accept = headers.get_all(header::ACCEPT).iter().map(HeaderValue::as_bytes);
+    let question = Question::new(name, reference, accept);
+    let (record, body) = match builder.recall(&question, reference, !head).await {
+        Some((record, Some(bytes))) => (record, ManifestBody::Get(bytes)),
+        Some((record, None)) => {
+            let size = record.size;
+            (record, ManifestBody::Head(size))
+        }
+        None => {
+            // Checks the name too.
+            let request = ImageRequest::parse(name, reference, &state.meta_packages)?;
+            let multi_arch = builder.architectures(&request).len() > 1;
+            let choice = negotiate::choose(headers, multi_arch, builder.preferred_format());
+            if head {
+                let record = builder.resolve(&request, choice, Some(client), Some(&question)).await?;
+                let size = record.size;
+                (record, ManifestBody::Head(size))
+            } else {
+                let (record, bytes) = builder.fetch(&request, choice, Some(client), Some(&question)).await?;
+                (record, ManifestBody::Get(bytes))
+            }
+        }
     };
     let mut response = manifest_response(&record.media_type, &record.digest, body);
     // What a tag resolves to depends on the client's Accept header.
@@ -126,12 +140,11 @@ async fn manifest_by_digest(state: &AppState, reference: &str, head: bool) -> Re
         Err(DigestError::UnsupportedAlgorithm(_)) => return Err(unknown()),
         Err(e) => return Err(e.into()),
     };
-    let storage = &state.storage;
-    match storage.blob_size(&digest).await? {
-        Some(size) if size <= MAX_MANIFEST_SIZE => {}
-        _ => return Err(unknown()),
-    }
-    let bytes = storage.read_blob_bytes(&digest).await?.ok_or_else(unknown)?;
+    let bytes = state
+        .storage
+        .read_small_blob(&digest, Some(MAX_MANIFEST_SIZE))
+        .await?
+        .ok_or_else(unknown)?;
     let media_type = oci::manifest_media_type(&bytes).ok_or_else(unknown)?;
     let body = if head {
         ManifestBody::Head(bytes.len() as u64)
@@ -240,12 +253,13 @@ async fn blob(
         Err(e) => return Err(e.into()),
     };
     let storage = &state.storage;
-    let Some(size) = storage.blob_size(&digest).await? else {
+    let Some(blob) = storage.open_blob(&digest).await? else {
         if let Err(error) = state.builder.blob_missing(&digest).await {
             tracing::warn!(%error, "could not look up the images of a missing blob");
         }
         return Err(unknown());
     };
+    let size = blob.size();
     if !head && let Some(url) = storage.blob_url(&digest).await? {
         return Ok(Response::builder()
             .status(StatusCode::TEMPORARY_REDIRECT)
@@ -281,7 +295,7 @@ async fn blob(
     let body = if head || length == 0 {
         Body::empty()
     } else {
-        Body::from_stream(storage.read_blob(&digest, range).await?.ok_or_else(unknown)?)
+        Body::from_stream(blob.stream(range).await?.ok_or_else(unknown)?)
     };
     Ok(response.body(body).expect("headers are valid"))
 }

@@ -71,6 +71,7 @@ pub(crate) async fn served(auth: Option<Auth>, pages: Router<AppState>) -> Serve
         backend: Backend::Memory,
         redirect: None,
         spool: dir.path().join("spool"),
+        blob_cache_bytes: 0,
     })
     .await
     .unwrap();
@@ -139,7 +140,7 @@ pub(crate) async fn served(auth: Option<Auth>, pages: Router<AppState>) -> Serve
 
     let state = AppState {
         builder,
-        storage,
+        storage: Arc::new(storage),
         metrics,
         activity,
         source,
@@ -381,23 +382,4 @@ async fn access_control_challenges_and_admits() {
     assert_eq!(pulled.body, served.manifest.bytes);
     assert_eq!(served.get("/healthz", &[]).await.status, StatusCode::OK);
     assert!(served.ran_nothing());
-}
-
-#[test]
-fn routes_for_metrics() {
-    for (path, route) in [
-        ("/v2/", "ping"),
-        ("/v2/shell/hello/manifests/latest", "manifest"),
-        ("/v2/a/b/blobs/sha256:00", "blob"),
-        ("/v2/a/tags/list", "tags"),
-        ("/v2/a/referrers/sha256:00", "referrers"),
-        ("/image/shell/git", "web"),
-        ("/", "web"),
-        ("/readyz", "health"),
-        ("/metrics", "metrics"),
-        ("/v2/x", "other"),
-        ("/favicon.ico", "other"),
-    ] {
-        assert_eq!(route_of(path), route, "{path}");
-    }
 }
