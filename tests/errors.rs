@@ -49,6 +49,12 @@ fn nix_failures_name_the_package_and_the_first_error_line() {
 
     let broken = registry.get("/v2/hello/broken/manifests/latest");
     assert_eq!(broken.status, 500);
+    let id = broken.header("x-request-id");
+    let log = registry.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("answered with a server error") && l.contains(id));
+    assert!(line.is_some(), "the error is logged with the request id {id}:\n{log}");
     assert_eq!(
         message(&broken),
         "Nix could not evaluate broken: error: broken is marked as broken"
