@@ -64,16 +64,15 @@ impl Default for RequestIds {
 
 impl RequestIds {
     pub fn next(&self) -> HeaderValue {
-        let (r, n) = (self.start, self.count.fetch_add(1, Ordering::Relaxed));
-        let id = format!(
-            "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-            r >> 32,
-            (r >> 16) & 0xffff,
-            r & 0xffff,
-            (n >> 48) & 0xffff,
-            n & 0xffff_ffff_ffff
-        );
-        HeaderValue::try_from(id).expect("hex digits and dashes are a header value")
+        let n = self.count.fetch_add(1, Ordering::Relaxed);
+        // 32 hex digits, dashed as a UUID is: 8-4-4-4-12.
+        let digits = u128::from(self.start) << 64 | u128::from(n);
+        let mut id = [b'-'; 36];
+        let places = (0..36).filter(|i| ![8, 13, 18, 23].contains(i));
+        for (shift, place) in (0..32).rev().zip(places) {
+            id[place] = b"0123456789abcdef"[(digits >> (shift * 4)) as usize & 0xf];
+        }
+        HeaderValue::from_bytes(&id).expect("hex digits and dashes are a header value")
     }
 }
 
@@ -92,12 +91,10 @@ pub async fn frame(
             id
         }
     };
-    let span = tracing::info_span!(
-        "request",
-        id = id.to_str().unwrap_or("-"),
-        method = %request.method(),
-        uri = %request.uri()
-    );
+    // The id alone: fields are formatted when the span is made, for every
+    // request; the method and path go on the lines that are logged.
+    let span = tracing::info_span!("request", id = id.to_str().unwrap_or("-"));
+    let asked = (request.method().clone(), request.uri().clone());
     let started = Instant::now();
     let path = request.uri().path();
     let (route, api) = (route_of(path), path.starts_with("/v2"));
@@ -111,7 +108,7 @@ pub async fn frame(
         }
     };
     let status = response.status();
-    log(&span, status, started);
+    log(&span, &asked, status, started);
     frame.metrics.request(route, status.as_u16());
     if let (true, true, "manifest" | "blob") = (get, status.is_success(), route)
         && let Some(length) = content_length(&response)
@@ -129,13 +126,13 @@ pub async fn frame(
     response.map(|body| Body::new(Logged { body, span }))
 }
 
-fn log(span: &tracing::Span, status: StatusCode, started: Instant) {
+fn log(span: &tracing::Span, (method, uri): &(Method, axum::http::Uri), status: StatusCode, started: Instant) {
     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
     let status = status.as_u16();
     if status >= 500 {
-        tracing::error!(parent: span, status, latency_ms, "answered with a server error");
+        tracing::error!(parent: span, %method, %uri, status, latency_ms, "answered with a server error");
     } else {
-        tracing::debug!(parent: span, status, latency_ms, "answered");
+        tracing::debug!(parent: span, %method, %uri, status, latency_ms, "answered");
     }
 }
 
