@@ -3,50 +3,54 @@
 //!
 //! A pull of a cached tag would otherwise open and read a file on the
 //! blocking pool, and the threads handing the work back and forth cost more
-//! than the rest of the request. A kept document is served after one
-//! `fstat` of its open file, which says, without a path lookup or a wait
-//! for the disk, whether the file is still linked at its address. A removed
-//! one (its link count is 0) is forgotten and looked up again, so a lost
-//! manifest is noticed as soon as it is lost, and made again as before.
-//!
-//! Blob files never change once at their address, so kept bytes are the
-//! file's bytes for as long as it is linked. Documents are few (one per
-//! image and format) and read far more often than added, so they sit in a
-//! plain map behind a read-write lock; past [`KEPT_BYTES`], the oldest go.
+//! than the rest of the request. A document is kept while its file is
+//! still linked at its address (`linked.rs`), so a lost manifest is noticed
+//! as soon as it is lost, and made again as before. Blob files never change
+//! once at their address, so kept bytes are the file's bytes for as long
+//! as it is linked. Past [`KEPT_BYTES`], the oldest go.
 
-use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 use super::StorageError;
+use super::linked::{Kept, Linked};
 use crate::digest::Digest;
 
 /// Bytes of documents kept at most.
 const KEPT_BYTES: usize = 16 << 20;
 
 /// The documents kept, by digest.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Documents {
-    kept: RwLock<Kept>,
+    kept: Kept<Arc<Document>>,
 }
 
-#[derive(Debug, Default)]
-struct Kept {
-    by_digest: HashMap<Digest, Arc<Document>>,
-    /// Oldest first.
-    order: VecDeque<Digest>,
-    bytes: usize,
+impl Default for Documents {
+    fn default() -> Self {
+        Documents {
+            kept: Kept::new(KEPT_BYTES),
+        }
+    }
 }
 
 #[derive(Debug)]
 struct Document {
     file: File,
     bytes: Bytes,
+}
+
+impl Linked for Arc<Document> {
+    fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn weight(&self) -> usize {
+        self.bytes.len()
+    }
 }
 
 impl Documents {
@@ -58,18 +62,8 @@ impl Documents {
         path: PathBuf,
         limit: Option<u64>,
     ) -> Result<Option<Bytes>, StorageError> {
-        let kept = self
-            .kept
-            .read()
-            .expect("no panics under the lock")
-            .by_digest
-            .get(digest)
-            .cloned();
-        if let Some(document) = kept {
-            if document.file.metadata()?.nlink() > 0 {
-                return Ok(Some(document.bytes.clone()));
-            }
-            self.forget(digest);
+        if let Some(document) = self.kept.get(digest)? {
+            return Ok(Some(document.bytes.clone()));
         }
         let read = tokio::task::spawn_blocking(move || open(path, limit))
             .await
@@ -78,33 +72,8 @@ impl Documents {
             return Ok(None);
         };
         let bytes = document.bytes.clone();
-        self.keep(digest, document);
+        self.kept.keep(digest, Arc::new(document));
         Ok(Some(bytes))
-    }
-
-    fn keep(&self, digest: &Digest, document: Document) {
-        let mut kept = self.kept.write().expect("no panics under the lock");
-        let size = document.bytes.len();
-        if let Some(old) = kept.by_digest.insert(digest.clone(), Arc::new(document)) {
-            kept.bytes -= old.bytes.len();
-            kept.order.retain(|d| d != digest);
-        }
-        kept.order.push_back(digest.clone());
-        kept.bytes += size;
-        while kept.bytes > KEPT_BYTES {
-            let Some(oldest) = kept.order.pop_front() else { break };
-            if let Some(gone) = kept.by_digest.remove(&oldest) {
-                kept.bytes -= gone.bytes.len();
-            }
-        }
-    }
-
-    fn forget(&self, digest: &Digest) {
-        let mut kept = self.kept.write().expect("no panics under the lock");
-        if let Some(gone) = kept.by_digest.remove(digest) {
-            kept.bytes -= gone.bytes.len();
-            kept.order.retain(|d| d != digest);
-        }
     }
 }
 
@@ -170,9 +139,9 @@ mod tests {
             documents.read(&digest, path, None).await.unwrap().unwrap();
             digests.push(digest);
         }
-        let kept = documents.kept.read().unwrap();
+        let kept = documents.kept.map.read().unwrap();
         assert_eq!(kept.order, &digests[1..], "the first went");
-        assert_eq!(kept.bytes, 2 * big.len());
+        assert_eq!(kept.weight, 2 * big.len());
         assert!(!kept.by_digest.contains_key(&digests[0]));
     }
 

@@ -13,24 +13,21 @@
 //! Blob files are written once, complete, and reach their address by a link,
 //! so an open file never changes under a reader; one that is shorter than
 //! its size said (someone truncated it) ends the stream with an error.
-//! The files of blobs recently asked for are kept open ([`OpenFiles`]), so
-//! a request for one costs no open: a kept file is used after one `fstat`,
-//! which says without a path lookup whether it is still linked at its
-//! address; one that was removed is forgotten and looked for again, so a
-//! lost blob is noticed as soon as it is lost.
+//! The files of blobs recently asked for are kept open ([`OpenFiles`],
+//! while still linked: `linked.rs`), so a request for one costs no open.
 
-use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 
+use super::linked::{Kept, Linked};
 use super::{BlobStream, StorageError};
 use crate::digest::Digest;
 
@@ -41,42 +38,40 @@ const KEPT_OPEN: usize = 256;
 
 /// The blob files kept open, by digest; past [`KEPT_OPEN`], the oldest
 /// are closed.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct OpenFiles {
-    kept: RwLock<(HashMap<Digest, OpenFile>, VecDeque<Digest>)>,
+    kept: Kept<OpenFile>,
+}
+
+impl Default for OpenFiles {
+    fn default() -> Self {
+        OpenFiles {
+            kept: Kept::new(KEPT_OPEN),
+        }
+    }
 }
 
 impl OpenFiles {
     /// The blob `digest`, whose file is `path`, open; `None` when there is none.
     pub async fn open(&self, digest: &Digest, path: PathBuf) -> Result<Option<OpenFile>, StorageError> {
-        let kept = self
-            .kept
-            .read()
-            .expect("no panics under the lock")
-            .0
-            .get(digest)
-            .cloned();
-        if let Some(file) = kept {
-            if file.file.metadata()?.nlink() > 0 {
-                return Ok(Some(file));
-            }
-            let (by_digest, order) = &mut *self.kept.write().expect("no panics under the lock");
-            by_digest.remove(digest);
-            order.retain(|d| d != digest);
+        if let Some(file) = self.kept.get(digest)? {
+            return Ok(Some(file));
         }
         let Some(file) = open(path).await? else {
             return Ok(None);
         };
-        let (by_digest, order) = &mut *self.kept.write().expect("no panics under the lock");
-        if by_digest.insert(digest.clone(), file.clone()).is_none() {
-            order.push_back(digest.clone());
-        }
-        while order.len() > KEPT_OPEN {
-            if let Some(oldest) = order.pop_front() {
-                by_digest.remove(&oldest);
-            }
-        }
+        self.kept.keep(digest, file.clone());
         Ok(Some(file))
+    }
+}
+
+impl Linked for OpenFile {
+    fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn weight(&self) -> usize {
+        1
     }
 }
 
@@ -274,8 +269,8 @@ mod tests {
                 .unwrap()
                 .unwrap();
         }
-        let kept = files.kept.read().unwrap();
-        assert_eq!((kept.0.len(), kept.1.len()), (KEPT_OPEN, KEPT_OPEN));
+        let kept = files.kept.map.read().unwrap();
+        assert_eq!((kept.by_digest.len(), kept.order.len()), (KEPT_OPEN, KEPT_OPEN));
     }
 
     #[tokio::test]

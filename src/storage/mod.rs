@@ -29,6 +29,7 @@ mod blob_cache;
 mod documents;
 mod files;
 mod gcs;
+mod linked;
 mod settings;
 mod writes;
 
