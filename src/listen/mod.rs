@@ -35,11 +35,12 @@ const CLOSE_GRACE: Duration = Duration::from_millis(200);
 /// The most connections open by default, whatever the descriptor limit.
 const DEFAULT_MAX_CONNECTIONS: u64 = 16_384;
 /// Bytes of a response a connection holds beyond what the socket took:
-/// one blob chunk (storage streams 64 KiB at a time), so that 200
-/// downloads at once hold about 13 MiB. (hyper's default, about 400 KiB,
-/// held six chunks each.) It also bounds an HTTP/1 request's headers,
-/// far above the 16 KiB the router reads.
-const SEND_BUFFER: usize = 64 * 1024;
+/// two blob chunks (storage streams 64 KiB at a time), so that 200
+/// downloads at once hold about 25 MiB. (hyper's default, about 400 KiB,
+/// held six chunks each.) It also bounds an HTTP/1 request's headers: up
+/// to it, headers over the router's 16 KiB get its JSON 431; beyond it,
+/// hyper's bare one.
+const SEND_BUFFER: usize = 128 * 1024;
 /// Idle connections closed at once when descriptors run out.
 const EVICT_ON_EXHAUSTION: usize = 16;
 /// How often accept errors are logged at most.

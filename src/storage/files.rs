@@ -8,7 +8,7 @@
 //! rather than waits, when the bytes are not there. Only such a read goes to
 //! the blocking pool. Chunks are [`CHUNK`] bytes: large enough that a read
 //! costs little per byte (128 KiB were no faster), small enough that 200
-//! downloads at once hold about 13 MiB.
+//! downloads at once hold a few tens of MiB.
 //!
 //! Blob files are written once, complete, and reach their address by a link,
 //! so an open file never changes under a reader; one that is shorter than
