@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
@@ -54,7 +55,7 @@ pub enum PackageSource {
         url: String,
         /// What `latest` names instead of `HEAD` (`NIXERY_DEFAULT_TAG`).
         default_tag: Option<String>,
-        refs: Fresh<GitRefs, SourceError>,
+        refs: Fresh<Arc<GitRefs>, SourceError>,
         /// Runs `git ls-remote`.
         programs: Programs,
     },
@@ -114,6 +115,89 @@ fn labels(source: &str, revision: Option<&str>) -> BTreeMap<String, String> {
         labels.insert(REVISION_LABEL.to_owned(), revision.to_owned());
     }
     labels
+}
+
+/// What a tag names in a source, before it is spelled out for Nix and for
+/// the labels.
+enum Pin<'a> {
+    /// The package set's folder and its content hash.
+    Path {
+        folder: &'a Path,
+        hash: String,
+    },
+    /// A channel's tarball, and the commit when the channel is one.
+    Channel {
+        url: String,
+        commit: Option<String>,
+    },
+    /// A git commit, and the ref it was found at.
+    Git {
+        url: &'a str,
+        reference: Option<String>,
+        commit: String,
+    },
+    Flake {
+        reference: &'a str,
+        lock: LockedFlake,
+    },
+}
+
+impl Pin<'_> {
+    fn revision(&self) -> Option<String> {
+        match self {
+            Pin::Path { hash, .. } => Some(format!("path:{hash}")),
+            Pin::Channel { url, commit } => commit.as_ref().map(|_| format!("tarball:{url}")),
+            Pin::Git { url, commit, .. } => Some(format!("git:{url}#{commit}")),
+            Pin::Flake { lock, .. } => Some(format!("flake:{}", lock.nar_hash)),
+        }
+    }
+
+    fn resolved(self) -> Resolved {
+        let revision = self.revision();
+        let (nix, labels) = match self {
+            Pin::Path { folder, hash } => (
+                NixSource {
+                    kind: "path",
+                    args: folder.display().to_string(),
+                },
+                // Not the folder, which differs from machine to machine.
+                labels("path", Some(&hash)),
+            ),
+            Pin::Channel { url, commit } => {
+                let labels = labels(&url, commit.as_deref());
+                (
+                    NixSource {
+                        kind: "tarball",
+                        args: url,
+                    },
+                    labels,
+                )
+            }
+            Pin::Git { url, reference, commit } => {
+                let mut spec = serde_json::json!({ "url": url, "rev": commit });
+                match reference {
+                    Some(reference) => spec["ref"] = reference.into(),
+                    None => spec["allRefs"] = true.into(),
+                }
+                let nix = NixSource {
+                    kind: "git",
+                    args: spec.to_string(),
+                };
+                (nix, labels(url, Some(&commit)))
+            }
+            Pin::Flake { reference, lock } => {
+                let labels = labels(reference, Some(lock.rev.as_deref().unwrap_or(&lock.nar_hash)));
+                (
+                    NixSource {
+                        kind: "flake",
+                        args: lock.url,
+                    },
+                    labels,
+                )
+            }
+        };
+        Resolved { nix, revision, labels }
+    }
 }
 
 /// Why a source could not tell its revisions. URLs in it have lost their
@@ -194,37 +278,32 @@ impl PackageSource {
     /// 40-hex id. At most one refresh of what the source knows runs at a
     /// time; while it runs, callers get what was known before.
     pub async fn resolve(&self, tag: &str) -> Result<Option<Resolved>, SourceError> {
-        self.lookup(tag, Lookup::Refresh).await
+        Ok(self.pin(tag, Lookup::Refresh).await?.map(Pin::resolved))
     }
 
     /// Like [`resolve`](Self::resolve), from what the source knows already,
     /// without running anything: `None` when that is nothing yet.
     pub async fn resolve_known(&self, tag: &str) -> Option<Resolved> {
-        self.lookup(tag, Lookup::KnownOnly).await.ok().flatten()
+        self.pin(tag, Lookup::KnownOnly).await.ok().flatten().map(Pin::resolved)
     }
 
-    async fn lookup(&self, tag: &str, mode: Lookup) -> Result<Option<Resolved>, SourceError> {
+    /// The pinned revision the tag names ([`Resolved::revision`]), and
+    /// nothing else: what a pull of a tag answered before checks, without
+    /// spelling out the rest.
+    pub async fn revision(&self, tag: &str) -> Result<Option<String>, SourceError> {
+        Ok(self.pin(tag, Lookup::Refresh).await?.and_then(|pin| pin.revision()))
+    }
+
+    async fn pin(&self, tag: &str, mode: Lookup) -> Result<Option<Pin<'_>>, SourceError> {
         match self {
             PackageSource::Path { path, revision } => {
                 if tag != LATEST {
                     return Ok(None);
                 }
-                let Some(hash) = path_revision(path, revision, mode).await? else {
-                    return Ok(None);
-                };
-                let nix = NixSource {
-                    kind: "path",
-                    args: path.display().to_string(),
-                };
-                // Not the folder, which differs from machine to machine.
-                let labels = labels("path", Some(&hash));
-                Ok(Some(Resolved {
-                    nix,
-                    revision: Some(format!("path:{hash}")),
-                    labels,
-                }))
+                let hash = path_revision(path, revision, mode).await?;
+                Ok(hash.map(|hash| Pin::Path { folder: path, hash }))
             }
-            PackageSource::Channel(channel) => Ok(channel.resolve(tag)),
+            PackageSource::Channel(channel) => Ok(channel.pin(tag)),
             PackageSource::Git {
                 url,
                 default_tag,
@@ -241,14 +320,13 @@ impl PackageSource {
                     let Some(refs) = git_refs(programs, url, refs, mode).await? else {
                         return Ok(None);
                     };
-                    let named = if tag == LATEST {
-                        refs.head
-                    } else {
-                        refs.named.get(tag).cloned()
+                    let named = match tag {
+                        LATEST => refs.head.as_ref(),
+                        _ => refs.named.get(tag),
                     };
-                    named.map(|(name, commit)| (Some(name), commit))
+                    named.map(|(name, commit)| (Some(name.clone()), commit.clone()))
                 };
-                Ok(pinned.map(|(reference, commit)| git_resolved(url, reference, commit)))
+                Ok(pinned.map(|(reference, commit)| Pin::Git { url, reference, commit }))
             }
             PackageSource::Flake {
                 reference,
@@ -258,17 +336,8 @@ impl PackageSource {
                 if tag != LATEST {
                     return Ok(None);
                 }
-                let Some(lock) = lock_flake(programs, reference, locked, mode).await? else {
-                    return Ok(None);
-                };
-                Ok(Some(Resolved {
-                    nix: NixSource {
-                        kind: "flake",
-                        args: lock.url.clone(),
-                    },
-                    revision: Some(format!("flake:{}", lock.nar_hash)),
-                    labels: labels(reference, Some(lock.rev.as_deref().unwrap_or(&lock.nar_hash))),
-                }))
+                let lock = lock_flake(programs, reference, locked, mode).await?;
+                Ok(lock.map(|lock| Pin::Flake { reference, lock }))
             }
         }
     }
@@ -320,8 +389,9 @@ impl PackageSource {
                 };
                 let mut tags: Vec<String> = refs
                     .named
-                    .into_keys()
+                    .keys()
                     .filter(|name| crate::reference::is_tag(name))
+                    .cloned()
                     .collect();
                 if refs.head.is_some() && !tags.iter().any(|t| t == LATEST) {
                     tags.push(LATEST.to_owned());
@@ -358,28 +428,10 @@ where
     }
 }
 
-/// A git revision pinned to its commit, so the image can be cached; `ref`
-/// tells Nix where to fetch it from.
-fn git_resolved(url: &str, reference: Option<String>, commit: String) -> Resolved {
-    let mut spec = serde_json::json!({ "url": url, "rev": commit });
-    match reference {
-        Some(reference) => spec["ref"] = reference.into(),
-        None => spec["allRefs"] = true.into(),
-    }
-    Resolved {
-        nix: NixSource {
-            kind: "git",
-            args: spec.to_string(),
-        },
-        revision: Some(format!("git:{url}#{commit}")),
-        labels: labels(url, Some(&commit)),
-    }
-}
-
 impl Channel {
     /// `latest` is the configured channel; another tag must be on the
     /// allow-list, or be a commit when the list allows any.
-    fn resolve(&self, tag: &str) -> Option<Resolved> {
+    fn pin(&self, tag: &str) -> Option<Pin<'static>> {
         let channel = if tag == LATEST {
             self.channel.as_str()
         } else if self.allowed_tags.iter().any(|t| t == tag)
@@ -389,15 +441,9 @@ impl Channel {
         } else {
             return None;
         };
-        let url = self.url_template.replace("{channel}", channel);
-        let pinned = is_commit(channel);
-        Some(Resolved {
-            nix: NixSource {
-                kind: "tarball",
-                args: url.clone(),
-            },
-            revision: pinned.then(|| format!("tarball:{url}")),
-            labels: labels(&url, pinned.then_some(channel)),
+        Some(Pin::Channel {
+            url: self.url_template.replace("{channel}", channel),
+            commit: is_commit(channel).then(|| channel.to_owned()),
         })
     }
 }
@@ -446,15 +492,17 @@ async fn path_revision(
     known: &Fresh<String, SourceError>,
     mode: Lookup,
 ) -> Result<Option<String>, SourceError> {
-    let root = path.to_owned();
-    refreshed(known, mode, || async move {
-        let started = Instant::now();
-        let hash = tokio::task::spawn_blocking(move || tree_hash(&root))
-            .await
-            .expect("hashing does not panic")
-            .map_err(|e| SourceError::Hash(e.to_string()))?;
-        tracing::debug!(millis = started.elapsed().as_millis() as u64, "hashed the package set");
-        Ok(hash)
+    refreshed(known, mode, || {
+        let root = path.to_owned();
+        async move {
+            let started = Instant::now();
+            let hash = tokio::task::spawn_blocking(move || tree_hash(&root))
+                .await
+                .expect("hashing does not panic")
+                .map_err(|e| SourceError::Hash(e.to_string()))?;
+            tracing::debug!(millis = started.elapsed().as_millis() as u64, "hashed the package set");
+            Ok(hash)
+        }
     })
     .await
 }
@@ -463,9 +511,9 @@ async fn path_revision(
 async fn git_refs(
     programs: &Programs,
     url: &str,
-    known: &Fresh<GitRefs, SourceError>,
+    known: &Fresh<Arc<GitRefs>, SourceError>,
     mode: Lookup,
-) -> Result<Option<GitRefs>, SourceError> {
+) -> Result<Option<Arc<GitRefs>>, SourceError> {
     let (programs, url) = (programs.clone(), url.to_owned());
     refreshed(known, mode, || async move {
         let listing = Invocation::new(Program::Git, "ls-remote", GIT_LIST_TIMEOUT)
@@ -476,7 +524,7 @@ async fn git_refs(
             reason: reason(e),
         })?;
         tracing::debug!(repository = %redact::url(&url), "listed the git refs");
-        Ok(GitRefs::parse(&String::from_utf8_lossy(&stdout)))
+        Ok(Arc::new(GitRefs::parse(&String::from_utf8_lossy(&stdout))))
     })
     .await
 }
@@ -643,13 +691,24 @@ mod tests {
 
     #[test]
     fn git_revisions_are_pinned_commits() {
-        let branch = git_resolved("u", Some("refs/heads/dev".into()), OTHER.into());
+        let git = |reference: Option<&str>, commit: &str| {
+            let pin = Pin::Git {
+                url: "u",
+                reference: reference.map(str::to_owned),
+                commit: commit.to_owned(),
+            };
+            let revision = pin.revision();
+            let resolved = pin.resolved();
+            assert_eq!(resolved.revision, revision, "the revision alone is the resolved one's");
+            resolved
+        };
+        let branch = git(Some("refs/heads/dev"), OTHER);
         assert_eq!(
             branch.nix.args,
             format!(r#"{{"ref":"refs/heads/dev","rev":"{OTHER}","url":"u"}}"#)
         );
         assert_eq!(branch.revision, Some(format!("git:u#{OTHER}")));
-        let commit = git_resolved("u", None, COMMIT.into());
+        let commit = git(None, COMMIT);
         assert_eq!(
             commit.nix.args,
             format!(r#"{{"allRefs":true,"rev":"{COMMIT}","url":"u"}}"#)

@@ -283,8 +283,7 @@ impl Builder {
     /// `None` if storage lost them: [`Builder::fetch`] makes them again).
     pub async fn recall(&self, question: &Question, tag: &str, bytes: bool) -> Option<(ManifestRecord, Option<Bytes>)> {
         let answer = self.answers.get(question)?;
-        let resolved = self.revision(tag).await.ok()?;
-        if resolved.revision.as_ref() != Some(&answer.revision) {
+        if self.source.revision(tag).await.ok()?? != answer.revision {
             return None;
         }
         let document = match bytes {
@@ -294,7 +293,7 @@ impl Builder {
         for _ in 0..answer.lookups {
             self.pipeline.metrics.cache(CacheKind::Manifest, true);
         }
-        Some((answer.record, document))
+        Some((answer.record.clone(), document))
     }
 
     /// Like [`Builder::resolve`], with the document's bytes. A manifest or
