@@ -87,7 +87,7 @@ impl BlobCache {
         if !self.touch(digest) {
             return Ok(None);
         }
-        match self.files.open(digest, self.path(digest)).await? {
+        match self.files.open(digest, || self.path(digest)).await? {
             Some(file) if file.size == size => Ok(Some(file)),
             _ => {
                 self.drop_kept(digest);

@@ -59,12 +59,13 @@ impl Documents {
     pub async fn read(
         &self,
         digest: &Digest,
-        path: PathBuf,
+        path: impl FnOnce() -> PathBuf,
         limit: Option<u64>,
     ) -> Result<Option<Bytes>, StorageError> {
         if let Some(document) = self.kept.get(digest)? {
             return Ok(Some(document.bytes.clone()));
         }
+        let path = path();
         let read = tokio::task::spawn_blocking(move || open(path, limit))
             .await
             .expect("reading a file does not panic")?;
@@ -108,7 +109,7 @@ mod tests {
         std::fs::write(&path, b"{}").unwrap();
         let digest = Digest::of(b"{}");
         let documents = Documents::default();
-        let read = || documents.read(&digest, path.clone(), Some(10));
+        let read = || documents.read(&digest, || path.clone(), Some(10));
         assert_eq!(read().await.unwrap().unwrap(), &b"{}"[..]);
         // Kept: a second read does not read the file again (its bytes are
         // changed in place here, which storage never does).
@@ -136,7 +137,7 @@ mod tests {
             let digest = Digest::of(&bytes);
             let path = dir.path().join(digest.hex());
             std::fs::write(&path, &bytes).unwrap();
-            documents.read(&digest, path, None).await.unwrap().unwrap();
+            documents.read(&digest, || path, None).await.unwrap().unwrap();
             digests.push(digest);
         }
         let kept = documents.kept.map.read().unwrap();
@@ -152,7 +153,7 @@ mod tests {
         std::fs::write(&path, [0; 11]).unwrap();
         let documents = Documents::default();
         assert_eq!(
-            documents.read(&Digest::of(&[0; 11]), path, Some(10)).await.unwrap(),
+            documents.read(&Digest::of(&[0; 11]), || path, Some(10)).await.unwrap(),
             None
         );
     }

@@ -53,11 +53,16 @@ impl Default for OpenFiles {
 
 impl OpenFiles {
     /// The blob `digest`, whose file is `path`, open; `None` when there is none.
-    pub async fn open(&self, digest: &Digest, path: PathBuf) -> Result<Option<OpenFile>, StorageError> {
+    /// The file of `digest`, at `path` unless it is kept open already.
+    pub async fn open(
+        &self,
+        digest: &Digest,
+        path: impl FnOnce() -> PathBuf,
+    ) -> Result<Option<OpenFile>, StorageError> {
         if let Some(file) = self.kept.get(digest)? {
             return Ok(Some(file));
         }
-        let Some(file) = open(path).await? else {
+        let Some(file) = open(path()).await? else {
             return Ok(None);
         };
         self.kept.keep(digest, file.clone());
@@ -245,26 +250,26 @@ mod tests {
         let digest = Digest::of(b"one");
         let path = dir.path().join("one");
         std::fs::write(&path, b"one").unwrap();
-        assert_eq!(files.open(&digest, path.clone()).await.unwrap().unwrap().size, 3);
+        assert_eq!(files.open(&digest, || path.clone()).await.unwrap().unwrap().size, 3);
         // Kept: the same file again, though the path now holds another.
         let other = dir.path().join("other");
         std::fs::write(&other, b"other").unwrap();
         std::fs::hard_link(&path, dir.path().join("link")).unwrap();
         std::fs::rename(&other, &path).unwrap();
-        assert_eq!(files.open(&digest, path.clone()).await.unwrap().unwrap().size, 3);
+        assert_eq!(files.open(&digest, || path.clone()).await.unwrap().unwrap().size, 3);
         // Unlinked everywhere: looked for again.
         std::fs::remove_file(dir.path().join("link")).unwrap();
-        assert_eq!(files.open(&digest, path.clone()).await.unwrap().unwrap().size, 5);
+        assert_eq!(files.open(&digest, || path.clone()).await.unwrap().unwrap().size, 5);
         std::fs::remove_file(&path).unwrap();
         assert!(
-            files.open(&digest, path).await.unwrap().is_none(),
+            files.open(&digest, || path).await.unwrap().is_none(),
             "a removed file is noticed"
         );
         for i in 0..KEPT_OPEN + 3 {
             let path = dir.path().join(format!("f{i}"));
             std::fs::write(&path, b"x").unwrap();
             files
-                .open(&Digest::of(format!("f{i}").as_bytes()), path)
+                .open(&Digest::of(format!("f{i}").as_bytes()), || path)
                 .await
                 .unwrap()
                 .unwrap();

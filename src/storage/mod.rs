@@ -369,9 +369,8 @@ impl Storage {
     /// read from the blob cache (`blob_cache.rs`) when it has them, else
     /// fetched when streamed.
     pub async fn open_blob(&self, digest: &Digest) -> Result<Option<Blob>, StorageError> {
-        let path = blob_path(digest);
         if let Some(root) = &self.folder {
-            let file = self.files.open(digest, root.join(path.as_ref())).await?;
+            let file = self.files.open(digest, || folder_blob(root, digest)).await?;
             return Ok(file.map(Blob::File));
         }
         let Some(size) = self.blob_size(digest).await? else {
@@ -384,7 +383,7 @@ impl Storage {
         }
         Ok(Some(Blob::Object {
             store: Arc::clone(&self.store),
-            path,
+            path: blob_path(digest),
             digest: digest.clone(),
             size,
             cache: self.blob_cache.clone(),
@@ -408,9 +407,8 @@ impl Storage {
     /// caller's records say it is small). A folder's are kept in memory
     /// while their files stay (`documents.rs`).
     pub async fn read_small_blob(&self, digest: &Digest, limit: Option<u64>) -> Result<Option<Bytes>, StorageError> {
-        let path = blob_path(digest);
         if let Some(root) = &self.folder {
-            return self.documents.read(digest, root.join(path.as_ref()), limit).await;
+            return self.documents.read(digest, || folder_blob(root, digest), limit).await;
         }
         if let Some(limit) = limit {
             match self.blob_size(digest).await? {
@@ -418,7 +416,7 @@ impl Storage {
                 _ => return Ok(None),
             }
         }
-        self.get(&path).await
+        self.get(&blob_path(digest)).await
     }
 
     /// The cache record at `key` (a `/`-separated path below `cache/`).
@@ -522,6 +520,11 @@ fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
 
 fn blob_path(digest: &Digest) -> StorePath {
     StorePath::from(format!("blobs/sha256/{}", digest.hex()))
+}
+
+/// A blob's file in a storage folder.
+fn folder_blob(root: &Path, digest: &Digest) -> PathBuf {
+    root.join(blob_path(digest).as_ref())
 }
 
 fn record_path(key: &str) -> StorePath {
