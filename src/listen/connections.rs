@@ -5,8 +5,14 @@
 //! its idle connections, so that connections which send nothing cannot
 //! lock out clients that do; only when every connection is busy is a new
 //! one refused.
+//!
+//! A request's start and end touch only its connection's atomics: no lock,
+//! no wake-up. The connection finds its deadline when its timer fires (a
+//! busy one looks again an idle timeout later), and the table, which needs
+//! the idle order only to evict at the cap, reads the atomics then.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,15 +20,16 @@ use tokio::sync::{Notify, watch};
 
 /// Why a connection is told to close.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Reason {
     /// The registry is stopping: finish what is in flight, then close.
-    Stopping,
+    Stopping = 1,
     /// Its place went to a new connection.
-    Evicted,
+    Evicted = 2,
     /// No first request within the header timeout.
-    NoRequest,
+    NoRequest = 3,
     /// Idle for the idle timeout.
-    Idle,
+    Idle = 4,
 }
 
 impl Reason {
@@ -35,6 +42,17 @@ impl Reason {
             Reason::Idle => "idle",
         }
     }
+
+    /// Its code in [`State::close`], where 0 is "not told to close".
+    fn code(self) -> u8 {
+        self as u8
+    }
+
+    fn from_code(code: u8) -> Option<Reason> {
+        [Reason::Stopping, Reason::Evicted, Reason::NoRequest, Reason::Idle]
+            .into_iter()
+            .find(|reason| reason.code() == code)
+    }
 }
 
 /// What a connection waits for.
@@ -44,8 +62,8 @@ pub enum Wait {
     Close(Reason),
     /// Nothing in flight: close at this moment unless a request comes.
     Until(Instant, Reason),
-    /// Requests in flight: no deadline of ours.
-    Busy,
+    /// Requests in flight: no deadline of ours before this moment.
+    Busy(Instant),
 }
 
 /// How long a connection may wait for its requests.
@@ -61,6 +79,10 @@ pub struct Timeouts {
 pub struct Table {
     cap: usize,
     timeouts: Timeouts,
+    /// What `idle_since` counts from.
+    epoch: Instant,
+    /// The order connections become idle in.
+    idle_order: AtomicU64,
     inner: Mutex<Inner>,
     /// How many connections are open (evicted ones until they close).
     open: watch::Sender<usize>,
@@ -71,28 +93,52 @@ struct Inner {
     /// Open connections not told to close for eviction: what the cap counts.
     live: usize,
     stopping: bool,
-    entries: HashMap<u64, Entry>,
-    /// Idle connections by the moment they became idle (a sequence number).
-    idle: BTreeMap<u64, u64>,
+    entries: HashMap<u64, Arc<State>>,
 }
 
-struct Entry {
+/// One connection's state, shared by the table and the connection.
+struct State {
     accepted: Instant,
     /// Requests in flight.
-    busy: usize,
-    served: bool,
-    idle_since: Instant,
-    /// Its key in `idle`, while idle.
-    idle_key: Option<u64>,
-    close: Option<Reason>,
-    notify: Arc<Notify>,
+    busy: AtomicUsize,
+    served: AtomicBool,
+    /// When it last became idle, in nanoseconds from the table's epoch.
+    idle_since: AtomicU64,
+    /// When it became idle in the table's order, for eviction.
+    idle_order: AtomicU64,
+    /// Why it is told to close ([`Reason::code`]), or 0.
+    close: AtomicU8,
+    notify: Notify,
+}
+
+impl State {
+    fn close(&self) -> Option<Reason> {
+        Reason::from_code(self.close.load(Ordering::Acquire))
+    }
+
+    /// Tells it to close for `reason` unless it was told already; whether
+    /// this did.
+    fn tell(&self, reason: Reason) -> bool {
+        let told = self
+            .close
+            .compare_exchange(0, reason.code(), Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if told {
+            self.notify.notify_one();
+        }
+        told
+    }
+
+    fn idle(&self) -> bool {
+        self.busy.load(Ordering::Acquire) == 0 && self.close().is_none()
+    }
 }
 
 /// One open connection's place in the table; given back when dropped.
 pub struct Conn {
     id: u64,
     table: Arc<Table>,
-    notify: Arc<Notify>,
+    state: Arc<State>,
 }
 
 /// A request in flight on a connection; the connection is idle again once
@@ -108,12 +154,13 @@ impl Table {
         Arc::new(Table {
             cap,
             timeouts,
+            epoch: Instant::now(),
+            idle_order: AtomicU64::new(0),
             inner: Mutex::new(Inner {
                 next: 0,
                 live: 0,
                 stopping: false,
                 entries: HashMap::new(),
-                idle: BTreeMap::new(),
             }),
             open: watch::Sender::new(0),
         })
@@ -128,30 +175,26 @@ impl Table {
             return Err(Full);
         }
         inner.live += 1;
-        let id = inner.next_key();
-        let idle_key = inner.next_key();
+        inner.next += 1;
+        let id = inner.next;
         let now = Instant::now();
-        let notify = Arc::new(Notify::new());
-        inner.entries.insert(
-            id,
-            Entry {
-                accepted: now,
-                busy: 0,
-                served: false,
-                idle_since: now,
-                idle_key: Some(idle_key),
-                close: None,
-                notify: Arc::clone(&notify),
-            },
-        );
-        inner.idle.insert(idle_key, id);
+        let state = Arc::new(State {
+            accepted: now,
+            busy: AtomicUsize::new(0),
+            served: AtomicBool::new(false),
+            idle_since: AtomicU64::new(self.nanos(now)),
+            idle_order: AtomicU64::new(self.idle_order.fetch_add(1, Ordering::Relaxed)),
+            close: AtomicU8::new(0),
+            notify: Notify::new(),
+        });
+        inner.entries.insert(id, Arc::clone(&state));
         let open = inner.entries.len();
         drop(inner);
         self.open.send_replace(open);
         let conn = Arc::new(Conn {
             id,
             table: Arc::clone(self),
-            notify,
+            state,
         });
         Ok((conn, evicted))
     }
@@ -166,9 +209,8 @@ impl Table {
     pub fn stop(&self) {
         let mut inner = self.inner.lock().expect("not poisoned");
         inner.stopping = true;
-        for entry in inner.entries.values_mut() {
-            entry.close.get_or_insert(Reason::Stopping);
-            entry.notify.notify_one();
+        for state in inner.entries.values() {
+            state.tell(Reason::Stopping);
         }
     }
 
@@ -193,113 +235,91 @@ impl Table {
         *self.open.borrow()
     }
 
-    fn with_entry<T>(&self, id: u64, f: impl FnOnce(&mut Inner, u64) -> T) -> T {
-        let mut inner = self.inner.lock().expect("not poisoned");
-        f(&mut inner, id)
+    fn nanos(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_nanos() as u64
     }
 }
 
 impl Inner {
-    fn next_key(&mut self) -> u64 {
-        self.next += 1;
-        self.next
-    }
-
+    /// Tells the `count` connections idle longest to close, for eviction.
     fn evict_idle(&mut self, count: usize) -> usize {
-        let mut evicted = 0;
-        while evicted < count {
-            let Some((_, id)) = self.idle.pop_first() else { break };
-            let entry = self.entries.get_mut(&id).expect("idle connections are open");
-            entry.idle_key = None;
-            entry.close = Some(Reason::Evicted);
-            entry.notify.notify_one();
-            self.live -= 1;
-            evicted += 1;
-        }
+        let mut idle: Vec<(u64, &State)> = (self.entries.values())
+            .filter(|state| state.idle())
+            .map(|state| (state.idle_order.load(Ordering::Acquire), &**state))
+            .collect();
+        idle.sort_unstable_by_key(|(order, _)| *order);
+        let evicted = (idle.into_iter().take(count))
+            .filter(|(_, state)| state.tell(Reason::Evicted))
+            .count();
+        self.live -= evicted;
         evicted
-    }
-
-    fn entry(&mut self, id: u64) -> &mut Entry {
-        self.entries
-            .get_mut(&id)
-            .expect("a connection is in the table while open")
     }
 }
 
 impl Conn {
     /// Marks a request in flight until the guard is dropped.
     pub fn request_started(self: &Arc<Self>) -> InFlight {
-        self.table.with_entry(self.id, |inner, id| {
-            let entry = inner.entry(id);
-            entry.busy += 1;
-            entry.served = true;
-            if let Some(key) = entry.idle_key.take() {
-                inner.idle.remove(&key);
-            }
-        });
+        self.state.served.store(true, Ordering::Relaxed);
+        self.state.busy.fetch_add(1, Ordering::AcqRel);
         InFlight(Arc::clone(self))
     }
 
     /// What the connection waits for now.
     pub fn wait(&self) -> Wait {
-        let timeouts = self.table.timeouts;
-        self.table.with_entry(self.id, |inner, id| {
-            let entry = inner.entry(id);
-            if let Some(reason) = entry.close {
-                return Wait::Close(reason);
+        let (state, timeouts) = (&self.state, self.table.timeouts);
+        if let Some(reason) = state.close() {
+            return Wait::Close(reason);
+        }
+        let now = Instant::now();
+        if state.busy.load(Ordering::Acquire) > 0 {
+            // It is idle at the earliest now, so its deadline is later still.
+            return Wait::Busy(now + timeouts.idle);
+        }
+        let (at, reason) = match state.served.load(Ordering::Relaxed) {
+            false => (state.accepted + timeouts.first_request, Reason::NoRequest),
+            true => {
+                let since = Duration::from_nanos(state.idle_since.load(Ordering::Relaxed));
+                (self.table.epoch + since + timeouts.idle, Reason::Idle)
             }
-            if entry.busy > 0 {
-                return Wait::Busy;
-            }
-            let (at, reason) = match entry.served {
-                false => (entry.accepted + timeouts.first_request, Reason::NoRequest),
-                true => (entry.idle_since + timeouts.idle, Reason::Idle),
-            };
-            if at <= Instant::now() {
-                entry.close = Some(reason);
-                return Wait::Close(reason);
-            }
-            Wait::Until(at, reason)
-        })
+        };
+        if at > now {
+            return Wait::Until(at, reason);
+        }
+        state.tell(reason);
+        Wait::Close(state.close().unwrap_or(reason))
     }
 
     /// Whether a request is in flight.
     pub fn busy(&self) -> bool {
-        self.table.with_entry(self.id, |inner, id| inner.entry(id).busy > 0)
+        self.state.busy.load(Ordering::Acquire) > 0
     }
 
-    /// Resolves when the connection's state changes (a request starts or
-    /// ends, or it is told to close).
+    /// Resolves when the connection is told to close, or when its last
+    /// request ends after that.
     pub async fn changed(&self) {
-        self.notify.notified().await;
+        self.state.notify.notified().await;
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let conn = &self.0;
-        conn.table.with_entry(conn.id, |inner, id| {
-            let key = inner.next_key();
-            let entry = inner.entry(id);
-            entry.busy -= 1;
-            if entry.busy == 0 && entry.close.is_none() {
-                entry.idle_since = Instant::now();
-                entry.idle_key = Some(key);
-                inner.idle.insert(key, id);
-            }
-        });
-        conn.notify.notify_one();
+        let (table, state) = (&self.0.table, &self.0.state);
+        // Before `busy` drops: whoever sees it idle sees since when.
+        state.idle_since.store(table.nanos(Instant::now()), Ordering::Relaxed);
+        let order = table.idle_order.fetch_add(1, Ordering::Relaxed);
+        state.idle_order.store(order, Ordering::Relaxed);
+        let last = state.busy.fetch_sub(1, Ordering::AcqRel) == 1;
+        if last && state.close().is_some() {
+            state.notify.notify_one();
+        }
     }
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
         let mut inner = self.table.inner.lock().expect("not poisoned");
-        let entry = inner.entries.remove(&self.id).expect("dropped once");
-        if let Some(key) = entry.idle_key {
-            inner.idle.remove(&key);
-        }
-        if entry.close != Some(Reason::Evicted) {
+        inner.entries.remove(&self.id).expect("dropped once");
+        if self.state.close() != Some(Reason::Evicted) {
             inner.live -= 1;
         }
         let open = inner.entries.len();
@@ -343,7 +363,7 @@ mod tests {
         let table = table(4);
         let (conn, _) = table.admit().unwrap();
         let busy = conn.request_started();
-        assert_eq!(conn.wait(), Wait::Busy);
+        assert!(matches!(conn.wait(), Wait::Busy(_)));
         let (other, _) = table.admit().unwrap();
         drop(busy);
         assert!(matches!(conn.wait(), Wait::Until(_, Reason::Idle)));
@@ -352,6 +372,22 @@ mod tests {
         assert_eq!(table.evict_idle(1), 1);
         assert_eq!(other.wait(), Wait::Close(Reason::Evicted));
         assert!(matches!(conn.wait(), Wait::Until(..)));
+    }
+
+    #[test]
+    fn a_connection_told_to_close_keeps_the_first_reason() {
+        let table = table(4);
+        let (conn, _) = table.admit().unwrap();
+        let busy = conn.request_started();
+        assert_eq!(table.evict_idle(1), 0, "a busy connection is not evicted");
+        table.stop();
+        assert_eq!(table.evict_idle(1), 0, "nor one told to close");
+        drop(busy);
+        assert_eq!(conn.wait(), Wait::Close(Reason::Stopping));
+        for reason in [Reason::Stopping, Reason::Evicted, Reason::NoRequest, Reason::Idle] {
+            assert_eq!(Reason::from_code(reason.code()), Some(reason));
+        }
+        assert_eq!(Reason::from_code(0), None);
     }
 
     #[test]

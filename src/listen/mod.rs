@@ -161,17 +161,17 @@ async fn drive(stream: TcpStream, peer: SocketAddr, app: Router, conn: Arc<Conn>
     let connection = builder.serve_connection(TokioIo::new(stream), service);
     let mut connection = std::pin::pin!(connection);
     let reason = loop {
-        let ended = tokio::select! {
-            ended = connection.as_mut() => Some(ended),
-            () = conn.changed() => None,
-            () = sleep_until_deadline(conn.wait()) => None,
+        let deadline = match conn.wait() {
+            Wait::Close(reason) => break reason,
+            Wait::Until(at, _) | Wait::Busy(at) => at,
         };
-        if let Some(ended) = ended {
-            log_end(peer, ended);
-            return None;
-        }
-        if let Wait::Close(reason) = conn.wait() {
-            break reason;
+        tokio::select! {
+            ended = connection.as_mut() => {
+                log_end(peer, ended);
+                return None;
+            }
+            () = conn.changed() => {}
+            () = tokio::time::sleep_until(deadline.into()) => {}
         }
     };
     connection.as_mut().graceful_shutdown();
@@ -189,15 +189,6 @@ async fn drive(stream: TcpStream, peer: SocketAddr, app: Router, conn: Arc<Conn>
         }
     }
     Some(reason)
-}
-
-/// Sleeps until the deadline of `wait`, or forever when there is none yet.
-async fn sleep_until_deadline(wait: Wait) {
-    match wait {
-        Wait::Until(at, _) => tokio::time::sleep_until(at.into()).await,
-        Wait::Close(_) => {}
-        Wait::Busy => std::future::pending().await,
-    }
 }
 
 /// One request: the app's answer, with the connection counted busy until
