@@ -259,7 +259,7 @@ async fn open(config: ServeConfig) -> anyhow::Result<AppState> {
 /// lets open requests and running builds finish, for at most `grace`.
 async fn serve_until_stopped(
     listener: tokio::net::TcpListener,
-    app: axum::Router,
+    app: server::Registry,
     state: &AppState,
     grace: std::time::Duration,
     limits: listen::Limits,

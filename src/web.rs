@@ -11,6 +11,7 @@
 //! protected pages); otherwise an error shows its packages and Nix's first
 //! error line.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use askama::Template;
@@ -37,7 +38,7 @@ pub struct Settings {
 }
 
 /// The pages' routes, for the server's router.
-pub fn routes(settings: Settings) -> Router<AppState> {
+pub fn routes(settings: Settings) -> Router<Arc<AppState>> {
     Router::new()
         .route("/", get(index))
         .route("/image/{*name}", get(image))
@@ -104,7 +105,7 @@ struct LayerView {
 
 /// `GET /`.
 async fn index(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(settings): Extension<Settings>,
     unverified: Option<Extension<Unverified>>,
     headers: HeaderMap,
@@ -168,7 +169,7 @@ async fn index(
 /// `GET /image/<name>`: the layer plan of `name:latest`, built first
 /// (as a pull would) when it is not built yet and the request may start it.
 async fn image(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(client): Extension<Client>,
     unverified: Option<Extension<Unverified>>,
     Path(name): Path<String>,

@@ -16,15 +16,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::body::Body;
-use axum::extract::ConnectInfo;
 use bytes::Bytes;
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
-use tower::ServiceExt;
 
 use crate::metrics::Metrics;
 use connections::{Conn, InFlight, Reason, Table, Timeouts, Wait};
@@ -45,6 +43,11 @@ const SEND_BUFFER: usize = 128 * 1024;
 const EVICT_ON_EXHAUSTION: usize = 16;
 /// How often accept errors are logged at most.
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What answers the requests of a connection, told whose they are.
+pub trait App: Clone + Send + Sync + 'static {
+    fn answer(&self, request: Request<Body>, peer: SocketAddr) -> impl Future<Output = Response<Body>> + Send;
+}
 
 /// Bounds on connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,7 +93,7 @@ pub fn default_max_connections(fd_limit: u64) -> usize {
 /// returns once the open ones have finished (callers bound that wait).
 pub async fn serve(
     listener: TcpListener,
-    app: Router,
+    app: impl App,
     stop: impl Future<Output = ()>,
     limits: Limits,
     metrics: Arc<Metrics>,
@@ -128,7 +131,7 @@ pub async fn serve(
 }
 
 /// Serves a new connection, or closes it at once when every place is busy.
-fn accept(table: &Arc<Table>, stream: TcpStream, peer: SocketAddr, app: &Router, metrics: &Arc<Metrics>) {
+fn accept(table: &Arc<Table>, stream: TcpStream, peer: SocketAddr, app: &impl App, metrics: &Arc<Metrics>) {
     match table.admit() {
         Ok((conn, evicted)) => {
             metrics.connections_closed(Reason::Evicted.name(), usize::from(evicted));
@@ -150,7 +153,7 @@ fn accept(table: &Arc<Table>, stream: TcpStream, peer: SocketAddr, app: &Router,
 
 /// Serves one connection until it ends or is told to close; why we closed
 /// it, when we did.
-async fn drive(stream: TcpStream, peer: SocketAddr, app: Router, conn: Arc<Conn>) -> Option<Reason> {
+async fn drive(stream: TcpStream, peer: SocketAddr, app: impl App, conn: Arc<Conn>) -> Option<Reason> {
     let service = {
         let conn = Arc::clone(&conn);
         hyper::service::service_fn(move |request| handle(request, peer, app.clone(), conn.request_started()))
@@ -194,13 +197,12 @@ async fn drive(stream: TcpStream, peer: SocketAddr, app: Router, conn: Arc<Conn>
 /// One request: the app's answer, with the connection counted busy until
 /// the answer's body has been sent (or dropped).
 async fn handle(
-    mut request: hyper::Request<Incoming>,
+    request: hyper::Request<Incoming>,
     peer: SocketAddr,
-    app: Router,
+    app: impl App,
     in_flight: InFlight,
 ) -> Result<hyper::Response<Body>, Infallible> {
-    request.extensions_mut().insert(ConnectInfo(peer));
-    let response = app.oneshot(request).await?;
+    let response = app.answer(request.map(Body::new), peer).await;
     Ok(response.map(|body| {
         Body::new(Guarded {
             body,

@@ -1,12 +1,13 @@
-//! What every request passes through, in one middleware: its id
+//! What every request passes through, in one function: its id
 //! (`x-request-id`, kept when a proxy set one) and the log span that
 //! carries it, its client (for build shares), the limit on its headers, the
 //! API version on `/v2` answers, and its count by route and status, with
 //! the bytes of manifests and blobs served.
 //!
-//! One middleware rather than a tower layer for each: a pull of a cached
-//! manifest does little else, and each layer cost it allocations and
-//! moves. Server errors, and bodies that fail while streaming, are logged
+//! One function around the router rather than a tower layer for each (or
+//! an axum middleware, which boxes and clones the routes it wraps for every
+//! request): a pull of a cached manifest does little else, and each layer
+//! cost it allocations and moves. Server errors, and bodies that fail while streaming, are logged
 //! at the default level inside the span, so they carry the request id;
 //! other answers are logged at debug.
 
@@ -17,13 +18,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body::Body as _;
+use tower::ServiceExt;
 use tracing::Instrument;
 
 use super::error::RegistryError;
@@ -35,7 +37,7 @@ use crate::metrics::Metrics;
 const MAX_HEADER_BYTES: usize = 16 * 1024;
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// What the middleware needs.
+/// What the frame needs.
 pub struct Frame {
     pub metrics: Arc<Metrics>,
     /// Whose forwarding headers say who the client is.
@@ -76,13 +78,9 @@ impl RequestIds {
     }
 }
 
-/// The middleware (see the module's comment).
-pub async fn frame(
-    State(frame): State<Arc<Frame>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    mut request: Request,
-    next: Next,
-) -> Response {
+/// A request from `peer` through the frame (see the module's comment) to
+/// `routes`.
+pub async fn frame(frame: &Frame, peer: SocketAddr, mut request: Request, routes: Router) -> Response {
     let id = match request.headers().get(REQUEST_ID) {
         Some(given) => given.clone(),
         None => {
@@ -104,7 +102,8 @@ pub async fn frame(
         None => {
             let client = frame.proxies.client(peer.ip(), request.headers());
             request.extensions_mut().insert(client);
-            next.run(request).instrument(span.clone()).await
+            let answered = routes.oneshot(request).instrument(span.clone()).await;
+            answered.unwrap_or_else(|never| match never {})
         }
     };
     let status = response.status();

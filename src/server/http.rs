@@ -9,6 +9,8 @@ use axum::body::Body;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::Response;
 
+use crate::digest::Digest;
+
 /// The digest of the manifest or blob a response carries.
 pub const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
 /// Which registry API a `/v2/` response speaks.
@@ -20,6 +22,16 @@ pub const OCI_FILTERS_APPLIED: HeaderName = HeaderName::from_static("oci-filters
 /// The strong `ETag` of content addressed by `digest`.
 pub fn etag(digest: &impl std::fmt::Display) -> String {
     format!("\"{digest}\"")
+}
+
+/// [`etag`] as a header value.
+pub fn etag_value(digest: &Digest) -> HeaderValue {
+    HeaderValue::try_from(etag(digest)).expect("a quoted digest is a header value")
+}
+
+/// A `Docker-Content-Digest` value.
+pub fn digest_value(digest: &Digest) -> HeaderValue {
+    HeaderValue::try_from(digest.to_string()).expect("a digest is a header value")
 }
 
 /// A 304 without a body in place of a 200 or 206 whose `ETag` the client

@@ -10,6 +10,7 @@ mod frame;
 mod http;
 mod registry;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -26,11 +27,13 @@ pub use registry::Route;
 use crate::app::AppState;
 use crate::auth::Auth;
 use crate::client::TrustedProxies;
+use crate::listen;
 
-/// The registry's routes, with `pages` (the web pages' routes) among them;
-/// clients are told apart by their address, or behind `trusted_proxies` by
-/// the address those forward for.
-pub fn router(state: AppState, trusted_proxies: TrustedProxies, pages: Router<AppState>) -> Router {
+/// The registry's routes, with `pages` (the web pages' routes) among them,
+/// behind the frame every request passes (`frame.rs`); clients are told
+/// apart by their address, or behind `trusted_proxies` by the address those
+/// forward for.
+pub fn router(state: AppState, trusted_proxies: TrustedProxies, pages: Router<Arc<AppState>>) -> Registry {
     let frame = Arc::new(frame::Frame {
         metrics: Arc::clone(&state.metrics),
         proxies: trusted_proxies,
@@ -48,9 +51,23 @@ pub fn router(state: AppState, trusted_proxies: TrustedProxies, pages: Router<Ap
         Some(auth) => routes.layer(axum::middleware::from_fn_with_state(Arc::clone(auth), check_access)),
         None => routes,
     };
-    routes
-        .with_state(state)
-        .layer(axum::middleware::from_fn_with_state(frame, frame::frame))
+    Registry {
+        routes: routes.with_state(Arc::new(state)),
+        frame,
+    }
+}
+
+/// The registry as the listener serves it.
+#[derive(Clone)]
+pub struct Registry {
+    routes: Router,
+    frame: Arc<frame::Frame>,
+}
+
+impl listen::App for Registry {
+    async fn answer(&self, request: Request, peer: SocketAddr) -> Response {
+        frame::frame(&self.frame, peer, request, self.routes.clone()).await
+    }
 }
 
 /// Lets a request through when it needs no credentials or shows good ones;
@@ -94,7 +111,7 @@ async fn check_access(State(auth): State<Arc<Auth>>, mut request: Request, next:
 #[derive(Clone, Copy, Debug)]
 pub struct Unverified;
 
-async fn metrics(State(state): State<AppState>) -> Response {
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         state.metrics.encode(),
@@ -104,7 +121,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 /// Ready when storage answers and Nix can reach its store (as probed in
 /// the last few seconds).
-async fn ready(State(state): State<AppState>) -> Response {
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let crate::builder::Readiness { storage, nix } = state.builder.readiness().await;
     let problem = |result: Result<(), String>| result.err().map_or(json!("ok"), |e| json!(e));
     let ok = storage.is_ok() && nix.is_ok();

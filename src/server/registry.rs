@@ -4,11 +4,13 @@
 //! tags/list with pagination, and referrers. GET and HEAD answer alike but
 //! for the body; anything else is refused.
 
+use std::sync::Arc;
+
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::Bytes;
 use serde_json::json;
 
@@ -29,7 +31,7 @@ const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
 /// `/v2/<name>/manifests/<reference>`, `/v2/<name>/blobs/<digest>`,
 /// `/v2/<name>/tags/list` and `/v2/<name>/referrers/<digest>`.
 pub async fn registry(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(client): Extension<Client>,
     Path(rest): Path<String>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
@@ -45,10 +47,10 @@ pub async fn registry(
     };
     let query = query.map(|Query(q)| q).ok();
     let response = match (kind, reference) {
-        ("manifests", _) => manifest(&state, &name, reference, headers, head, client).await,
-        ("blobs", _) => blob(&state, &name, reference, headers, head).await,
-        ("tags", "list") => tags(&state, &name, query.as_deref(), head).await,
-        ("referrers", _) => referrers(&name, reference, query.as_deref().unwrap_or_default(), head),
+        ("manifests", _) => manifest(&state, name, reference, headers, head, client).await,
+        ("blobs", _) => blob(&state, name, reference, headers, head).await,
+        ("tags", "list") => tags(&state, name, query.as_deref(), head).await,
+        ("referrers", _) => referrers(name, reference, query.as_deref().unwrap_or_default(), head),
         _ => Err(RegistryError::unknown_route()),
     }?;
     Ok(http::not_modified_if_current(headers, response))
@@ -58,22 +60,16 @@ pub async fn registry(
 /// more components (`shell/git/manifests/latest`, `a/tags/list`).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Route<'a> {
-    pub name: String,
+    pub name: &'a str,
     pub kind: &'a str,
     pub reference: &'a str,
 }
 
 impl<'a> Route<'a> {
     pub fn parse(rest: &'a str) -> Option<Self> {
-        let mut parts: Vec<&str> = rest.split('/').collect();
-        match (parts.pop(), parts.pop()) {
-            (Some(reference), Some(kind)) if !parts.is_empty() => Some(Route {
-                name: parts.join("/"),
-                kind,
-                reference,
-            }),
-            _ => None,
-        }
+        let (rest, reference) = rest.rsplit_once('/')?;
+        let (name, kind) = rest.rsplit_once('/')?;
+        Some(Route { name, kind, reference })
     }
 }
 
@@ -159,13 +155,17 @@ fn manifest_response(media_type: &str, digest: &Digest, body: ManifestBody) -> R
         ManifestBody::Get(bytes) => (bytes.len() as u64, Body::from(bytes)),
         ManifestBody::Head(length) => (length, Body::empty()),
     };
-    let headers = [
-        (header::CONTENT_TYPE, media_type.to_owned()),
-        (header::CONTENT_LENGTH, length.to_string()),
-        (DOCKER_CONTENT_DIGEST, digest.to_string()),
-        (header::ETAG, http::etag(digest)),
-    ];
-    (headers, body).into_response()
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    // Room for these, `Vary` and the frame's two, without growing.
+    headers.reserve(8);
+    if let Ok(media_type) = HeaderValue::from_str(media_type) {
+        headers.insert(header::CONTENT_TYPE, media_type);
+    }
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    headers.insert(DOCKER_CONTENT_DIGEST, http::digest_value(digest));
+    headers.insert(header::ETAG, http::etag_value(digest));
+    response
 }
 
 /// `GET /v2/<name>/tags/list[?n=&last=]`: the tags the package source can

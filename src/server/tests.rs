@@ -8,12 +8,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::listen::App;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::ConnectInfo;
 use axum::http::{HeaderMap, Request, StatusCode};
 use bytes::Bytes;
-use tower::ServiceExt;
 
 use super::*;
 use crate::activity::Activity;
@@ -35,7 +34,7 @@ use crate::storage::{Backend, Storage, StorageConfig};
 /// A router over memory storage where `hello:latest` is built already,
 /// with `pages` among its routes.
 pub(crate) struct Served {
-    app: Router,
+    app: super::Registry,
     state: AppState,
     manifest: oci::Document,
     layer: Bytes,
@@ -62,7 +61,7 @@ impl Answer {
     }
 }
 
-pub(crate) async fn served(auth: Option<Auth>, pages: Router<AppState>) -> Served {
+pub(crate) async fn served(auth: Option<Auth>, pages: Router<Arc<AppState>>) -> Served {
     let dir = tempfile::tempdir().unwrap();
     let pkgs = dir.path().join("pkgs");
     std::fs::create_dir(&pkgs).unwrap();
@@ -164,11 +163,9 @@ impl Served {
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        let mut request = request.body(Body::empty()).unwrap();
-        request
-            .extensions_mut()
-            .insert(ConnectInfo(SocketAddr::from(([192, 0, 2, 1], 40000))));
-        let response = self.app.clone().oneshot(request).await.unwrap();
+        let request = request.body(Body::empty()).unwrap();
+        let peer = SocketAddr::from(([192, 0, 2, 1], 40000));
+        let response = self.app.answer(request, peer).await;
         let (parts, body) = response.into_parts();
         let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
         Answer {
