@@ -91,7 +91,7 @@ pub async fn frame(frame: &Frame, peer: SocketAddr, mut request: Request, routes
     };
     // The id alone: fields are formatted when the span is made, for every
     // request; the method and path go on the lines that are logged.
-    let span = tracing::info_span!("request", id = id.to_str().unwrap_or("-"));
+    let span = tracing::info_span!("request", id = %id.to_str().unwrap_or("-"));
     let asked = (request.method().clone(), request.uri().clone());
     let started = Instant::now();
     let path = request.uri().path();

@@ -20,8 +20,12 @@ pub const API_VERSION_VALUE: HeaderValue = HeaderValue::from_static("registry/2.
 pub const OCI_FILTERS_APPLIED: HeaderName = HeaderName::from_static("oci-filters-applied");
 
 /// The strong `ETag` of content addressed by `digest`.
-pub fn etag(digest: &impl std::fmt::Display) -> String {
-    format!("\"{digest}\"")
+pub fn etag(digest: &Digest) -> String {
+    let mut etag = String::with_capacity(digest.as_str().len() + 2);
+    for part in ["\"", digest.as_str(), "\""] {
+        etag.push_str(part);
+    }
+    etag
 }
 
 /// [`etag`] as a header value.
@@ -31,7 +35,7 @@ pub fn etag_value(digest: &Digest) -> HeaderValue {
 
 /// A `Docker-Content-Digest` value.
 pub fn digest_value(digest: &Digest) -> HeaderValue {
-    HeaderValue::try_from(digest.to_string()).expect("a digest is a header value")
+    HeaderValue::from_str(digest.as_str()).expect("a digest is a header value")
 }
 
 /// A 304 without a body in place of a 200 or 206 whose `ETag` the client
