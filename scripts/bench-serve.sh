@@ -3,6 +3,10 @@
 # with filesystem storage and nginx (Debian nginx-light, sendfile on, access
 # log off, started here on loopback with its own configuration) serving the
 # same storage folder, in the same run, on the same cores as wrk (2 threads).
+# nginx listens with `reuseport`, so that the kernel spreads connections over
+# its two workers as tokio spreads them over its two threads: without it,
+# whichever worker wins the accept race takes most of them, and the same
+# manifest case measured anywhere from 113k to 167k req/s from run to run.
 # The image is `shell/gcc` of the Debian package set, whose gcc layer is
 # over 16 MiB; nixery builds it first (Nix realises it once, a minute or so).
 #
@@ -101,7 +105,7 @@ http {
   uwsgi_temp_path $work/nginx/uwsgi;
   scgi_temp_path $work/nginx/scgi;
   server {
-    listen 127.0.0.1:$port;
+    listen 127.0.0.1:$port reuseport;
     root $work/storage;
   }
 }
@@ -210,6 +214,7 @@ if [[ -x $tools/weed ]]; then
     -s3 -s3.port="${ports[6]}" -s3.port.grpc="${ports[7]}" -s3.localSocket="$work/weed/s3.sock" \
     -s3.port.iceberg=0 -s3.port.lance=0 > "$work/weed/out" 2>&1 &
   weed_pid=$!
+  disown "$weed_pid" # killed with -9 at the end, without a word from bash
   s3=http://127.0.0.1:${ports[6]}
   until curl -fs -X PUT "$s3/bench" > /dev/null 2>&1; do sleep 0.2; done
   until curl -fs -X PUT --data x "$s3/bench/probe" > /dev/null 2>&1; do sleep 0.2; done
