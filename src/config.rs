@@ -268,6 +268,11 @@ pub struct ServeArgs {
     /// Seconds open requests and builds may take to finish after SIGTERM.
     #[arg(long, env = "NIXERY_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     shutdown_timeout: u64,
+    /// Seconds between writes of the images pulled since the last one (each
+    /// image's last-pull time, for retention).
+    #[arg(long, env = "NIXERY_PULL_RECORD_INTERVAL", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pull_record_interval: u64,
     /// Log format.
     #[arg(long, env = "NIXERY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -366,6 +371,8 @@ pub struct ServeConfig {
     pub meta_packages: MetaPackages,
     pub entrypoint: bool,
     pub shutdown_timeout: Duration,
+    /// How often the images pulled since are written down.
+    pub pull_record_interval: Duration,
     pub max_packages: usize,
     pub builds_per_client: usize,
     pub header_timeout: Duration,
@@ -421,6 +428,7 @@ impl ServeArgs {
             meta_packages,
             entrypoint: self.entrypoint,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
+            pull_record_interval: Duration::from_secs(self.pull_record_interval),
             max_packages: self.max_packages.into(),
             builds_per_client: self.client_builds.into(),
             header_timeout: Duration::from_secs(self.header_timeout),

@@ -24,6 +24,7 @@ pub mod negotiate;
 pub mod nix;
 pub mod oci;
 pub mod programs;
+pub mod pulls;
 pub mod redact;
 pub mod reference;
 pub mod server;

@@ -20,6 +20,7 @@ use nixery::negotiate::Choice;
 use nixery::nix::Nix;
 use nixery::oci::Format;
 use nixery::programs::Programs;
+use nixery::pulls::Pulls;
 use nixery::redact;
 use nixery::server;
 use nixery::source::LATEST;
@@ -108,6 +109,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             .unwrap_or_else(|| listen::default_max_connections(fd_limit)),
     };
     let (address, grace) = (config.listen, config.shutdown_timeout);
+    let pull_record_interval = config.pull_record_interval;
     let (proxies, pages) = (config.trusted_proxies.clone(), config.web);
     let state = open(config).await?;
     let listener = tokio::net::TcpListener::bind(address)
@@ -119,7 +121,27 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         "nixery is serving on http://{address}\n  pull an image: skopeo copy --src-tls-verify=false docker://{address}/shell/hello oci:hello:latest\n  or:            docker pull {address}/shell/hello"
     );
     let app = server::router(state.clone(), proxies, web::routes(pages));
-    serve_until_stopped(listener, app, &state, grace, limits).await
+    let recorder = tokio::spawn(record_pulls(Arc::clone(state.builder.pulls()), pull_record_interval));
+    let served = serve_until_stopped(listener, app, &state, grace, limits).await;
+    recorder.abort();
+    flush_pulls(state.builder.pulls()).await;
+    served
+}
+
+/// Writes the images pulled since the last time, once per `interval`.
+async fn record_pulls(pulls: Arc<Pulls>, interval: std::time::Duration) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    loop {
+        ticks.tick().await;
+        flush_pulls(&pulls).await;
+    }
+}
+
+async fn flush_pulls(pulls: &Pulls) {
+    match pulls.flush().await {
+        Ok(written) => tracing::debug!(written, "recorded the images pulled"),
+        Err(error) => tracing::warn!(%error, "could not record the images pulled; trying again later"),
+    }
 }
 
 /// `nixery build`: the image built as the registry would build it, then

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use crate::cache::ManifestRecord;
+use crate::pulls::Mark;
 
 /// Answers kept at most.
 const MAX_ANSWERS: usize = 10_000;
@@ -47,9 +48,9 @@ pub struct Answer {
     pub revision: String,
     /// The manifest or index.
     pub record: ManifestRecord,
-    /// Image records it stands for (one per architecture), for the cache
-    /// metrics.
-    pub lookups: usize,
+    /// The last-pull marks of the image records it stands for (one per
+    /// architecture); each counts as a cache hit too.
+    pub marks: Vec<Arc<Mark>>,
 }
 
 /// The answers remembered.
@@ -94,7 +95,7 @@ mod tests {
                 media_type: "m".into(),
                 size: 1,
             },
-            lookups: 1,
+            marks: vec![],
         }
     }
 

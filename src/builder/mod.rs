@@ -35,6 +35,7 @@ use crate::metrics::{CacheKind, Metrics};
 use crate::negotiate::Choice;
 use crate::nix::{Nix, NixError};
 use crate::oci::{self, Format, IndexEntry, OciError};
+use crate::pulls::{Mark, Pulls};
 use crate::redact;
 use crate::source::{PackageSource, Resolved, SourceError};
 use crate::storage::{Storage, StorageError};
@@ -138,6 +139,8 @@ pub struct Builder {
     flights: Flights<BuildResult<Built>>,
     readiness: Fresh<Readiness, std::convert::Infallible>,
     answers: Answers,
+    /// When each image was last pulled or built.
+    pulls: Arc<Pulls>,
 }
 
 /// What the readiness probe found: each part's problem, if it has one.
@@ -181,7 +184,7 @@ impl Builder {
         let pipeline = Pipeline {
             nix: parts.nix,
             caches: Caches::new(parts.storage.clone()),
-            storage: parts.storage,
+            storage: parts.storage.clone(),
             popularity: parts.popularity,
             learned: parts.learned,
             settings,
@@ -194,6 +197,7 @@ impl Builder {
             flights,
             readiness: Fresh::new(READINESS_TTL, READINESS_STALE),
             answers: Answers::default(),
+            pulls: Arc::new(Pulls::new(parts.storage)),
         })
     }
 
@@ -246,8 +250,9 @@ impl Builder {
         let resolved = self.revision(&request.tag).await.map_err(Arc::new)?;
         let architectures = self.architectures(request);
         let format = choice.format;
-        let record = if !choice.index {
-            self.image(request, architectures[0], &resolved, format, client).await?
+        let (record, marks) = if !choice.index {
+            let (record, mark) = self.image(request, architectures[0], &resolved, format, client).await?;
+            (record, vec![mark])
         } else {
             let manifests = futures::future::try_join_all(
                 architectures
@@ -255,6 +260,7 @@ impl Builder {
                     .map(|&arch| self.image(request, arch, &resolved, format, client)),
             )
             .await?;
+            let (manifests, marks): (Vec<_>, Vec<_>) = manifests.into_iter().unzip();
             let entries: Vec<IndexEntry> = architectures
                 .iter()
                 .zip(manifests)
@@ -264,18 +270,22 @@ impl Builder {
                     size: manifest.size,
                 })
                 .collect();
-            self.index(choice.format, &entries).await.map_err(Arc::new)?
+            (self.index(choice.format, &entries).await.map_err(Arc::new)?, marks)
         };
         if let (Some(question), Some(revision)) = (question, resolved.revision) {
-            let lookups = if choice.index { architectures.len() } else { 1 };
             let answer = Answer {
                 revision,
                 record: record.clone(),
-                lookups,
+                marks,
             };
             self.answers.put(question.clone(), answer);
         }
         Ok(record)
+    }
+
+    /// When each image was last pulled or built.
+    pub fn pulls(&self) -> &Arc<Pulls> {
+        &self.pulls
     }
 
     /// What `question` was answered with, if it was, and the tag still
@@ -290,7 +300,8 @@ impl Builder {
             true => Some(self.document(&answer.record.digest).await.ok()??),
             false => None,
         };
-        for _ in 0..answer.lookups {
+        for mark in &answer.marks {
+            mark.pulled();
             self.pipeline.metrics.cache(CacheKind::Manifest, true);
         }
         Some((answer.record.clone(), document))
@@ -354,9 +365,10 @@ impl Builder {
         resolved: &Resolved,
         format: Format,
         client: Option<Client>,
-    ) -> BuildResult<ManifestRecord> {
+    ) -> BuildResult<(ManifestRecord, Arc<Mark>)> {
         let compression = self.pipeline.settings.compression(format);
         let key = self.image_key(request, arch, resolved.revision.as_deref(), compression);
+        let mark = self.pulls.mark(&key);
         let cached = match resolved.revision.is_some() {
             true => self.pipeline.caches.image(&key).await.map_err(|e| Arc::new(e.into()))?,
             false => None,
@@ -365,15 +377,13 @@ impl Builder {
         self.pipeline.metrics.cache(CacheKind::Manifest, hit.is_some());
         if let Some(manifest) = hit {
             tracing::debug!(image = %request, arch = arch.oci_name(), "image cache hit");
-            return Ok(manifest.clone());
+            mark.pulled();
+            return Ok((manifest.clone(), mark));
         }
         let job = Self::job(&key, request, arch, resolved.clone(), compression);
         let built = self.join_build(&key, job, client).await?;
-        Ok(built
-            .record
-            .manifest(format)
-            .expect("a build makes every format of its layer set")
-            .clone())
+        let manifest = (built.record.manifest(format)).expect("a build makes every format of its layer set");
+        Ok((manifest.clone(), mark))
     }
 
     /// Stores the index over `entries` once and returns its record.
@@ -444,15 +454,21 @@ impl Builder {
     /// Waits for the build of `key`, starting it if none is running (and
     /// `client` may start one).
     async fn join_build(&self, key: &str, job: BuildJob, client: Option<Client>) -> BuildResult<Built> {
-        let pipeline = Arc::clone(&self.pipeline);
+        let (pipeline, pulls) = (Arc::clone(&self.pipeline), Arc::clone(&self.pulls));
         let start = move || {
             pipeline.metrics.build_started();
             async move {
                 let result = pipeline.build(&job).await.map_err(Arc::new);
                 trim_heap();
                 pipeline.metrics.build_ended(result.is_ok());
-                if let Err(error) = &result {
-                    note_failure(&pipeline.activity, &job, error);
+                match (&result, &job.cache_key) {
+                    (Err(error), _) => note_failure(&pipeline.activity, &job, error),
+                    (Ok(_), Some(key)) => {
+                        if let Err(error) = pulls.built(key).await {
+                            tracing::warn!(%error, "could not record when an image was built");
+                        }
+                    }
+                    (Ok(_), None) => {}
                 }
                 result
             }
