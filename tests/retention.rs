@@ -52,18 +52,24 @@ fn built_image(registry: &Registry) -> String {
     records[0].0.clone()
 }
 
+/// Sets the image's record long ago, then pulls it `times`; when.
+fn age_then_pull(registry: &Registry, key: &str, times: usize) -> u64 {
+    set_pulled(&registry.storage(), key, LONG_AGO);
+    // The last write was in an earlier second than these pulls.
+    std::thread::sleep(Duration::from_millis(1100));
+    let pulled = now();
+    for _ in 0..times {
+        assert_eq!(registry.get(HELLO).status, 200);
+    }
+    pulled
+}
+
 #[test]
 fn pulls_are_recorded_in_batches_not_one_write_each() {
     let registry = Registry::start_with(&[("NIXERY_PULL_RECORD_INTERVAL", "2")]);
     let storage = registry.storage();
     let key = built_image(&registry);
-    set_pulled(&storage, &key, LONG_AGO);
-    // The last write was in an earlier second than these pulls.
-    std::thread::sleep(Duration::from_millis(1100));
-    let pulled = now();
-    for _ in 0..20 {
-        assert_eq!(registry.get(HELLO).status, 200);
-    }
+    let pulled = age_then_pull(&registry, &key, 20);
     let deadline = Instant::now() + Duration::from_secs(10);
     while records(&storage)[0].1 == LONG_AGO {
         assert!(Instant::now() < deadline, "the pulls were never recorded");
@@ -78,12 +84,7 @@ fn a_pull_writes_nothing_itself_and_a_stop_writes_what_was_pulled() {
     let mut registry = Registry::start();
     let storage = registry.storage();
     let key = built_image(&registry);
-    set_pulled(&storage, &key, LONG_AGO);
-    std::thread::sleep(Duration::from_millis(1100));
-    let pulled = now();
-    for _ in 0..5 {
-        assert_eq!(registry.get(HELLO).status, 200);
-    }
+    let pulled = age_then_pull(&registry, &key, 5);
     assert_eq!(
         records(&storage),
         [(key.clone(), LONG_AGO)],
