@@ -7,9 +7,9 @@
 //! One function around the router rather than a tower layer for each (or
 //! an axum middleware, which boxes and clones the routes it wraps for every
 //! request): a pull of a cached manifest does little else, and each layer
-//! cost it allocations and moves. Server errors, and bodies that fail while streaming, are logged
-//! at the default level inside the span, so they carry the request id;
-//! other answers are logged at debug.
+//! cost it allocations and moves. Server errors, and bodies that fail while
+//! streaming, are logged at the default level inside the span, so they
+//! carry the request id; other answers are logged at debug.
 
 use std::net::SocketAddr;
 use std::pin::Pin;

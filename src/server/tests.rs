@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::listen::App;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
@@ -23,6 +22,7 @@ use crate::cache::{ImageRecord, ManifestRecord};
 use crate::digest::Digest;
 use crate::image::ImageRequest;
 use crate::layers::Popularity;
+use crate::listen::App;
 use crate::meta::MetaPackages;
 use crate::metrics::Metrics;
 use crate::nix::Nix;
