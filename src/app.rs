@@ -9,6 +9,7 @@ use crate::auth::Auth;
 use crate::builder::Builder;
 use crate::meta::MetaPackages;
 use crate::metrics::Metrics;
+use crate::retention::Status;
 use crate::source::PackageSource;
 use crate::storage::Storage;
 
@@ -24,6 +25,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Recent builds and failures, for the landing page.
     pub activity: Arc<Activity>,
+    /// Storage use and the last garbage collection, as last measured.
+    pub storage_use: Status,
     /// The package set: its tags and what they resolve to.
     pub source: Arc<PackageSource>,
     /// What leading image name components stand for.

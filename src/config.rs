@@ -45,6 +45,10 @@ pub enum Command {
     /// Build one image without serving it, and write it to a folder (an OCI
     /// image layout) or a file (a docker-archive for `docker load`).
     Build(Box<BuildArgs>),
+    /// Delete what no recently pulled image needs: the records of images
+    /// not pulled within `--keep-pulled-within` (or beyond `--max-bytes`),
+    /// then the blobs nothing kept reaches. Safe while replicas serve.
+    Gc(Box<GcArgs>),
     /// Print, as JSON, how a strategy groups a runtime graph into layers
     /// (the registry's own code); `{"layers":[{"paths":[…],"size":N}]}` in
     /// manifest order.
@@ -69,6 +73,80 @@ pub struct LayersArgs {
     /// registry's always-added packages).
     #[arg(long, value_delimiter = ',', default_value = "nss-cacert,iana-etc")]
     pub base: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Print what would be dropped, and the bytes; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// The registry's settings: storage, and retention.
+    #[command(flatten)]
+    pub registry: ServeArgs,
+}
+
+impl GcArgs {
+    pub fn check(self) -> Result<(ServeConfig, crate::retention::Options), ConfigError> {
+        let config = self.registry.check()?;
+        let options = crate::retention::Options {
+            dry_run: self.dry_run,
+            ..config.retention.clone()
+        };
+        Ok((config, options))
+    }
+}
+
+/// What retention keeps, for `gc` and for `serve`'s own collections.
+#[derive(Debug, Args)]
+struct RetentionArgs {
+    /// Keep images pulled or built within this long (`30d`, `12h`).
+    #[arg(long, env = "NIXERY_GC_KEEP_PULLED_WITHIN", default_value = "30d", value_parser = humantime::parse_duration)]
+    keep_pulled_within: Duration,
+    /// Keep at most this many bytes of blobs (`500GiB`, `10GB`, bytes):
+    /// beyond it, the least recently pulled images are dropped first.
+    #[arg(long, env = "NIXERY_GC_MAX_BYTES", value_parser = parse_size)]
+    max_bytes: Option<u64>,
+    /// Never delete a blob younger than this.
+    #[arg(long, env = "NIXERY_GC_GRACE", default_value = "1h", value_parser = humantime::parse_duration)]
+    grace: Duration,
+    /// Run a garbage collection this often inside `serve` (`24h`); one
+    /// replica at a time. Off unless set.
+    #[arg(long, env = "NIXERY_GC_INTERVAL", value_parser = humantime::parse_duration)]
+    gc_interval: Option<Duration>,
+    /// Seconds a replica's lease (on an image it builds, or on a garbage
+    /// collection) lasts unless its holder renews it: how long the others
+    /// wait for a replica that died before one of them takes over.
+    #[arg(long, env = "NIXERY_LEASE_TTL", default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..))]
+    lease_ttl: u64,
+}
+
+/// A size in bytes: a number with an optional unit, `K`/`M`/`G`/`T` with
+/// `B` (powers of 1000) or `iB` (powers of 1024).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().map_err(|_| format!("{text:?} is not a size"))?;
+    let power = |p: i32, base: f64| base.powi(p);
+    let factor = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => power(1, 1000.0),
+        "m" | "mb" => power(2, 1000.0),
+        "g" | "gb" => power(3, 1000.0),
+        "t" | "tb" => power(4, 1000.0),
+        "kib" => power(1, 1024.0),
+        "mib" => power(2, 1024.0),
+        "gib" => power(3, 1024.0),
+        "tib" => power(4, 1024.0),
+        _ => {
+            return Err(format!(
+                "{text:?}: the unit must be B, KB, MB, GB, TB, KiB, MiB, GiB or TiB"
+            ));
+        }
+    };
+    Ok((number * factor) as u64)
 }
 
 #[derive(Debug, Args)]
@@ -273,6 +351,8 @@ pub struct ServeArgs {
     #[arg(long, env = "NIXERY_PULL_RECORD_INTERVAL", default_value_t = 3600,
           value_parser = clap::value_parser!(u64).range(1..))]
     pull_record_interval: u64,
+    #[command(flatten)]
+    retention: RetentionArgs,
     /// Log format.
     #[arg(long, env = "NIXERY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -373,6 +453,12 @@ pub struct ServeConfig {
     pub shutdown_timeout: Duration,
     /// How often the images pulled since are written down.
     pub pull_record_interval: Duration,
+    /// What garbage collections keep.
+    pub retention: crate::retention::Options,
+    /// How often `serve` collects garbage; `None`: never.
+    pub gc_interval: Option<Duration>,
+    /// How long a lease lasts unless renewed.
+    pub lease_ttl: Duration,
     pub max_packages: usize,
     pub builds_per_client: usize,
     pub header_timeout: Duration,
@@ -429,6 +515,15 @@ impl ServeArgs {
             entrypoint: self.entrypoint,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
             pull_record_interval: Duration::from_secs(self.pull_record_interval),
+            retention: crate::retention::Options {
+                keep_pulled_within: self.retention.keep_pulled_within,
+                max_bytes: self.retention.max_bytes,
+                grace: self.retention.grace,
+                dry_run: false,
+                lease_ttl: Duration::from_secs(self.retention.lease_ttl),
+            },
+            gc_interval: self.retention.gc_interval,
+            lease_ttl: Duration::from_secs(self.retention.lease_ttl),
             max_packages: self.max_packages.into(),
             builds_per_client: self.client_builds.into(),
             header_timeout: Duration::from_secs(self.header_timeout),
@@ -583,6 +678,30 @@ mod tests {
             Command::Serve(args) => Ok(*args),
             _ => unreachable!("serve was asked for"),
         }
+    }
+
+    #[test]
+    fn retention_reads_durations_and_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let pkgs = dir.path().display().to_string();
+        let base = ["--pkgs-path", &pkgs, "--storage-path", "/tmp/x"];
+        let config = args(&base).unwrap().check().unwrap();
+        assert_eq!(config.retention.keep_pulled_within, Duration::from_secs(30 * 86400));
+        assert_eq!(config.retention.grace, Duration::from_secs(3600));
+        assert_eq!((config.retention.max_bytes, config.gc_interval), (None, None));
+        let more = [
+            &base[..],
+            &["--max-bytes", "2GiB", "--gc-interval", "12h", "--grace", "10m"],
+        ]
+        .concat();
+        let config = args(&more).unwrap().check().unwrap();
+        assert_eq!(config.retention.max_bytes, Some(2 << 30));
+        assert_eq!(config.gc_interval, Some(Duration::from_secs(12 * 3600)));
+        assert_eq!(config.retention.grace, Duration::from_secs(600));
+        assert_eq!(parse_size("1.5 GB"), Ok(1_500_000_000));
+        assert_eq!(parse_size("512"), Ok(512));
+        assert!(parse_size("5 apples").is_err());
+        assert!(args(&[&base[..], &["--max-bytes", "lots"]].concat()).is_err());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The `nixery` command: reads the configuration, wires the modules
 //! together and serves the registry until SIGINT or SIGTERM, then lets open
-//! requests and builds finish.
+//! requests and builds finish; or builds one image, or collects garbage.
 
 use std::sync::Arc;
 
@@ -14,6 +14,7 @@ use nixery::export::{self, OutputFormat};
 use nixery::image::ImageRequest;
 use nixery::layers::{self, Popularity, RuntimeGraph};
 use nixery::learning::Learned;
+use nixery::leases::Leases;
 use nixery::listen;
 use nixery::metrics::Metrics;
 use nixery::negotiate::Choice;
@@ -22,6 +23,7 @@ use nixery::oci::Format;
 use nixery::programs::Programs;
 use nixery::pulls::Pulls;
 use nixery::redact;
+use nixery::retention::{self, Outcome};
 use nixery::server;
 use nixery::source::LATEST;
 use nixery::storage::Storage;
@@ -53,8 +55,29 @@ async fn run(command: Command) -> anyhow::Result<()> {
             init_logging(format, "warn", &config);
             build(config, &image, &output, output_format).await
         }
+        Command::Gc(args) => {
+            let format = args.registry.log_format;
+            let (config, options) = args.check()?;
+            init_logging(format, "warn", &config);
+            gc(config, &options).await
+        }
         Command::Layers(args) => print_layers(args),
     }
+}
+
+/// `nixery gc`: one collection, each step's figures on stdout, and last a
+/// machine-readable line.
+async fn gc(config: ServeConfig, options: &retention::Options) -> anyhow::Result<()> {
+    let storage = Storage::open(&config.storage)
+        .await
+        .with_context(|| format!("cannot use the {} storage backend", config.storage.backend.name()))?;
+    let leases = Leases::new(storage.clone());
+    let say = |line: &str| println!("{line}");
+    match retention::collect(&storage, &leases, options, &say).await? {
+        Outcome::Done(report) => println!("{}", report.line()),
+        Outcome::Busy { holder } => println!("gc busy: another collection holds the lease ({holder})"),
+    }
+    Ok(())
 }
 
 /// `nixery layers`: a graph file's layer plan as JSON on stdout.
@@ -110,6 +133,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     };
     let (address, grace) = (config.listen, config.shutdown_timeout);
     let pull_record_interval = config.pull_record_interval;
+    let retention = config.gc_interval.map(|interval| (interval, config.retention.clone()));
     let (proxies, pages) = (config.trusted_proxies.clone(), config.web);
     let state = open(config).await?;
     let listener = tokio::net::TcpListener::bind(address)
@@ -122,8 +146,10 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     );
     let app = server::router(state.clone(), proxies, web::routes(pages));
     let recorder = tokio::spawn(record_pulls(Arc::clone(state.builder.pulls()), pull_record_interval));
+    let upkeep = tokio::spawn(upkeep(state.clone(), pull_record_interval, retention));
     let served = serve_until_stopped(listener, app, &state, grace, limits).await;
     recorder.abort();
+    upkeep.abort();
     flush_pulls(state.builder.pulls()).await;
     served
 }
@@ -141,6 +167,49 @@ async fn flush_pulls(pulls: &Pulls) {
     match pulls.flush().await {
         Ok(written) => tracing::debug!(written, "recorded the images pulled"),
         Err(error) => tracing::warn!(%error, "could not record the images pulled; trying again later"),
+    }
+}
+
+/// Measures storage at start and every `measure_every`; with a GC
+/// interval, collects garbage that often too (when no other replica does).
+async fn upkeep(
+    state: AppState,
+    measure_every: std::time::Duration,
+    gc: Option<(std::time::Duration, retention::Options)>,
+) {
+    let measure = || async {
+        if let Err(error) = state.storage_use.measure(&state.storage, &state.metrics).await {
+            tracing::warn!(%error, "could not measure storage");
+        }
+    };
+    measure().await;
+    let gc_every = gc.as_ref().map(|(interval, _)| *interval);
+    let start = tokio::time::Instant::now();
+    let mut measures = tokio::time::interval_at(start + measure_every, measure_every);
+    let never = std::time::Duration::from_secs(u32::MAX.into());
+    let mut collections = tokio::time::interval_at(start + gc_every.unwrap_or(never), gc_every.unwrap_or(never));
+    loop {
+        tokio::select! {
+            _ = measures.tick() => measure().await,
+            _ = collections.tick() => {
+                if let Some((_, options)) = &gc {
+                    collect_garbage(&state, options).await;
+                    measure().await;
+                }
+            }
+        }
+    }
+}
+
+/// One collection inside `serve`, after writing this replica's pulls.
+async fn collect_garbage(state: &AppState, options: &retention::Options) {
+    flush_pulls(state.builder.pulls()).await;
+    let leases = Leases::new((*state.storage).clone());
+    let say = |line: &str| tracing::info!("{line}");
+    match retention::collect(&state.storage, &leases, options, &say).await {
+        Ok(Outcome::Done(report)) => tracing::info!(report = %report.line(), "garbage collected"),
+        Ok(Outcome::Busy { holder }) => tracing::info!(%holder, "another replica is collecting garbage"),
+        Err(error) => tracing::warn!(%error, "garbage collection failed; it runs again at the next interval"),
     }
 }
 
@@ -252,6 +321,7 @@ async fn open(config: ServeConfig) -> anyhow::Result<AppState> {
         entrypoint: config.entrypoint,
         max_packages: config.max_packages,
         builds_per_client: config.builds_per_client,
+        lease_ttl: config.lease_ttl,
     };
     let metrics = Arc::new(Metrics::default());
     let activity = Arc::new(Activity::default());
@@ -271,6 +341,7 @@ async fn open(config: ServeConfig) -> anyhow::Result<AppState> {
         storage: Arc::new(storage),
         metrics,
         activity,
+        storage_use: retention::Status::default(),
         source,
         meta_packages: Arc::new(config.meta_packages),
         auth: config.auth,

@@ -75,6 +75,13 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     connections_open: Gauge,
     connections_closed: Family<ReasonLabel, Counter>,
+    storage_bytes: Gauge,
+    storage_objects: Gauge,
+    gc_last_run: Gauge,
+    gc_last_deleted_bytes: Gauge,
+    gc_last_deleted_objects: Gauge,
+    lease_waits: Counter,
+    lease_takeovers: Counter,
 }
 
 impl Default for Metrics {
@@ -92,6 +99,13 @@ impl Default for Metrics {
             requests: Family::default(),
             connections_open: Gauge::default(),
             connections_closed: Family::default(),
+            storage_bytes: Gauge::default(),
+            storage_objects: Gauge::default(),
+            gc_last_run: Gauge::default(),
+            gc_last_deleted_bytes: Gauge::default(),
+            gc_last_deleted_objects: Gauge::default(),
+            lease_waits: Counter::default(),
+            lease_takeovers: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("builds_started", "Image builds started", metrics.builds_started.clone());
@@ -140,6 +154,41 @@ impl Default for Metrics {
             "connections_closed",
             "Client connections the registry closed, by reason (no_request, idle, evicted, refused, stopping)",
             metrics.connections_closed.clone(),
+        );
+        registry.register(
+            "storage_bytes",
+            "Bytes in storage, as last measured",
+            metrics.storage_bytes.clone(),
+        );
+        registry.register(
+            "storage_objects",
+            "Objects in storage, as last measured",
+            metrics.storage_objects.clone(),
+        );
+        registry.register(
+            "gc_last_run_timestamp_seconds",
+            "When the last garbage collection of this storage ended (by any replica)",
+            metrics.gc_last_run.clone(),
+        );
+        registry.register(
+            "gc_last_deleted_bytes",
+            "Bytes of blobs the last garbage collection deleted",
+            metrics.gc_last_deleted_bytes.clone(),
+        );
+        registry.register(
+            "gc_last_deleted_objects",
+            "Objects (blobs and records) the last garbage collection deleted",
+            metrics.gc_last_deleted_objects.clone(),
+        );
+        registry.register(
+            "build_lease_waits",
+            "Builds that waited for another replica holding the image's lease",
+            metrics.lease_waits.clone(),
+        );
+        registry.register(
+            "build_lease_takeovers",
+            "Build leases taken over after their holder let them expire",
+            metrics.lease_takeovers.clone(),
         );
         Metrics { registry, ..metrics }
     }
@@ -205,6 +254,27 @@ impl Metrics {
                 .get_or_create(&ReasonLabel { reason })
                 .inc_by(count as u64);
         }
+    }
+
+    /// Storage as last measured, and its last garbage collection.
+    pub fn storage(&self, measured: &crate::retention::StorageUse) {
+        self.storage_bytes.set(measured.bytes as i64);
+        self.storage_objects.set(measured.objects as i64);
+        if let Some(gc) = &measured.last_gc {
+            self.gc_last_run.set(gc.at as i64);
+            self.gc_last_deleted_bytes.set(gc.deleted_bytes as i64);
+            self.gc_last_deleted_objects.set(gc.deleted_objects as i64);
+        }
+    }
+
+    /// A build waited for another replica's lease on its image.
+    pub fn lease_wait(&self) {
+        self.lease_waits.inc();
+    }
+
+    /// A build took over a lease whose holder let it expire.
+    pub fn lease_takeover(&self) {
+        self.lease_takeovers.inc();
     }
 
     pub fn encode(&self) -> String {

@@ -1,7 +1,8 @@
 //! The web pages, rendered on the server from escaped templates
 //! (`templates/`, askama) with no assets from elsewhere: the landing page
 //! (how to pull from this host, the package set and its revision, the
-//! meta-packages, recent builds and errors) and an image's page (its layer
+//! meta-packages, recent builds and errors, storage use and the last
+//! garbage collection) and an image's page (its layer
 //! plan drawn as bars sized by bytes, what each layer holds, its blob and
 //! which other images share it, the pull command). An image's page builds
 //! the image as its pull would, through the same admission; a request that
@@ -12,7 +13,7 @@
 //! error line.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use askama::Template;
 use axum::Router;
@@ -27,6 +28,7 @@ use crate::client::Client;
 use crate::image::ImageRequest;
 use crate::meta::Meta;
 use crate::redact;
+use crate::retention::StorageUse;
 use crate::server::{RegistryError, Unverified};
 use crate::source::LATEST;
 
@@ -55,6 +57,16 @@ struct IndexPage {
     metas: Vec<(String, String)>,
     builds: Vec<BuildRow>,
     failures: Vec<FailureRow>,
+    /// Storage use and the last garbage collection, when measured.
+    storage: Option<StorageRow>,
+}
+
+struct StorageRow {
+    objects: u64,
+    size: String,
+    measured: String,
+    /// `None`: no collection has run.
+    last_gc: Option<String>,
 }
 
 struct BuildRow {
@@ -162,8 +174,32 @@ async fn index(
                 },
             })
             .collect(),
+        storage: state.storage_use.get().map(|measured| storage_row(now, &measured)),
     };
     render(StatusCode::OK, &page)
+}
+
+fn storage_row(now: SystemTime, measured: &StorageUse) -> StorageRow {
+    let at = |unix: u64| UNIX_EPOCH + Duration::from_secs(unix);
+    StorageRow {
+        objects: measured.objects,
+        size: mib(measured.bytes),
+        measured: ago(now, at(measured.measured_at)),
+        last_gc: measured.last_gc.as_ref().map(|gc| {
+            format!(
+                "{}: deleted {} objects ({}), leaving {} objects ({})",
+                ago(now, at(gc.at)),
+                gc.deleted_objects,
+                mib(gc.deleted_bytes),
+                gc.store_objects,
+                mib(gc.store_bytes)
+            )
+        }),
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / 1048576.0)
 }
 
 /// `GET /image/<name>`: the layer plan of `name:latest`, built first

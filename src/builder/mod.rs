@@ -15,11 +15,13 @@ mod answers;
 mod flight;
 mod keys;
 mod pipeline;
+mod replicas;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use futures::FutureExt;
 
 use crate::activity::{self, Activity};
 use crate::arch::Arch;
@@ -31,12 +33,14 @@ use crate::fresh::Fresh;
 use crate::image::ImageRequest;
 use crate::layers::{self, Popularity};
 use crate::learning::Learned;
+use crate::leases::Leases;
 use crate::metrics::{CacheKind, Metrics};
 use crate::negotiate::Choice;
 use crate::nix::{Nix, NixError};
 use crate::oci::{self, Format, IndexEntry, OciError};
 use crate::pulls::{Mark, Pulls};
 use crate::redact;
+use crate::retention::guard::{self, Published};
 use crate::source::{PackageSource, Resolved, SourceError};
 use crate::storage::{Storage, StorageError};
 use answers::{Answer, Answers};
@@ -61,7 +65,7 @@ pub enum BuildError {
     TooManyPackages { count: usize, max: usize },
     #[error("this client has {0} new images building already; try again when they are done")]
     TooManyBuilds(usize),
-    #[error("manifest {0} is missing from storage")]
+    #[error("{0} is missing from storage")]
     Lost(Digest),
     #[error(transparent)]
     Oci(#[from] OciError),
@@ -97,6 +101,8 @@ pub struct Settings {
     pub max_packages: usize,
     /// Most new images one client may have building at once.
     pub builds_per_client: usize,
+    /// How long a replica's lease on an image it builds lasts unless renewed.
+    pub lease_ttl: Duration,
 }
 
 impl Settings {
@@ -184,6 +190,7 @@ impl Builder {
         let pipeline = Pipeline {
             nix: parts.nix,
             caches: Caches::new(parts.storage.clone()),
+            leases: Leases::new(parts.storage.clone()),
             storage: parts.storage.clone(),
             popularity: parts.popularity,
             learned: parts.learned,
@@ -395,8 +402,13 @@ impl Builder {
             return Ok(record);
         }
         let record = self.pipeline.store_document(document, format.media_type(true)).await?;
-        caches.put_index(&key, record.clone()).await?;
-        Ok(record)
+        let mut blobs: Vec<&Digest> = entries.iter().map(|entry| &entry.digest).collect();
+        blobs.push(&record.digest);
+        let write = || caches.put_index(&key, record.clone()).boxed();
+        match guard::publish(&self.pipeline.storage, &self.pipeline.leases, &blobs, write).await? {
+            Published::Written => Ok(record),
+            Published::Missing(blob) => Err(BuildError::Lost(blob)),
+        }
     }
 
     /// Forgets the records `resolve` used for `request` and `choice` that
@@ -458,7 +470,7 @@ impl Builder {
         let start = move || {
             pipeline.metrics.build_started();
             async move {
-                let result = pipeline.build(&job).await.map_err(Arc::new);
+                let result = pipeline.build_once_everywhere(&job).await.map_err(Arc::new);
                 trim_heap();
                 pipeline.metrics.build_ended(result.is_ok());
                 match (&result, &job.cache_key) {

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 
 use super::{BuildError, Settings, keys};
 use crate::activity::{self, Activity};
@@ -22,12 +22,18 @@ use crate::digest::Digest;
 use crate::image::{self, ImageRequest};
 use crate::layers::{self, Popularity};
 use crate::learning::Learned;
+use crate::leases::Leases;
 use crate::meta::User;
 use crate::metrics::{CacheKind, Metrics, Stage};
 use crate::nix::{Nix, Realised};
 use crate::oci;
+use crate::retention::guard::{self, Published};
 use crate::source::Resolved;
 use crate::storage::Storage;
+
+/// Builds of one image before giving up on blobs that keep going missing
+/// (a garbage collection deleting what the build reused).
+const ATTEMPTS: usize = 3;
 
 /// What one build made: the image's manifests and its layer plan.
 #[derive(Clone, Debug)]
@@ -52,6 +58,8 @@ pub struct Pipeline {
     pub nix: Nix,
     pub storage: Storage,
     pub caches: Caches,
+    /// Build leases, and the collector's lease that records wait for.
+    pub leases: Leases,
     pub popularity: Popularity,
     /// Where built closures are counted, when popularity is learned.
     pub learned: Option<Arc<Learned>>,
@@ -114,8 +122,25 @@ impl LayerJob {
 }
 
 impl Pipeline {
-    /// Builds `job`'s image and, when its revision is pinned, records it.
+    /// Builds `job`'s image and, when its revision is pinned, records it;
+    /// built again when a blob it reused went missing before the record
+    /// was written (a garbage collection deleted it).
     pub async fn build(&self, job: &BuildJob) -> Result<Built, BuildError> {
+        let mut missing = None;
+        for _ in 0..ATTEMPTS {
+            match self.attempt(job).await? {
+                Ok(built) => return Ok(built),
+                Err(blob) => {
+                    tracing::warn!(image = %job.request, %blob, "a blob went from storage during the build: building again");
+                    missing = Some(blob);
+                }
+            }
+        }
+        Err(BuildError::Lost(missing.expect("at least one attempt")))
+    }
+
+    /// One build; `Err(blob)` if `blob` was missing when it was recorded.
+    async fn attempt(&self, job: &BuildJob) -> Result<Result<Built, Digest>, BuildError> {
         let started = Instant::now();
         self.storage.ensure_layout().await?;
         let Planned { realised, jobs } = self.plan(job).await?;
@@ -128,8 +153,10 @@ impl Pipeline {
 
         let (record, config) = self.store(job, &realised, &layers).await?;
         let plan = plan_record(&jobs, &realised, &layers, job.compression);
-        if let Some(key) = &job.cache_key {
-            self.remember(key, &record, &plan, &config).await?;
+        if let Some(key) = &job.cache_key
+            && let Published::Missing(blob) = self.remember(key, &record, &plan, &config).await?
+        {
+            return Ok(Err(blob));
         }
         let timings = Timings {
             nix: nix_done - started,
@@ -158,10 +185,10 @@ impl Pipeline {
             tracing::warn!(%error, "could not store learned popularity");
         }
         log_built(job, &record, &realised, jobs.len(), newly_packed, &timings);
-        Ok(Built {
+        Ok(Ok(Built {
             record,
             plan: Arc::new(plan),
-        })
+        }))
     }
 
     /// Nix, then the layer plan and the root filesystem layer.
@@ -296,24 +323,26 @@ impl Pipeline {
     }
 
     /// Records a built image under `key`: its plan, the blobs it uses, and
-    /// last its manifests, the record a pull trusts.
+    /// last its manifests, the record a pull trusts, once they are all
+    /// known to be in storage (see `retention::guard`).
     async fn remember(
         &self,
         key: &str,
         record: &ImageRecord,
         plan: &PlanRecord,
         config: &Digest,
-    ) -> Result<(), BuildError> {
+    ) -> Result<Published, BuildError> {
         self.caches.put_plan(key, plan).await?;
-        let blobs: Vec<&Digest> = plan
+        let mut blobs: Vec<&Digest> = plan
             .layers
             .iter()
             .map(|layer| &layer.packed.digest)
             .chain([config])
             .collect();
         self.caches.note_users(key, &blobs).await?;
-        self.caches.put_image(key, record.clone()).await?;
-        Ok(())
+        blobs.extend(record.manifests.iter().map(|(_, manifest)| &manifest.digest));
+        let write = || self.caches.put_image(key, record.clone()).boxed();
+        Ok(guard::publish(&self.storage, &self.leases, &blobs, write).await?)
     }
 
     /// The program an image of one package runs: that package's

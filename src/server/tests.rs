@@ -99,6 +99,7 @@ pub(crate) async fn served(auth: Option<Auth>, pages: Router<Arc<AppState>>) -> 
         entrypoint: true,
         max_packages: 20,
         builds_per_client: 1,
+        lease_ttl: std::time::Duration::from_secs(30),
     };
     let builder = Builder::new(parts, settings);
 
@@ -138,6 +139,7 @@ pub(crate) async fn served(auth: Option<Auth>, pages: Router<Arc<AppState>>) -> 
     builder.record_built(&request, Format::Oci, image).await;
 
     let state = AppState {
+        storage_use: crate::retention::Status::default(),
         builder,
         storage: Arc::new(storage),
         metrics,

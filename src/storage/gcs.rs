@@ -46,9 +46,22 @@ impl JsonWrites {
     }
 
     /// Puts `bytes` at `path`; with `if_absent`, only if nothing is there
-    /// (`AlreadyExists` otherwise).
+    /// (`AlreadyExists` otherwise). A conditional put is a multipart upload:
+    /// GCS keeps `ifGenerationMatch=0` on every upload type, but
+    /// fake-gcs-server only on that one.
     pub async fn put(&self, path: &StorePath, bytes: Bytes, if_absent: bool) -> Result<(), object_store::Error> {
-        self.upload(path, Body::from(bytes), if_absent).await
+        if !if_absent {
+            return self.upload(path, Body::from(bytes), false).await;
+        }
+        let mut url = self.url(&["upload", "storage", "v1", "b", &self.bucket, "o"]);
+        url.query_pairs_mut()
+            .append_pair("uploadType", "multipart")
+            .append_pair("ifGenerationMatch", "0");
+        let (boundary, body) = multipart(path, &bytes);
+        let content_type = format!("multipart/related; boundary={boundary}");
+        self.send_typed(Method::POST, url, Body::from(body), path, Some(&content_type))
+            .await
+            .map(drop)
     }
 
     /// Streams a local file to `path` in one request.
@@ -120,15 +133,23 @@ impl JsonWrites {
     /// Sends an authorised request; the body of a success, else the error
     /// its status means for `path`.
     async fn send(&self, method: Method, url: Url, body: Body, path: &StorePath) -> Result<Bytes, object_store::Error> {
+        self.send_typed(method, url, body, path, None).await
+    }
+
+    async fn send_typed(
+        &self,
+        method: Method,
+        url: Url,
+        body: Body,
+        path: &StorePath,
+        content_type: Option<&str>,
+    ) -> Result<Bytes, object_store::Error> {
         let credential = self.credentials.get_credential().await?;
-        let response = self
-            .http
-            .request(method, url)
-            .bearer_auth(&credential.bearer)
-            .body(body)
-            .send()
-            .await
-            .map_err(generic)?;
+        let mut request = self.http.request(method, url).bearer_auth(&credential.bearer);
+        if let Some(content_type) = content_type {
+            request = request.header(reqwest::header::CONTENT_TYPE, content_type);
+        }
+        let response = request.body(body).send().await.map_err(generic)?;
         let status = response.status();
         let bytes = response.bytes().await.map_err(generic)?;
         let path = path.to_string();
@@ -145,6 +166,20 @@ impl JsonWrites {
             s => Err(generic(format!("{s} for {path}: {}", String::from_utf8_lossy(&bytes)))),
         }
     }
+}
+
+/// A `multipart/related` upload body of the object's metadata and bytes,
+/// and its boundary: the bytes' own digest, which they cannot hold.
+fn multipart(path: &StorePath, bytes: &[u8]) -> (String, Vec<u8>) {
+    let boundary = format!("nixery-{}", crate::digest::Digest::of(bytes).hex());
+    let metadata = serde_json::json!({ "name": path.as_ref() });
+    let mut body = format!(
+        "--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{metadata}\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(bytes);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (boundary, body)
 }
 
 fn generic(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> object_store::Error {

@@ -76,6 +76,26 @@ pub enum StorageError {
     UploadSize { digest: Digest, expected: u64, found: u64 },
     #[error("the staged file of {digest} holds bytes whose digest is {found}")]
     StagedDigest { digest: Digest, found: Digest },
+    #[error("this store cannot create an object only where none is")]
+    NoConditionalCreate,
+}
+
+/// What a conditional create found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Created {
+    /// The object is this call's.
+    Created,
+    /// Something was there already; nothing was written.
+    Exists,
+}
+
+/// An object found by a listing: its key (below the listed prefix), size
+/// and last write.
+#[derive(Clone, Debug)]
+pub struct Listed {
+    pub key: String,
+    pub size: u64,
+    pub modified: SystemTime,
 }
 
 /// A stream of a blob's bytes.
@@ -150,6 +170,8 @@ pub struct Storage {
     /// What all writes go through.
     writes: Writes,
     spool: Spool,
+    /// Whether conditional creates are kept to (probed once, when first needed).
+    conditional: Arc<tokio::sync::OnceCell<bool>>,
 }
 
 /// Where staged blobs are written.
@@ -190,6 +212,7 @@ impl Storage {
             blob_cache,
             writes: opened.writes,
             spool,
+            conditional: Arc::default(),
         };
         tokio::fs::create_dir_all(storage.spool_dir()).await?;
         storage.ensure_layout().await?;
@@ -459,6 +482,87 @@ impl Storage {
         }
     }
 
+    /// Creates the cache record at `key` only if there is none, atomically
+    /// (two replicas creating it at once: one gets [`Created::Created`]);
+    /// [`StorageError::NoConditionalCreate`] where the store cannot.
+    pub async fn create_record(&self, key: &str, bytes: Bytes) -> Result<Created, StorageError> {
+        if !self.conditional_creates().await? {
+            return Err(StorageError::NoConditionalCreate);
+        }
+        self.writes.create(&record_path(key), bytes).await
+    }
+
+    /// Whether the store keeps to conditional creates. Some S3 services
+    /// accept `If-None-Match` and overwrite anyway, so this is found out
+    /// once by trying: a second create of one probe object must fail.
+    pub async fn conditional_creates(&self) -> Result<bool, StorageError> {
+        let probe = || async {
+            let path = record_path(&format!("probe/{}", unique_name()));
+            let tried = async {
+                let first = self.writes.create(&path, Bytes::from_static(b"1")).await?;
+                let second = self.writes.create(&path, Bytes::from_static(b"2")).await?;
+                Ok::<_, StorageError>((first, second))
+            }
+            .await;
+            let _ = self.writes.delete(&path).await;
+            match tried {
+                Ok((Created::Created, Created::Exists)) => Ok(true),
+                Ok(_) | Err(StorageError::NoConditionalCreate) => Ok(false),
+                Err(e) => Err(e),
+            }
+        };
+        let supported = *self.conditional.get_or_try_init(probe).await?;
+        Ok(supported)
+    }
+
+    /// Every cache record below `prefix`, with its size and last write.
+    pub async fn list_records_meta(&self, prefix: &str) -> Result<Vec<Listed>, StorageError> {
+        self.list_below(&record_path(prefix)).await
+    }
+
+    /// Every blob: its digest (as hex, the key), size and last write.
+    pub async fn list_blobs(&self) -> Result<Vec<Listed>, StorageError> {
+        self.list_below(&StorePath::from("blobs/sha256")).await
+    }
+
+    /// Bytes and objects in the whole store.
+    pub async fn usage(&self) -> Result<(u64, u64), StorageError> {
+        let mut listing = self.store.list(None);
+        let (mut bytes, mut objects) = (0, 0);
+        while let Some(meta) = listing.try_next().await? {
+            bytes += meta.size;
+            objects += 1;
+        }
+        Ok((bytes, objects))
+    }
+
+    async fn list_below(&self, below: &StorePath) -> Result<Vec<Listed>, StorageError> {
+        let listed: Result<Vec<_>, _> = self.store.list(Some(below)).try_collect().await;
+        let listed = match listed {
+            Err(object_store::Error::NotFound { .. }) => return Ok(vec![]),
+            listed => listed?,
+        };
+        Ok(listed
+            .into_iter()
+            .filter_map(|meta| {
+                let key = meta.location.as_ref().strip_prefix(below.as_ref())?.strip_prefix('/')?;
+                Some(Listed {
+                    key: key.to_owned(),
+                    size: meta.size,
+                    modified: meta.last_modified.into(),
+                })
+            })
+            .collect())
+    }
+
+    /// Deletes the blob at `digest`, if there is one.
+    pub async fn delete_blob(&self, digest: &Digest) -> Result<(), StorageError> {
+        match self.writes.delete(&blob_path(digest)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     async fn get(&self, path: &StorePath) -> Result<Option<Bytes>, StorageError> {
         match self.store.get(path).await {
             Ok(result) => Ok(Some(result.bytes().await?)),
@@ -466,6 +570,14 @@ impl Storage {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// A name no other process picks: the time and this process's id.
+fn unique_name() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{nanos:x}-{:x}", std::process::id())
 }
 
 /// Removes the files in `dir` last written before [`STALE`] ago.

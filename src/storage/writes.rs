@@ -15,7 +15,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
 use tokio::io::AsyncReadExt;
 
 use super::gcs::JsonWrites;
-use super::{StorageError, WRITE_BEHIND};
+use super::{Created, StorageError, WRITE_BEHIND};
 
 /// Parts of one upload in flight at once.
 const UPLOAD_CONCURRENCY: usize = 4;
@@ -63,6 +63,36 @@ impl Writes {
         match put {
             Ok(()) | Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
                 Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Creates `path` only if nothing is there, atomically: whether this
+    /// call created it. A store that cannot make it conditional says so
+    /// ([`StorageError::NoConditionalCreate`]) instead of falling back to a
+    /// check, since two replicas must never both be told they created it.
+    pub async fn create(&self, path: &StorePath, bytes: Bytes) -> Result<Created, StorageError> {
+        let created = match self {
+            Writes::Store(store) => {
+                let options = PutOptions {
+                    mode: PutMode::Create,
+                    ..Default::default()
+                };
+                store
+                    .put_opts(path, PutPayload::from_bytes(bytes), options)
+                    .await
+                    .map(drop)
+            }
+            Writes::GcsJson(gcs) => gcs.put(path, bytes, true).await,
+        };
+        match created {
+            Ok(()) => Ok(Created::Created),
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
+                Ok(Created::Exists)
+            }
+            Err(object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. }) => {
+                Err(StorageError::NoConditionalCreate)
             }
             Err(e) => Err(e.into()),
         }

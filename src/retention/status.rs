@@ -1,0 +1,91 @@
+//! What the landing page and the metrics show of storage: the bytes and
+//! objects in it, and the last garbage collection, which its collector
+//! records (`cache/gc/last`) for every replica to read. `serve` measures
+//! it at start, every pull-record interval and after its own collections.
+
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use super::Report;
+use crate::metrics::Metrics;
+use crate::storage::{Storage, StorageError};
+
+const RECORD: &str = "gc/last";
+
+/// A collection as its collector recorded it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LastGc {
+    /// Unix seconds when it ended.
+    pub at: u64,
+    /// Bytes of blobs deleted, and objects (blobs and records).
+    pub deleted_bytes: u64,
+    pub deleted_objects: u64,
+    /// What storage held afterwards (less what others wrote meanwhile).
+    pub store_bytes: u64,
+    pub store_objects: u64,
+}
+
+impl LastGc {
+    /// The record of a collection that deleted what `report` says, before
+    /// storage is measured again.
+    pub fn from_report(report: &Report) -> Self {
+        let deleted_objects = (report.blobs_deleted + report.records_deleted) as u64;
+        LastGc {
+            at: unix_now(),
+            deleted_bytes: report.bytes_deleted,
+            deleted_objects,
+            store_bytes: report.store_bytes_before.saturating_sub(report.bytes_deleted),
+            store_objects: report.store_objects_before.saturating_sub(deleted_objects),
+        }
+    }
+
+    pub async fn write(&self, storage: &Storage) -> Result<(), StorageError> {
+        let bytes = serde_json::to_vec(self).expect("a record serialises");
+        storage.put_record(RECORD, Bytes::from(bytes)).await
+    }
+
+    async fn read(storage: &Storage) -> Result<Option<Self>, StorageError> {
+        let bytes = storage.get_record(RECORD).await?;
+        Ok(bytes.and_then(|b| serde_json::from_slice(&b).ok()))
+    }
+}
+
+/// Storage as last measured.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StorageUse {
+    pub bytes: u64,
+    pub objects: u64,
+    /// Unix seconds.
+    pub measured_at: u64,
+    pub last_gc: Option<LastGc>,
+}
+
+/// The last measurement, shared by the pages and the metrics.
+#[derive(Clone, Debug, Default)]
+pub struct Status(Arc<RwLock<Option<StorageUse>>>);
+
+impl Status {
+    pub fn get(&self) -> Option<StorageUse> {
+        self.0.read().expect("no panics under the lock").clone()
+    }
+
+    /// Measures storage (one listing of it) and shows the figures.
+    pub async fn measure(&self, storage: &Storage, metrics: &Metrics) -> Result<(), StorageError> {
+        let (bytes, objects) = storage.usage().await?;
+        let measured = StorageUse {
+            bytes,
+            objects,
+            measured_at: unix_now(),
+            last_gc: LastGc::read(storage).await?,
+        };
+        metrics.storage(&measured);
+        *self.0.write().expect("no panics under the lock") = Some(measured);
+        Ok(())
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
