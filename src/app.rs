@@ -7,9 +7,9 @@ use std::sync::Arc;
 use crate::activity::Activity;
 use crate::auth::Auth;
 use crate::builder::Builder;
+use crate::gc::Status;
 use crate::meta::MetaPackages;
 use crate::metrics::Metrics;
-use crate::retention::Status;
 use crate::source::PackageSource;
 use crate::storage::Storage;
 

@@ -86,9 +86,9 @@ pub struct GcArgs {
 }
 
 impl GcArgs {
-    pub fn check(self) -> Result<(ServeConfig, crate::retention::Options), ConfigError> {
+    pub fn check(self) -> Result<(ServeConfig, crate::gc::Options), ConfigError> {
         let config = self.registry.check()?;
-        let options = crate::retention::Options {
+        let options = crate::gc::Options {
             dry_run: self.dry_run,
             ..config.retention.clone()
         };
@@ -454,7 +454,7 @@ pub struct ServeConfig {
     /// How often the images pulled since are written down.
     pub pull_record_interval: Duration,
     /// What garbage collections keep.
-    pub retention: crate::retention::Options,
+    pub retention: crate::gc::Options,
     /// How often `serve` collects garbage; `None`: never.
     pub gc_interval: Option<Duration>,
     /// How long a lease lasts unless renewed.
@@ -515,7 +515,7 @@ impl ServeArgs {
             entrypoint: self.entrypoint,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
             pull_record_interval: Duration::from_secs(self.pull_record_interval),
-            retention: crate::retention::Options {
+            retention: crate::gc::Options {
                 keep_pulled_within: self.retention.keep_pulled_within,
                 max_bytes: self.retention.max_bytes,
                 grace: self.retention.grace,

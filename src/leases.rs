@@ -122,32 +122,6 @@ impl Leases {
         Ok(self.newest(name).await?.map(|(_, state)| state))
     }
 
-    /// The names below `prefix` that have lease objects, with their newest state.
-    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, State)>, StorageError> {
-        let listed = self.storage.list_records_meta(&format!("{PREFIX}/{prefix}")).await?;
-        let mut names: Vec<String> = listed
-            .iter()
-            .filter_map(|l| Some(format!("{prefix}/{}", l.key.rsplit_once('/')?.0)))
-            .collect();
-        names.sort();
-        names.dedup();
-        let mut found = Vec::new();
-        for name in names {
-            if let Some(state) = self.current(&name).await? {
-                found.push((name, state));
-            }
-        }
-        Ok(found)
-    }
-
-    /// Deletes every object of the lease `name`.
-    pub async fn remove(&self, name: &str) -> Result<(), StorageError> {
-        for seq in self.seqs(name).await? {
-            self.storage.delete_record(&object(name, seq)).await?;
-        }
-        Ok(())
-    }
-
     async fn newest(&self, name: &str) -> Result<Option<(u64, State)>, StorageError> {
         let Some(seq) = self.seqs(name).await?.into_iter().max() else {
             return Ok(None);
@@ -277,18 +251,5 @@ mod tests {
             .count();
         assert_eq!(winners, 1, "exactly one takes it over");
         assert!(!lease.renew(None).await.unwrap(), "the old holder lost it");
-    }
-
-    #[tokio::test]
-    async fn names_are_listed_below_a_prefix() {
-        let (a, _b, _dir) = leases().await;
-        let ttl = Duration::from_secs(60);
-        held(a.take("build/k1", ttl, None).await.unwrap());
-        held(a.take("build/k2", ttl, None).await.unwrap());
-        held(a.take("gc", ttl, None).await.unwrap());
-        let names: Vec<String> = a.list("build").await.unwrap().into_iter().map(|(n, _)| n).collect();
-        assert_eq!(names, ["build/k1", "build/k2"]);
-        a.remove("build/k1").await.unwrap();
-        assert_eq!(a.list("build").await.unwrap().len(), 1);
     }
 }

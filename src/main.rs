@@ -11,6 +11,7 @@ use nixery::app::AppState;
 use nixery::builder::{Builder, Parts, Settings};
 use nixery::config::{Cli, Command, LayersArgs, LogFormat, ServeConfig};
 use nixery::export::{self, OutputFormat};
+use nixery::gc::{self, Outcome};
 use nixery::image::ImageRequest;
 use nixery::layers::{self, Popularity, RuntimeGraph};
 use nixery::learning::Learned;
@@ -23,7 +24,6 @@ use nixery::oci::Format;
 use nixery::programs::Programs;
 use nixery::pulls::Pulls;
 use nixery::redact;
-use nixery::retention::{self, Outcome};
 use nixery::server;
 use nixery::source::LATEST;
 use nixery::storage::Storage;
@@ -59,7 +59,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let format = args.registry.log_format;
             let (config, options) = args.check()?;
             init_logging(format, "warn", &config);
-            gc(config, &options).await
+            collect_once(config, &options).await
         }
         Command::Layers(args) => print_layers(args),
     }
@@ -67,13 +67,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
 
 /// `nixery gc`: one collection, each step's figures on stdout, and last a
 /// machine-readable line.
-async fn gc(config: ServeConfig, options: &retention::Options) -> anyhow::Result<()> {
+async fn collect_once(config: ServeConfig, options: &gc::Options) -> anyhow::Result<()> {
     let storage = Storage::open(&config.storage)
         .await
         .with_context(|| format!("cannot use the {} storage backend", config.storage.backend.name()))?;
     let leases = Leases::new(storage.clone());
     let say = |line: &str| println!("{line}");
-    match retention::collect(&storage, &leases, options, &say).await? {
+    match gc::collect(&storage, &leases, options, &say).await? {
         Outcome::Done(report) => println!("{}", report.line()),
         Outcome::Busy { holder } => println!("gc busy: another collection holds the lease ({holder})"),
     }
@@ -171,42 +171,52 @@ async fn flush_pulls(pulls: &Pulls) {
 }
 
 /// Measures storage at start and every `measure_every`; with a GC
-/// interval, collects garbage that often too (when no other replica does).
+/// interval, collects garbage that often too (when no other replica does),
+/// a full interval after the end of the last one, so that builds waiting
+/// for a sweep to end get their turn.
 async fn upkeep(
     state: AppState,
     measure_every: std::time::Duration,
-    gc: Option<(std::time::Duration, retention::Options)>,
+    collection: Option<(std::time::Duration, gc::Options)>,
 ) {
-    let measure = || async {
-        if let Err(error) = state.storage_use.measure(&state.storage, &state.metrics).await {
-            tracing::warn!(%error, "could not measure storage");
+    let measures = async {
+        loop {
+            measure(&state).await;
+            tokio::time::sleep(measure_every).await;
         }
     };
-    measure().await;
-    let gc_every = gc.as_ref().map(|(interval, _)| *interval);
-    let start = tokio::time::Instant::now();
-    let mut measures = tokio::time::interval_at(start + measure_every, measure_every);
-    let never = std::time::Duration::from_secs(u32::MAX.into());
-    let mut collections = tokio::time::interval_at(start + gc_every.unwrap_or(never), gc_every.unwrap_or(never));
-    loop {
-        tokio::select! {
-            _ = measures.tick() => measure().await,
-            _ = collections.tick() => {
-                if let Some((_, options)) = &gc {
-                    collect_garbage(&state, options).await;
-                    measure().await;
-                }
+    let collections = async {
+        let Some((interval, options)) = &collection else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(*interval).await;
+            collect_garbage(&state, options).await;
+            measure(&state).await;
+        }
+    };
+    tokio::join!(measures, collections);
+}
+
+/// Measures storage for the landing page and the metrics.
+async fn measure(state: &AppState) {
+    match state.storage_use.measure(&state.storage).await {
+        Ok(measured) => {
+            state.metrics.storage(measured.bytes, measured.objects);
+            if let Some(gc) = measured.last_gc {
+                state.metrics.last_gc(gc.at, gc.deleted_bytes, gc.deleted_objects);
             }
         }
+        Err(error) => tracing::warn!(%error, "could not measure storage"),
     }
 }
 
 /// One collection inside `serve`, after writing this replica's pulls.
-async fn collect_garbage(state: &AppState, options: &retention::Options) {
+async fn collect_garbage(state: &AppState, options: &gc::Options) {
     flush_pulls(state.builder.pulls()).await;
     let leases = Leases::new((*state.storage).clone());
     let say = |line: &str| tracing::info!("{line}");
-    match retention::collect(&state.storage, &leases, options, &say).await {
+    match gc::collect(&state.storage, &leases, options, &say).await {
         Ok(Outcome::Done(report)) => tracing::info!(report = %report.line(), "garbage collected"),
         Ok(Outcome::Busy { holder }) => tracing::info!(%holder, "another replica is collecting garbage"),
         Err(error) => tracing::warn!(%error, "garbage collection failed; it runs again at the next interval"),
@@ -341,7 +351,7 @@ async fn open(config: ServeConfig) -> anyhow::Result<AppState> {
         storage: Arc::new(storage),
         metrics,
         activity,
-        storage_use: retention::Status::default(),
+        storage_use: gc::Status::default(),
         source,
         meta_packages: Arc::new(config.meta_packages),
         auth: config.auth,

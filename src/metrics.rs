@@ -1,8 +1,9 @@
 //! The registry's metrics, in the Prometheus text format at `/metrics`:
 //! builds, build time per stage, cache hits and misses, external program
 //! invocations (Nix and git, under the name `nix_invocations`), bytes
-//! served, requests by route and status, and connections: open, and closed
-//! by the registry, by why.
+//! served, requests by route and status, connections (open, and closed
+//! by the registry, by why), storage use, the last garbage collection, and
+//! build lease waits and takeovers.
 
 use std::time::Duration;
 
@@ -256,15 +257,18 @@ impl Metrics {
         }
     }
 
-    /// Storage as last measured, and its last garbage collection.
-    pub fn storage(&self, measured: &crate::retention::StorageUse) {
-        self.storage_bytes.set(measured.bytes as i64);
-        self.storage_objects.set(measured.objects as i64);
-        if let Some(gc) = &measured.last_gc {
-            self.gc_last_run.set(gc.at as i64);
-            self.gc_last_deleted_bytes.set(gc.deleted_bytes as i64);
-            self.gc_last_deleted_objects.set(gc.deleted_objects as i64);
-        }
+    /// Bytes and objects in storage, as last measured.
+    pub fn storage(&self, bytes: u64, objects: u64) {
+        self.storage_bytes.set(bytes as i64);
+        self.storage_objects.set(objects as i64);
+    }
+
+    /// The last garbage collection: when it ended (unix seconds), and the
+    /// bytes and objects it deleted.
+    pub fn last_gc(&self, at: u64, bytes: u64, objects: u64) {
+        self.gc_last_run.set(at as i64);
+        self.gc_last_deleted_bytes.set(bytes as i64);
+        self.gc_last_deleted_objects.set(objects as i64);
     }
 
     /// A build waited for another replica's lease on its image.
@@ -298,6 +302,10 @@ mod tests {
         metrics.nix_invocation("nix-instantiate");
         metrics.served("blob", 1234);
         metrics.request("manifest", 200);
+        metrics.storage(2048, 7);
+        metrics.last_gc(1_700_000_000, 1024, 3);
+        metrics.lease_wait();
+        metrics.lease_takeover();
         let text = metrics.encode();
         for line in [
             "nixery_builds_started_total 1",
@@ -308,6 +316,13 @@ mod tests {
             "nixery_nix_invocations_total{command=\"nix-instantiate\"} 1",
             "nixery_bytes_served_total{kind=\"blob\"} 1234",
             "nixery_http_requests_total{route=\"manifest\",status=\"200\"} 1",
+            "nixery_storage_bytes 2048",
+            "nixery_storage_objects 7",
+            "nixery_gc_last_run_timestamp_seconds 1700000000",
+            "nixery_gc_last_deleted_bytes 1024",
+            "nixery_gc_last_deleted_objects 3",
+            "nixery_build_lease_waits_total 1",
+            "nixery_build_lease_takeovers_total 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
         }

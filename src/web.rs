@@ -25,10 +25,10 @@ use axum::routing::get;
 use crate::app::AppState;
 use crate::builder::ImagePlan;
 use crate::client::Client;
+use crate::gc::StorageUse;
 use crate::image::ImageRequest;
 use crate::meta::Meta;
 use crate::redact;
-use crate::retention::StorageUse;
 use crate::server::{RegistryError, Unverified};
 use crate::source::LATEST;
 

@@ -19,6 +19,7 @@ use crate::arch::Arch;
 use crate::archive::{self, Compression, LayerDigests, RootFs};
 use crate::cache::{Caches, ImageRecord, ManifestRecord, PlanLayer, PlanRecord};
 use crate::digest::Digest;
+use crate::gc::guard::{self, Published};
 use crate::image::{self, ImageRequest};
 use crate::layers::{self, Popularity};
 use crate::learning::Learned;
@@ -27,7 +28,6 @@ use crate::meta::User;
 use crate::metrics::{CacheKind, Metrics, Stage};
 use crate::nix::{Nix, Realised};
 use crate::oci;
-use crate::retention::guard::{self, Published};
 use crate::source::Resolved;
 use crate::storage::Storage;
 
@@ -324,7 +324,7 @@ impl Pipeline {
 
     /// Records a built image under `key`: its plan, the blobs it uses, and
     /// last its manifests, the record a pull trusts, once they are all
-    /// known to be in storage (see `retention::guard`).
+    /// known to be in storage (see `gc::guard`).
     async fn remember(
         &self,
         key: &str,

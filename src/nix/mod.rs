@@ -209,7 +209,7 @@ impl Nix {
             .args(["--argstr", "srcArgs", &source.args])
             .args(["--argstr", "system", system])
             .args(["--argstr", "packages", &serde_json::Value::from(requests).to_string()]);
-        let stdout = self.programs.run(eval).await.map_err(|e| {
+        let stdout = self.run_retrying_busy(eval).await.map_err(|e| {
             into_nix(e, |error, log| NixError::Eval {
                 packages: if catch { vec![] } else { packages.to_vec() },
                 error,
@@ -325,6 +325,35 @@ impl Nix {
 
 /// A failed run becomes `failed(summary, last lines)`; a run that could not
 /// start or ran out of time keeps its kind.
+/// Times an evaluation is tried when Nix says its database is busy.
+const BUSY_TRIES: usize = 3;
+
+impl Nix {
+    /// Runs `invocation`, again (after a short pause) when Nix gave up on
+    /// its SQLite database being locked by another Nix process: a passing
+    /// condition under concurrent builds, not a failure of the packages.
+    async fn run_retrying_busy(&self, invocation: Invocation) -> Result<Vec<u8>, RunError> {
+        let mut tries = 1;
+        loop {
+            match self.programs.run(invocation.clone()).await {
+                Err(RunError::Failed { stderr, .. }) if tries < BUSY_TRIES && database_busy(&stderr) => {
+                    tracing::warn!("Nix found its database busy: evaluating again");
+                    tokio::time::sleep(std::time::Duration::from_millis(200 * tries as u64)).await;
+                    tries += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+}
+
+/// Whether Nix failed because its SQLite database was busy.
+fn database_busy(stderr: &[String]) -> bool {
+    stderr
+        .iter()
+        .any(|line| line.contains("error:") && line.contains("SQLite database") && line.contains("is busy"))
+}
+
 fn into_nix(error: RunError, failed: impl FnOnce(String, Vec<String>) -> NixError) -> NixError {
     match error {
         RunError::Spawn { program, source } => NixError::Spawn {
@@ -364,6 +393,16 @@ pub fn attribute_path(package: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_busy_database_is_told_from_other_failures() {
+        let busy = ["error: SQLite database '/nix/var/nix/db/db.sqlite' is busy".to_owned()];
+        assert!(database_busy(&busy));
+        let other = ["error: attribute 'nope' missing".to_owned()];
+        assert!(!database_busy(&other));
+        let warning = ["warning: SQLite database '/nix/var/nix/db/db.sqlite' is busy".to_owned()];
+        assert!(!database_busy(&warning), "Nix retries by itself while it only warns");
+    }
 
     #[test]
     fn attribute_paths() {

@@ -2,6 +2,7 @@
 //! objects in it, and the last garbage collection, which its collector
 //! records (`cache/gc/last`) for every replica to read. `serve` measures
 //! it at start, every pull-record interval and after its own collections.
+//! (`serve` hands the figures to the metrics.)
 
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -9,7 +10,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 
 use super::Report;
-use crate::metrics::Metrics;
 use crate::storage::{Storage, StorageError};
 
 const RECORD: &str = "gc/last";
@@ -71,8 +71,8 @@ impl Status {
         self.0.read().expect("no panics under the lock").clone()
     }
 
-    /// Measures storage (one listing of it) and shows the figures.
-    pub async fn measure(&self, storage: &Storage, metrics: &Metrics) -> Result<(), StorageError> {
+    /// Measures storage (one listing of it) and keeps the figures.
+    pub async fn measure(&self, storage: &Storage) -> Result<StorageUse, StorageError> {
         let (bytes, objects) = storage.usage().await?;
         let measured = StorageUse {
             bytes,
@@ -80,9 +80,8 @@ impl Status {
             measured_at: unix_now(),
             last_gc: LastGc::read(storage).await?,
         };
-        metrics.storage(&measured);
-        *self.0.write().expect("no panics under the lock") = Some(measured);
-        Ok(())
+        *self.0.write().expect("no panics under the lock") = Some(measured.clone());
+        Ok(measured)
     }
 }
 

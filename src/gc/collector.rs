@@ -130,7 +130,7 @@ pub async fn collect(
             }
         },
     };
-    let result = run(storage, leases, options, say, &mut lease).await;
+    let result = run(storage, options, say, &mut lease).await;
     if let Some(held) = lease {
         held.lease.release().await?;
     }
@@ -148,7 +148,6 @@ pub async fn collect(
 
 async fn run(
     storage: &Storage,
-    leases: &Leases,
     options: &Options,
     say: &(dyn Fn(&str) + Sync),
     lease: &mut Option<Held>,
@@ -234,7 +233,6 @@ async fn run(
 
     report.records_deleted = delete_records(
         storage,
-        leases,
         &scan,
         &Going {
             images: &dropped,
@@ -321,7 +319,7 @@ async fn images(
     pulled: &HashMap<String, u64>,
     known: Option<&HashMap<&str, SystemTime>>,
 ) -> Result<Vec<Image>, StorageError> {
-    let records = read_all(storage, "images", |bytes| {
+    let records = read_all_strictly(storage, "images", |bytes| {
         serde_json::from_slice::<ImageRecord>(bytes).ok()
     })
     .await?;
@@ -364,7 +362,7 @@ async fn image(
 /// The index records, with what they name; only those
 /// not in `known` (with the same write time) when it is given.
 async fn indexes(storage: &Storage, known: Option<&HashMap<&str, SystemTime>>) -> Result<Vec<Index>, StorageError> {
-    let records = read_all(storage, "indexes", |bytes| {
+    let records = read_all_strictly(storage, "indexes", |bytes| {
         serde_json::from_slice::<ManifestRecord>(bytes).ok()
     })
     .await?;
@@ -416,23 +414,55 @@ fn named(document: &[u8], field: &str) -> Vec<Digest> {
         .unwrap_or_default()
 }
 
-/// Every record below `prefix` with what `parse` makes of it (those it
-/// cannot read are left out).
+/// Every record below `prefix` with what `parse` makes of it (those gone
+/// since the listing are left out, and so are those it cannot read).
 async fn read_all<T>(
     storage: &Storage,
     prefix: &str,
     parse: impl Fn(&[u8]) -> Option<T>,
 ) -> Result<Vec<(Listed, T)>, StorageError> {
+    let (read, _) = read_all_or_unreadable(storage, prefix, parse).await?;
+    Ok(read)
+}
+
+/// Like [`read_all`], but those `parse` cannot read are an error: the
+/// blobs of a record this version cannot read (one a newer version wrote)
+/// must not be taken for unreached.
+async fn read_all_strictly<T>(
+    storage: &Storage,
+    prefix: &str,
+    parse: impl Fn(&[u8]) -> Option<T>,
+) -> Result<Vec<(Listed, T)>, StorageError> {
+    let (read, unreadable) = read_all_or_unreadable(storage, prefix, parse).await?;
+    match unreadable.first() {
+        None => Ok(read),
+        Some(key) => Err(StorageError::Io(std::io::Error::other(format!(
+            "cannot read the record {prefix}/{key} (and {} more): collecting nothing",
+            unreadable.len() - 1
+        )))),
+    }
+}
+
+async fn read_all_or_unreadable<T>(
+    storage: &Storage,
+    prefix: &str,
+    parse: impl Fn(&[u8]) -> Option<T>,
+) -> Result<(Vec<(Listed, T)>, Vec<String>), StorageError> {
     let listed = storage.list_records_meta(prefix).await?;
     let read: Vec<(Listed, Option<Bytes>)> =
         futures::stream::iter(listed.into_iter().map(|listed| read_one(storage, prefix, listed)))
             .buffer_unordered(AT_ONCE)
             .try_collect()
             .await?;
-    Ok(read
-        .into_iter()
-        .filter_map(|(listed, bytes)| Some((listed, parse(&bytes?)?)))
-        .collect())
+    let (mut parsed, mut unreadable) = (Vec::new(), Vec::new());
+    for (listed, bytes) in read {
+        let Some(bytes) = bytes else { continue };
+        match parse(&bytes) {
+            Some(value) => parsed.push((listed, value)),
+            None => unreadable.push(listed.key),
+        }
+    }
+    Ok((parsed, unreadable))
 }
 
 async fn read_one(storage: &Storage, prefix: &str, listed: Listed) -> Result<(Listed, Option<Bytes>), StorageError> {
@@ -443,7 +473,6 @@ async fn read_one(storage: &Storage, prefix: &str, listed: Listed) -> Result<(Li
 /// Deletes the records of what is dropped and of the blobs to delete; how many.
 async fn delete_records(
     storage: &Storage,
-    leases: &Leases,
     scan: &Scan,
     going: &Going<'_>,
     grace: Duration,
@@ -463,7 +492,6 @@ async fn delete_records(
         records.push(format!("plans/{}", image.key));
         records.push(format!("pulled/{}", image.key));
         records.extend(image.blobs.iter().map(|b| format!("blob-users/{b}/{}", image.key)));
-        leases.remove(&format!("build/{}", image.key)).await?;
     }
     records.extend(dropped_indexes.iter().map(|i| format!("indexes/{}", i.key)));
     // Plans and last pulls are written around an image record; those
@@ -477,6 +505,16 @@ async fn delete_records(
                 .filter(|o| !image_keys.contains(o.key.as_str()) && o.modified < grace_cutoff)
                 .map(|o| format!("{kind}/{}", o.key)),
         );
+    }
+    // Build leases go with their image, and those of builds that recorded
+    // nothing (they failed) once older than the grace.
+    let dropped_keys: HashSet<&str> = dropped.iter().map(|i| i.key.as_str()).collect();
+    for lease in storage.list_records_meta("leases/build").await? {
+        let image = lease.key.split('/').next().unwrap_or_default();
+        let orphan = !image_keys.contains(image) && lease.modified < grace_cutoff;
+        if dropped_keys.contains(image) || orphan {
+            records.push(format!("leases/build/{}", lease.key));
+        }
     }
     let layers = read_all(storage, "layers", |bytes| {
         serde_json::from_slice::<LayerDigests>(bytes).ok()
@@ -691,6 +729,35 @@ mod tests {
         assert_eq!(sorted(keep(&scan, &options)), ["new"]);
         options.max_bytes = Some(0);
         assert!(keep(&scan, &options).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_record_it_cannot_read_stops_the_collection() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::filesystem(dir.path()).await.unwrap();
+        let orphan = Digest::of(b"unreached");
+        storage
+            .put_blob(&orphan, bytes::Bytes::from_static(b"unreached"))
+            .await
+            .unwrap();
+        storage
+            .put_record(
+                "images/newer",
+                bytes::Bytes::from_static(b"{\"format\":\"from a newer version\"}"),
+            )
+            .await
+            .unwrap();
+        let options = Options {
+            keep_pulled_within: Duration::ZERO,
+            max_bytes: None,
+            grace: Duration::ZERO,
+            dry_run: true,
+            lease_ttl: Duration::from_secs(30),
+        };
+        let outcome = collect(&storage, &Leases::new(storage.clone()), &options, &|_| {}).await;
+        let error = outcome.unwrap_err().to_string();
+        assert!(error.contains("cannot read the record images/newer"), "{error}");
+        assert!(storage.blob_size(&orphan).await.unwrap().is_some());
     }
 
     #[test]
