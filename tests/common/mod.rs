@@ -6,6 +6,7 @@
 
 pub mod buckets;
 pub mod engines;
+pub mod store;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
