@@ -265,6 +265,12 @@ fn collection(store: &Store) {
     assert_eq!(done["store_objects_after"], objects.to_string());
     assert!(bytes < done["store_bytes_before"].parse().unwrap());
     store.assert_consistent();
+    let (_, budget) = store.gc(&source, &["--dry-run", "--max-bytes", "1KB"]);
+    assert_eq!(
+        (budget["images_kept"].as_str(), budget["images_dropped"].as_str()),
+        ("0", "1"),
+        "over the budget"
+    );
     assert_eq!(store.pull_digest(&registry, "shell/hello:v3"), images["v3"].1);
     assert_eq!(
         store.pull_digest(&registry, "shell/hello:v1"),

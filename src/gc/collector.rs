@@ -1,24 +1,23 @@
 //! One garbage collection, step by step (the protocol is in `mod.rs`):
-//! scan the records and blobs, decide what is kept, delete records, settle,
-//! scan again, delete blobs. Each step says its counts and bytes through
+//! scan the records and blobs (`scan.rs`), decide what is kept, delete
+//! records, settle, scan again for records written meanwhile, delete blobs. Each step says its counts and bytes through
 //! the caller's `say`; the [`Report`] sums them up.
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
+use super::scan::{Image, Index, Scan, images, indexes, manifest_blobs, read_all, scan, unix};
 use super::status::LastGc;
 use super::{GC_LEASE, Options, SETTLE, SWEEPING};
 use crate::archive::LayerDigests;
-use crate::cache::{ImageRecord, ManifestRecord};
 use crate::digest::Digest;
 use crate::leases::{Lease, Leases, Take};
-use crate::storage::{Listed, Storage, StorageError};
+use crate::storage::{Storage, StorageError};
 
 /// Reads and deletes in flight at once.
-const AT_ONCE: usize = 16;
+pub(super) const AT_ONCE: usize = 16;
 
 /// How a collection ended.
 #[derive(Debug)]
@@ -77,37 +76,11 @@ impl Report {
     }
 }
 
-/// An image record and what it reaches.
-struct Image {
-    key: String,
-    /// Unix seconds of its last pull or build.
-    last: u64,
-    modified: SystemTime,
-    /// Hex digests of its manifests, config and layers.
-    blobs: HashSet<String>,
-}
-
-/// An index record and what it names.
-struct Index {
-    key: String,
-    modified: SystemTime,
-    /// Hex digests of the index, and of its manifests.
-    document: String,
-    manifests: Vec<String>,
-}
-
 /// What a collection drops: images, indexes, and blobs with their sizes.
 struct Going<'a> {
     images: &'a [&'a Image],
     indexes: &'a [&'a Index],
     blobs: &'a HashMap<String, u64>,
-}
-
-/// The records and blobs in storage at one moment.
-struct Scan {
-    blobs: HashMap<String, Listed>,
-    images: Vec<Image>,
-    indexes: Vec<Index>,
 }
 
 /// Runs one collection with `options`, saying each step's figures.
@@ -167,38 +140,20 @@ async fn run(
         report.store_objects_before,
         bytes(report.store_bytes_before),
     ));
-    let kept = keep(&scan, options);
-    let dropped: Vec<&Image> = scan.images.iter().filter(|i| !kept.contains(i.key.as_str())).collect();
-    let kept_manifests: HashSet<&str> = scan
-        .images
-        .iter()
-        .filter(|i| kept.contains(i.key.as_str()))
-        .flat_map(|i| i.blobs.iter().map(String::as_str))
-        .collect();
-    let (kept_indexes, dropped_indexes): (Vec<&Index>, Vec<&Index>) = scan
-        .indexes
-        .iter()
-        .partition(|index| index.manifests.iter().all(|m| kept_manifests.contains(m.as_str())));
-    let mut reachable: HashSet<String> = kept_manifests.iter().map(|&m| m.to_owned()).collect();
-    reachable.extend(kept_indexes.iter().map(|i| i.document.clone()));
-    report.images_kept = kept.len();
+    let Decision {
+        dropped,
+        dropped_indexes,
+        reachable,
+        mut doomed,
+        young,
+    } = decide(&scan, options);
+    report.images_kept = scan.images.len() - dropped.len();
     report.images_dropped = dropped.len();
-    report.indexes_kept = kept_indexes.len();
+    report.indexes_kept = scan.indexes.len() - dropped_indexes.len();
     report.indexes_dropped = dropped_indexes.len();
-    let present = |hex: &String| scan.blobs.contains_key(hex);
-    report.blobs_kept = reachable.iter().filter(|h| present(h)).count();
+    report.blobs_kept = reachable.iter().filter(|h| scan.blobs.contains_key(*h)).count();
     report.bytes_kept = reachable.iter().filter_map(|h| scan.blobs.get(h)).map(|b| b.size).sum();
-    let cutoff = SystemTime::now() - options.grace;
-    let mut doomed: HashMap<String, u64> = HashMap::new();
-    for (hex, blob) in &scan.blobs {
-        if reachable.contains(hex) {
-            continue;
-        }
-        match blob.modified < cutoff {
-            true => drop(doomed.insert(hex.clone(), blob.size)),
-            false => report.blobs_young += 1,
-        }
-    }
+    report.blobs_young = young;
     say(&format!(
         "gc: keep {} images and {} indexes ({} blobs, {}); drop {} images and {} indexes; {} blobs ({}) unreached, {} of them within the grace",
         report.images_kept,
@@ -218,40 +173,32 @@ async fn run(
             ago(image.last)
         ));
     }
+    let going = Going {
+        images: &dropped,
+        indexes: &dropped_indexes,
+        blobs: &doomed,
+    };
+    let records = records_going(storage, &scan, &going, options.grace).await?;
+    report.records_deleted = records.len();
     if options.dry_run {
         report.blobs_deleted = doomed.len();
         report.bytes_deleted = doomed.values().sum();
         report.store_bytes_after = report.store_bytes_before - report.bytes_deleted;
-        report.store_objects_after = report.store_objects_before - report.blobs_deleted as u64;
+        report.store_objects_after =
+            report.store_objects_before - (report.blobs_deleted + report.records_deleted) as u64;
         say(&format!(
-            "gc: dry run: would delete {} blobs ({}) and the records of what is dropped; nothing changed",
+            "gc: dry run: would delete {} records and {} blobs ({}); nothing changed",
+            report.records_deleted,
             report.blobs_deleted,
             bytes(report.bytes_deleted)
         ));
         return Ok(report);
     }
-
-    report.records_deleted = delete_records(
-        storage,
-        &scan,
-        &Going {
-            images: &dropped,
-            indexes: &dropped_indexes,
-            blobs: &doomed,
-        },
-        options.grace,
-        lease,
-    )
-    .await?;
+    delete_records(storage, &records, lease).await?;
     say(&format!("gc: deleted {} records", report.records_deleted));
 
     if let Some(held) = lease.as_mut() {
-        held.renew(Some(SWEEPING)).await?;
-        let settled = Instant::now() + SETTLE;
-        while Instant::now() < settled {
-            tokio::time::sleep(held.every().min(settled - Instant::now())).await;
-            held.renew(Some(SWEEPING)).await?;
-        }
+        held.settle().await?;
     }
     let spared = spare_new_records(storage, &scan, &mut doomed).await?;
     if spared > 0 {
@@ -260,12 +207,57 @@ async fn run(
         ));
     }
     let (count, deleted) = delete_blobs(storage, &doomed, lease).await?;
+    // The other notes of the deleted blobs (those of dropped images went
+    // with their records).
+    let dropped_keys: HashSet<&str> = dropped.iter().map(|i| i.key.as_str()).collect();
+    let notes: Vec<String> = (scan.notes.iter())
+        .filter(|(blob, image)| doomed.contains_key(blob) && !dropped_keys.contains(image.as_str()))
+        .map(|(blob, image)| format!("blob-users/{blob}/{image}"))
+        .collect();
+    delete_records(storage, &notes, lease).await?;
+    report.records_deleted += notes.len();
     report.blobs_deleted = count;
     report.bytes_deleted = deleted;
     say(&format!("gc: deleted {count} blobs ({})", bytes(deleted)));
 
     LastGc::from_report(&report).write(storage).await?;
     Ok(report)
+}
+
+/// What a scan leads to.
+struct Decision<'a> {
+    dropped: Vec<&'a Image>,
+    dropped_indexes: Vec<&'a Index>,
+    /// Blobs (hex) that kept records reach.
+    reachable: HashSet<String>,
+    /// Blobs to delete, with their sizes: unreached and older than the grace.
+    doomed: HashMap<String, u64>,
+    /// Blobs unreached but within the grace.
+    young: usize,
+}
+
+/// Which images and indexes go, and which blobs with them.
+fn decide<'a>(scan: &'a Scan, options: &Options) -> Decision<'a> {
+    let kept = keep(scan, options);
+    let (kept_images, dropped): (Vec<&Image>, Vec<&Image>) =
+        scan.images.iter().partition(|i| kept.contains(i.key.as_str()));
+    let kept_blobs: HashSet<&str> = (kept_images.iter())
+        .flat_map(|i| i.blobs.iter().map(String::as_str))
+        .collect();
+    let (kept_indexes, dropped_indexes): (Vec<&Index>, Vec<&Index>) =
+        (scan.indexes.iter()).partition(|index| index.manifests.iter().all(|m| kept_blobs.contains(m.as_str())));
+    let mut reachable: HashSet<String> = kept_blobs.iter().map(|&b| b.to_owned()).collect();
+    reachable.extend(kept_indexes.iter().map(|i| i.document.clone()));
+    let cutoff = SystemTime::now() - options.grace;
+    let unreached = scan.blobs.iter().filter(|(hex, _)| !reachable.contains(*hex));
+    let (old, young): (Vec<_>, Vec<_>) = unreached.partition(|(_, blob)| blob.modified < cutoff);
+    Decision {
+        dropped,
+        dropped_indexes,
+        doomed: old.into_iter().map(|(hex, blob)| (hex.clone(), blob.size)).collect(),
+        young: young.len(),
+        reachable,
+    }
 }
 
 /// The keys of the images kept: pulled within the period, then the most
@@ -291,228 +283,43 @@ fn keep<'a>(scan: &'a Scan, options: &Options) -> HashSet<&'a str> {
     kept
 }
 
-/// Lists blobs and reads every image and index record and the manifests
-/// they name.
-async fn scan(storage: &Storage) -> Result<Scan, StorageError> {
-    let blobs = storage
-        .list_blobs()
-        .await?
-        .into_iter()
-        .map(|b| (b.key.clone(), b))
-        .collect();
-    let pulled: HashMap<String, u64> = read_all(storage, "pulled", |bytes| {
-        serde_json::from_slice::<serde_json::Value>(bytes).ok()?["at"].as_u64()
-    })
-    .await?
-    .into_iter()
-    .map(|(listed, at)| (listed.key, at))
-    .collect();
-    let images = images(storage, &pulled, None).await?;
-    let indexes = indexes(storage, None).await?;
-    Ok(Scan { blobs, images, indexes })
-}
-
-/// The image records, with what they reach; only those not in `known`
-/// (with the same write time) when it is given.
-async fn images(
-    storage: &Storage,
-    pulled: &HashMap<String, u64>,
-    known: Option<&HashMap<&str, SystemTime>>,
-) -> Result<Vec<Image>, StorageError> {
-    let records = read_all_strictly(storage, "images", |bytes| {
-        serde_json::from_slice::<ImageRecord>(bytes).ok()
-    })
-    .await?;
-    let fresh = records
-        .into_iter()
-        .filter(|(listed, _)| known.is_none_or(|k| k.get(listed.key.as_str()) != Some(&listed.modified)));
-    let fresh: Vec<(Listed, ImageRecord)> = fresh.collect();
-    futures::stream::iter(
-        fresh
-            .into_iter()
-            .map(|(listed, record)| image(storage, pulled, listed, record)),
-    )
-    .buffer_unordered(AT_ONCE)
-    .try_collect()
-    .await
-}
-
-async fn image(
-    storage: &Storage,
-    pulled: &HashMap<String, u64>,
-    listed: Listed,
-    record: ImageRecord,
-) -> Result<Image, StorageError> {
-    let mut blobs = HashSet::new();
-    for (_, manifest) in &record.manifests {
-        blobs.extend(manifest_blobs(storage, &manifest.digest).await?);
-    }
-    let last = pulled
-        .get(&listed.key)
-        .copied()
-        .unwrap_or_else(|| unix(listed.modified));
-    Ok(Image {
-        key: listed.key,
-        last,
-        modified: listed.modified,
-        blobs,
-    })
-}
-
-/// The index records, with what they name; only those
-/// not in `known` (with the same write time) when it is given.
-async fn indexes(storage: &Storage, known: Option<&HashMap<&str, SystemTime>>) -> Result<Vec<Index>, StorageError> {
-    let records = read_all_strictly(storage, "indexes", |bytes| {
-        serde_json::from_slice::<ManifestRecord>(bytes).ok()
-    })
-    .await?;
-    let fresh = records
-        .into_iter()
-        .filter(|(listed, _)| known.is_none_or(|k| k.get(listed.key.as_str()) != Some(&listed.modified)));
-    let fresh: Vec<(Listed, ManifestRecord)> = fresh.collect();
-    futures::stream::iter(fresh.into_iter().map(|(listed, record)| index(storage, listed, record)))
-        .buffer_unordered(AT_ONCE)
-        .try_collect()
-        .await
-}
-
-async fn index(storage: &Storage, listed: Listed, record: ManifestRecord) -> Result<Index, StorageError> {
-    let manifests = match storage.read_small_blob(&record.digest, None).await? {
-        Some(bytes) => named(&bytes, "manifests").iter().map(|d| d.hex().to_owned()).collect(),
-        None => vec![],
-    };
-    Ok(Index {
-        key: listed.key,
-        modified: listed.modified,
-        document: record.digest.hex().to_owned(),
-        manifests,
-    })
-}
-
-/// A manifest's own digest, its config's and its layers', as hex.
-async fn manifest_blobs(storage: &Storage, manifest: &Digest) -> Result<Vec<String>, StorageError> {
-    let mut blobs = vec![manifest.hex().to_owned()];
-    if let Some(bytes) = storage.read_small_blob(manifest, None).await? {
-        let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-        if let Some(config) = value["config"]["digest"]
-            .as_str()
-            .and_then(|d| d.parse::<Digest>().ok())
-        {
-            blobs.push(config.hex().to_owned());
-        }
-        blobs.extend(named(&bytes, "layers").into_iter().map(|d| d.hex().to_owned()));
-    }
-    Ok(blobs)
-}
-
-/// The digests of the descriptors in a document's list `field`.
-fn named(document: &[u8], field: &str) -> Vec<Digest> {
-    let value: serde_json::Value = serde_json::from_slice(document).unwrap_or_default();
-    value[field]
-        .as_array()
-        .map(|list| list.iter().filter_map(|d| d["digest"].as_str()?.parse().ok()).collect())
-        .unwrap_or_default()
-}
-
-/// Every record below `prefix` with what `parse` makes of it (those gone
-/// since the listing are left out, and so are those it cannot read).
-async fn read_all<T>(
-    storage: &Storage,
-    prefix: &str,
-    parse: impl Fn(&[u8]) -> Option<T>,
-) -> Result<Vec<(Listed, T)>, StorageError> {
-    let (read, _) = read_all_or_unreadable(storage, prefix, parse).await?;
-    Ok(read)
-}
-
-/// Like [`read_all`], but those `parse` cannot read are an error: the
-/// blobs of a record this version cannot read (one a newer version wrote)
-/// must not be taken for unreached.
-async fn read_all_strictly<T>(
-    storage: &Storage,
-    prefix: &str,
-    parse: impl Fn(&[u8]) -> Option<T>,
-) -> Result<Vec<(Listed, T)>, StorageError> {
-    let (read, unreadable) = read_all_or_unreadable(storage, prefix, parse).await?;
-    match unreadable.first() {
-        None => Ok(read),
-        Some(key) => Err(StorageError::Io(std::io::Error::other(format!(
-            "cannot read the record {prefix}/{key} (and {} more): collecting nothing",
-            unreadable.len() - 1
-        )))),
-    }
-}
-
-async fn read_all_or_unreadable<T>(
-    storage: &Storage,
-    prefix: &str,
-    parse: impl Fn(&[u8]) -> Option<T>,
-) -> Result<(Vec<(Listed, T)>, Vec<String>), StorageError> {
-    let listed = storage.list_records_meta(prefix).await?;
-    let read: Vec<(Listed, Option<Bytes>)> =
-        futures::stream::iter(listed.into_iter().map(|listed| read_one(storage, prefix, listed)))
-            .buffer_unordered(AT_ONCE)
-            .try_collect()
-            .await?;
-    let (mut parsed, mut unreadable) = (Vec::new(), Vec::new());
-    for (listed, bytes) in read {
-        let Some(bytes) = bytes else { continue };
-        match parse(&bytes) {
-            Some(value) => parsed.push((listed, value)),
-            None => unreadable.push(listed.key),
-        }
-    }
-    Ok((parsed, unreadable))
-}
-
-async fn read_one(storage: &Storage, prefix: &str, listed: Listed) -> Result<(Listed, Option<Bytes>), StorageError> {
-    let bytes = storage.get_record(&format!("{prefix}/{}", listed.key)).await?;
-    Ok((listed, bytes))
-}
-
-/// Deletes the records of what is dropped and of the blobs to delete; how many.
-async fn delete_records(
+/// The records of what is dropped and of the blobs to delete, in the order
+/// they go.
+async fn records_going(
     storage: &Storage,
     scan: &Scan,
     going: &Going<'_>,
     grace: Duration,
-    lease: &mut Option<Held>,
-) -> Result<usize, StorageError> {
-    let Going {
-        images: dropped,
-        indexes: dropped_indexes,
-        blobs: doomed,
-    } = going;
+) -> Result<Vec<String>, StorageError> {
     let image_keys: HashSet<&str> = scan.images.iter().map(|i| i.key.as_str()).collect();
+    let dropped: HashSet<&str> = going.images.iter().map(|i| i.key.as_str()).collect();
     let mut records: Vec<String> = Vec::new();
-    for image in dropped.iter() {
-        // The image record first: a collector killed after it leaves only
-        // records nothing reads.
+    for image in going.images {
         records.push(format!("images/{}", image.key));
         records.push(format!("plans/{}", image.key));
         records.push(format!("pulled/{}", image.key));
-        records.extend(image.blobs.iter().map(|b| format!("blob-users/{b}/{}", image.key)));
     }
-    records.extend(dropped_indexes.iter().map(|i| format!("indexes/{}", i.key)));
+    records.extend(going.indexes.iter().map(|i| format!("indexes/{}", i.key)));
+    let noted = scan.notes.iter().filter(|(_, image)| dropped.contains(image.as_str()));
+    records.extend(noted.map(|(blob, image)| format!("blob-users/{blob}/{image}")));
     // Plans and last pulls are written around an image record; those
     // without one, and older than the grace, belong to no build.
-    let grace_cutoff = SystemTime::now() - grace;
+    let cutoff = SystemTime::now() - grace;
     for kind in ["plans", "pulled"] {
         let orphans = storage.list_records_meta(kind).await?;
         records.extend(
             orphans
                 .into_iter()
-                .filter(|o| !image_keys.contains(o.key.as_str()) && o.modified < grace_cutoff)
+                .filter(|o| !image_keys.contains(o.key.as_str()) && o.modified < cutoff)
                 .map(|o| format!("{kind}/{}", o.key)),
         );
     }
     // Build leases go with their image, and those of builds that recorded
     // nothing (they failed) once older than the grace.
-    let dropped_keys: HashSet<&str> = dropped.iter().map(|i| i.key.as_str()).collect();
     for lease in storage.list_records_meta("leases/build").await? {
         let image = lease.key.split('/').next().unwrap_or_default();
-        let orphan = !image_keys.contains(image) && lease.modified < grace_cutoff;
-        if dropped_keys.contains(image) || orphan {
+        let orphan = !image_keys.contains(image) && lease.modified < cutoff;
+        if dropped.contains(image) || orphan {
             records.push(format!("leases/build/{}", lease.key));
         }
     }
@@ -523,13 +330,19 @@ async fn delete_records(
     records.extend(
         layers
             .into_iter()
-            .filter(|(_, layer)| doomed.contains_key(layer.digest.hex()))
+            .filter(|(_, layer)| going.blobs.contains_key(layer.digest.hex()))
             .map(|(listed, _)| format!("layers/{}", listed.key)),
     );
     records.sort();
     records.dedup();
-    // Image records before everything else they lead to.
+    // Image records before everything else they lead to: a collector
+    // killed after them leaves only records nothing reads.
     records.sort_by_key(|r| !r.starts_with("images/"));
+    Ok(records)
+}
+
+/// Deletes `records`, in their order, while the lease holds.
+async fn delete_records(storage: &Storage, records: &[String], lease: &mut Option<Held>) -> Result<(), StorageError> {
     for chunk in records.chunks(AT_ONCE * 4) {
         keep_lease(lease, None).await?;
         futures::stream::iter(chunk.iter().cloned().map(|record| delete_record(storage, record)))
@@ -537,7 +350,7 @@ async fn delete_records(
             .try_collect::<()>()
             .await?;
     }
-    Ok(records.len())
+    Ok(())
 }
 
 /// Takes out of `doomed` the blobs that records written since the scan
@@ -565,8 +378,7 @@ async fn spare_new_records(
     Ok(before - doomed.len())
 }
 
-/// Deletes the doomed blobs while the lease holds, then the notes of who
-/// used them; how many blobs, and their bytes.
+/// Deletes the doomed blobs while the lease holds; how many, and their bytes.
 async fn delete_blobs(
     storage: &Storage,
     doomed: &HashMap<String, u64>,
@@ -591,16 +403,11 @@ async fn delete_record(storage: &Storage, record: String) -> Result<(), StorageE
     storage.delete_record(&record).await
 }
 
-/// Deletes a blob, then the notes of who used it.
 async fn delete_blob(storage: &Storage, hex: String) -> Result<(), StorageError> {
     let digest: Digest = format!("sha256:{hex}")
         .parse()
         .expect("listed blobs are named by digest");
-    storage.delete_blob(&digest).await?;
-    for user in storage.list_records(&format!("blob-users/{hex}")).await? {
-        storage.delete_record(&format!("blob-users/{hex}/{user}")).await?;
-    }
-    Ok(())
+    storage.delete_blob(&digest).await
 }
 
 /// The collector's lease, and when it was last renewed.
@@ -620,6 +427,17 @@ impl Held {
     /// How often to renew: a third of the lease's time to live.
     fn every(&self) -> Duration {
         self.lease.ttl() / 3
+    }
+
+    /// Marks the lease sweeping and waits [`SETTLE`], renewing it.
+    async fn settle(&mut self) -> Result<(), StorageError> {
+        self.renew(Some(SWEEPING)).await?;
+        let settled = Instant::now() + SETTLE;
+        while Instant::now() < settled {
+            tokio::time::sleep(self.every().min(settled - Instant::now())).await;
+            self.renew(Some(SWEEPING)).await?;
+        }
+        Ok(())
     }
 
     /// Renews the lease; an error if it may have run out meanwhile (the
@@ -661,10 +479,6 @@ fn ago(at: u64) -> String {
     }
 }
 
-fn unix(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
 fn unix_now() -> u64 {
     unix(SystemTime::now())
 }
@@ -672,6 +486,7 @@ fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::Listed;
 
     fn listed(key: &str, size: u64) -> (String, Listed) {
         let listed = Listed {
@@ -705,6 +520,7 @@ mod tests {
                 image("ancient", now - 90 * 86400, &["a"]),
             ],
             indexes: vec![],
+            notes: vec![],
         };
         let mut options = Options {
             keep_pulled_within: Duration::from_secs(30 * 86400),

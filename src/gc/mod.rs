@@ -29,6 +29,7 @@
 
 mod collector;
 pub mod guard;
+mod scan;
 mod status;
 
 use std::time::Duration;
