@@ -459,18 +459,10 @@ impl Storage {
 
     /// The keys of the cache records below `prefix` (relative to it).
     pub async fn list_records(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
-        let below = record_path(prefix);
-        let listed: Result<Vec<_>, _> = self.store.list(Some(&below)).try_collect().await;
-        let listed = match listed {
-            Err(object_store::Error::NotFound { .. }) => return Ok(vec![]),
-            listed => listed?,
-        };
+        let listed = self.list_below(&record_path(prefix)).await?;
         Ok(listed
             .into_iter()
-            .filter_map(|meta| {
-                let mut parts = meta.location.prefix_match(&below)?;
-                Some(parts.next()?.as_ref().to_owned())
-            })
+            .map(|record| record.key.split('/').next().unwrap_or_default().to_owned())
             .collect())
     }
 
