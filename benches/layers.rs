@@ -212,6 +212,7 @@ fn updated(graph: &RuntimeGraph, name: &str, seed: u64, k: u64) -> Option<Runtim
             path: rename(&p.path),
             nar_size: p.nar_size,
             references: p.references.iter().map(|r| rename(r)).collect(),
+            ..Default::default()
         })
         .collect();
     RuntimeGraph::new(graph.roots.iter().map(|r| rename(r)).collect(), paths).ok()

@@ -35,6 +35,8 @@ let
       description,
       script,
       mainProgram ? pname,
+      license ? null,
+      homepage ? null,
     }:
     derivation {
       name = "${pname}-${version}";
@@ -49,7 +51,11 @@ let
     }
     // {
       inherit pname version;
-      meta = { inherit description mainProgram; };
+      meta = {
+        inherit description mainProgram;
+      }
+      // (if license == null then { } else { inherit license; })
+      // (if homepage == null then { } else { inherit homepage; });
     };
 
   # Writes `$out/<file>`: `kib` KiB of deterministic pseudo-random hex text
@@ -340,6 +346,12 @@ in
     pname = "hello";
     version = "2.12.1";
     description = "Stand-in for GNU hello: a busybox-sh script that prints a greeting";
+    # What GNU hello's meta says, as nixpkgs' lib.licenses spells it.
+    license = {
+      spdxId = "GPL-3.0-or-later";
+      shortName = "gpl3Plus";
+    };
+    homepage = "https://www.gnu.org/software/hello/manual/";
     script = script "hello" ''echo "Hello, world!"'';
   };
 
@@ -347,6 +359,11 @@ in
     pname = "git";
     version = "2.47.1";
     description = "Stand-in for git: a busybox-sh script and a libexec tree using curl, OpenSSL, zlib and PCRE2";
+    license = [
+      { spdxId = "GPL-2.0-only"; }
+      { spdxId = "LGPL-2.1-or-later"; }
+    ];
+    homepage = "https://git-scm.com/";
     script =
       script "git" ''echo "git version 2.47.1 (nixery test package)"''
       + filler "libexec/git-core/git-remote-https" 20 768 [

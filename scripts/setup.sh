@@ -66,6 +66,14 @@ if [[ "${1:-}" == test || "${1:-}" == bench ]] && ! [[ -x $tools/bin/weed && -x 
   ln -sfn "$(find "$tools/venv" -type f -name 'fake-gcs-server-linux-amd64' | head -1)" "$tools/bin/fake-gcs-server"
 fi
 
+# What the SBOM tests read and check documents with, from PyPI: the oras
+# Python SDK, spdx-tools and cyclonedx-python-lib's JSON schema validation.
+if [[ "${1:-}" == test ]] && ! [[ -x $tools/sbom/bin/pyspdxtools ]]; then
+  echo "setup: installing oras, spdx-tools and cyclonedx-python-lib in $tools/sbom"
+  python3 -m venv "$tools/sbom"
+  "$tools/sbom/bin/pip" install -q oras==0.2.43 spdx-tools==0.8.5 'cyclonedx-python-lib[json-validation]==11.12.0'
+fi
+
 # The Debian package set (pkgs-debian): its .deb files, fetched with apt-get
 # download into the cache folder. When Debian's archive no longer has a
 # pinned version (security updates replace them), the set is generated again

@@ -1,6 +1,7 @@
 //! Records of what was built, by key: which manifests an image resolved to
-//! (per layer set), which index a multi-arch tag resolved to, and which
-//! blob a layer's contents were packed into. Kept in
+//! (per layer set), which index a multi-arch tag resolved to, which blob a
+//! layer's contents were packed into, and which artifacts (SBOMs,
+//! provenance) refer to a manifest. Kept in
 //! memory (moka, bounded) in front of records in storage, so that a
 //! restarted registry finds them too. Beside them, in storage only: each
 //! image's layer plan as built (for its web page), and which images use
@@ -15,13 +16,15 @@ use serde::de::DeserializeOwned;
 
 use crate::archive::LayerDigests;
 use crate::digest::Digest;
-use crate::oci::Format;
+use crate::oci::{Format, Referrer};
 use crate::storage::{Storage, StorageError};
 
 const IMAGE_ENTRIES: u64 = 10_000;
 const LAYER_ENTRIES: u64 = 100_000;
 /// Where the images that use a blob are noted: `blob-users/<hex>/<image key>`.
 const USERS: &str = "blob-users";
+/// Where the artifacts that refer to a manifest are listed: `referrers/<hex>`.
+pub const REFERRERS: &str = "referrers";
 /// Notes written at once.
 const NOTES_AT_ONCE: usize = 8;
 
@@ -65,13 +68,14 @@ pub struct PlanLayer {
     pub packed: LayerDigests,
 }
 
-/// The image, index and layer caches.
+/// The image, index, layer and referrer caches.
 #[derive(Clone)]
 pub struct Caches {
     storage: Storage,
     images: Cache<String, ImageRecord>,
     indexes: Cache<String, ManifestRecord>,
     layers: Cache<String, LayerDigests>,
+    referrers: Cache<String, Vec<Referrer>>,
 }
 
 impl Caches {
@@ -81,6 +85,7 @@ impl Caches {
             images: Cache::new(IMAGE_ENTRIES),
             indexes: Cache::new(IMAGE_ENTRIES),
             layers: Cache::new(LAYER_ENTRIES),
+            referrers: Cache::new(IMAGE_ENTRIES),
         }
     }
 
@@ -151,6 +156,17 @@ impl Caches {
 
     pub async fn put_layer(&self, key: &str, record: LayerDigests) -> Result<(), StorageError> {
         store(&self.storage, &self.layers, "layers", key, record).await
+    }
+
+    /// The artifacts that refer to a manifest (its SBOMs and provenance);
+    /// none when nothing does.
+    pub async fn referrers(&self, subject: &Digest) -> Result<Vec<Referrer>, StorageError> {
+        let found = lookup(&self.storage, &self.referrers, REFERRERS, subject.hex()).await?;
+        Ok(found.unwrap_or_default())
+    }
+
+    pub async fn put_referrers(&self, subject: &Digest, referrers: Vec<Referrer>) -> Result<(), StorageError> {
+        store(&self.storage, &self.referrers, REFERRERS, subject.hex(), referrers).await
     }
 }
 

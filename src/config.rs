@@ -353,6 +353,9 @@ pub struct ServeArgs {
     pull_record_interval: u64,
     #[command(flatten)]
     retention: RetentionArgs,
+    /// Who the images' provenance names as their builder (a URI).
+    #[arg(long, env = "NIXERY_BUILDER_ID", default_value = "urn:nixery:builder")]
+    builder_id: String,
     /// Log format.
     #[arg(long, env = "NIXERY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -459,6 +462,8 @@ pub struct ServeConfig {
     pub gc_interval: Option<Duration>,
     /// How long a lease lasts unless renewed.
     pub lease_ttl: Duration,
+    /// Who the provenance names as the builder.
+    pub builder_id: String,
     pub max_packages: usize,
     pub builds_per_client: usize,
     pub header_timeout: Duration,
@@ -524,6 +529,7 @@ impl ServeArgs {
             },
             gc_interval: self.retention.gc_interval,
             lease_ttl: Duration::from_secs(self.retention.lease_ttl),
+            builder_id: self.builder_id.clone(),
             max_packages: self.max_packages.into(),
             builds_per_client: self.client_builds.into(),
             header_timeout: Duration::from_secs(self.header_timeout),

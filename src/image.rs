@@ -33,6 +33,8 @@ pub struct ImageRequest {
     pub pinned_arch: Option<Arch>,
     /// The user the image runs as when a meta-package names one; else root.
     pub user: Option<User>,
+    /// The meta-packages the name starts with, and the packages each adds.
+    pub metas: Vec<(String, Vec<String>)>,
 }
 
 impl ImageRequest {
@@ -46,8 +48,8 @@ impl ImageRequest {
         }
         let components: Vec<&str> = name.split('/').collect();
         let meta_len = components.iter().take_while(|c| metas.get(c).is_some()).count();
-        let (meta, named) = components.split_at(meta_len);
-        let meta: Vec<_> = meta.iter().filter_map(|c| metas.get(c)).collect();
+        let (meta_names, named) = components.split_at(meta_len);
+        let meta: Vec<_> = meta_names.iter().filter_map(|c| metas.get(c)).collect();
 
         let mut requested: Vec<String> = named.iter().map(|s| s.to_string()).collect();
         requested.extend(meta.iter().flat_map(|m| m.packages.iter().cloned()));
@@ -69,6 +71,9 @@ impl ImageRequest {
             requested,
             pinned_arch: meta.iter().find_map(|m| m.architecture),
             user: meta.iter().find_map(|m| m.user.clone()),
+            metas: (meta_names.iter().zip(&meta))
+                .map(|(name, m)| (name.to_string(), m.packages.clone()))
+                .collect(),
         })
     }
 

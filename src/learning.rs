@@ -69,7 +69,7 @@ mod tests {
             .map(|p| PathInfo {
                 path: format!("/nix/store/{:0<32}-{p}", "h"),
                 nar_size: 1,
-                references: vec![],
+                ..Default::default()
             })
             .collect();
         RuntimeGraph::new(vec![], infos).unwrap()

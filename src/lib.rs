@@ -29,6 +29,7 @@ pub mod programs;
 pub mod pulls;
 pub mod redact;
 pub mod reference;
+pub mod sbom;
 pub mod server;
 pub mod source;
 pub mod storage;

@@ -332,6 +332,7 @@ async fn open(config: ServeConfig) -> anyhow::Result<AppState> {
         max_packages: config.max_packages,
         builds_per_client: config.builds_per_client,
         lease_ttl: config.lease_ttl,
+        builder_id: config.builder_id,
     };
     let metrics = Arc::new(Metrics::default());
     let activity = Arc::new(Activity::default());

@@ -24,6 +24,13 @@ pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+/// The config of artifacts, and its bytes.
+pub const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+pub const EMPTY_JSON: &[u8] = b"{}";
+/// When artifacts say they were made: the Unix epoch, as their contents
+/// depend on the image only.
+pub const CREATED: &str = "1970-01-01T00:00:00Z";
+const CREATED_ANNOTATION: &str = "org.opencontainers.image.created";
 
 /// Manifest media types this registry can serve by digest.
 const MANIFEST_TYPES: [&str; 4] = [DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_MANIFEST, OCI_INDEX];
@@ -100,7 +107,7 @@ pub struct Document {
 }
 
 impl Document {
-    fn new(bytes: Vec<u8>) -> Self {
+    pub fn new(bytes: Vec<u8>) -> Self {
         Document {
             digest: Digest::of(&bytes),
             bytes,
@@ -232,15 +239,64 @@ pub fn index(format: Format, entries: &[IndexEntry]) -> Result<Document, OciErro
     Ok(Document::new(serde_json::to_vec(&index)?))
 }
 
-/// What the referrers API answers for a digest nothing refers to.
-pub fn empty_index() -> Document {
+/// A manifest that refers to another: an artifact of `artifact_type`
+/// holding one blob (of that media type), whose subject is a manifest.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Referrer {
+    pub digest: Digest,
+    pub size: u64,
+    pub artifact_type: String,
+}
+
+/// A manifest, as a subject names it.
+pub struct Subject<'a> {
+    pub media_type: &'a str,
+    pub digest: &'a Digest,
+    pub size: u64,
+}
+
+/// The artifact manifest of `blob` (whose media type is `artifact_type`)
+/// about `subject`, with the empty config.
+pub fn artifact(artifact_type: &str, blob: &Document, subject: &Subject) -> Result<Document, OciError> {
+    let empty = Digest::of(EMPTY_JSON);
+    let manifest = ImageManifestBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::from(OCI_MANIFEST))
+        .artifact_type(MediaType::from(artifact_type))
+        .config(descriptor(OCI_EMPTY, &empty, EMPTY_JSON.len() as u64).build()?)
+        .layers(vec![
+            descriptor(artifact_type, &blob.digest, blob.bytes.len() as u64).build()?,
+        ])
+        .subject(descriptor(subject.media_type, subject.digest, subject.size).build()?)
+        .annotations(created())
+        .build()?;
+    Ok(Document::new(serde_json::to_vec(&manifest)?))
+}
+
+/// What the referrers API answers: an index of the artifacts that refer
+/// to a manifest (none, for a digest nothing refers to).
+pub fn referrers_index(referrers: &[Referrer]) -> Document {
+    let manifests: Vec<Descriptor> = referrers
+        .iter()
+        .map(|referrer| {
+            descriptor(OCI_MANIFEST, &referrer.digest, referrer.size)
+                .artifact_type(MediaType::from(referrer.artifact_type.as_str()))
+                .annotations(created())
+                .build()
+                .expect("a referrer's descriptor is valid")
+        })
+        .collect();
     let index = ImageIndexBuilder::default()
         .schema_version(2u32)
         .media_type(MediaType::from(OCI_INDEX))
-        .manifests(Vec::new())
+        .manifests(manifests)
         .build()
-        .expect("an empty index is valid");
+        .expect("an index of descriptors is valid");
     Document::new(serde_json::to_vec(&index).expect("an index serialises"))
+}
+
+fn created() -> std::collections::HashMap<String, String> {
+    std::collections::HashMap::from([(CREATED_ANNOTATION.to_owned(), CREATED.to_owned())])
 }
 
 /// The media type a stored manifest declares, if the bytes are a manifest
@@ -402,7 +458,7 @@ mod tests {
         assert_eq!(manifest_media_type(&docker.bytes), Some(DOCKER_MANIFEST_LIST));
         assert!(String::from_utf8(docker.bytes).unwrap().contains(DOCKER_MANIFEST));
         assert_eq!(
-            String::from_utf8(empty_index().bytes).unwrap(),
+            String::from_utf8(referrers_index(&[]).bytes).unwrap(),
             format!(r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[]}}"#)
         );
     }

@@ -33,8 +33,8 @@ const FLAKE_LOCK_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_CHANNEL_URL: &str = "https://github.com/NixOS/nixpkgs/archive/{channel}.tar.gz";
 /// The channel allow-list entry that lets a tag name any nixpkgs commit.
 pub const ANY_COMMIT: &str = "commits";
-const SOURCE_LABEL: &str = "org.opencontainers.image.source";
-const REVISION_LABEL: &str = "org.opencontainers.image.revision";
+pub const SOURCE_LABEL: &str = "org.opencontainers.image.source";
+pub const REVISION_LABEL: &str = "org.opencontainers.image.revision";
 /// How long listing a git repository's refs may take.
 const GIT_LIST_TIMEOUT: Duration = Duration::from_secs(30);
 /// The tag that names a source's default revision.

@@ -102,6 +102,8 @@ struct PlanView {
     cached: bool,
     total: String,
     layers: Vec<LayerView>,
+    /// Each document's name and blob digest.
+    documents: Vec<(&'static str, String)>,
 }
 
 struct LayerView {
@@ -272,6 +274,19 @@ fn plan_view(plan: ImagePlan) -> PlanView {
         cached: plan.cached,
         total: human(total),
         layers,
+        documents: (plan.documents.into_iter())
+            .map(|(artifact_type, blob)| (document_name(&artifact_type), blob.to_string()))
+            .collect(),
+    }
+}
+
+/// What a document of an artifact type is called on the page.
+fn document_name(artifact_type: &str) -> &'static str {
+    match artifact_type {
+        "application/spdx+json" => "SBOM (SPDX 2.3)",
+        "application/vnd.cyclonedx+json" => "SBOM (CycloneDX 1.5)",
+        "application/vnd.in-toto+json" => "provenance (SLSA v1)",
+        _ => "document",
     }
 }
 

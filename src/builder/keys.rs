@@ -26,7 +26,7 @@ use crate::oci::Format;
 /// The version of how store paths are packed into layers.
 pub const STORE_LAYERS: &str = "nixery-v2";
 /// The version of everything else that shapes images.
-pub const IMAGES: &str = "nixery-image-v3";
+pub const IMAGES: &str = "nixery-image-v4";
 
 /// Everything that decides one architecture's manifests, besides the
 /// package set's revision.
@@ -104,9 +104,9 @@ mod tests {
     /// only with a version bump.
     #[test]
     fn keys_stay_what_they_were() {
-        const PINNED_IMAGE: &str = "28a3640b4acb769946a2873e840d89b8daf646811695933a78a07a1720393823";
+        const PINNED_IMAGE: &str = "4200fa7aacdf19f80159a26a1bee5b75393e0c52c03357a885fe76aa9479753b";
         const PINNED_STORE_LAYER: &str = "cb08404c42d594e6698b3ec0d56ded210308c385e01975136d0af7c81357c17b";
-        const PINNED_ROOT_LAYER: &str = "c8a2597da88c52330c21c8ce584b8c74c222811aa4ee185912caf51c5468f771";
+        const PINNED_ROOT_LAYER: &str = "0f054cafdaf8be36979b5b865fe0d7f4420362ebadc6b4ebc3fb67abd90ac173";
         let gzip = Compression::Gzip(6);
         assert_eq!(image(&key(gzip)), PINNED_IMAGE);
         let paths = ["/nix/store/0000-hello-2.12.1".to_owned()];

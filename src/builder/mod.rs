@@ -12,6 +12,7 @@
 //! pull of a cached tag costs little more than reading its manifest.
 
 mod answers;
+mod attestations;
 mod flight;
 mod keys;
 mod pipeline;
@@ -103,6 +104,8 @@ pub struct Settings {
     pub builds_per_client: usize,
     /// How long a replica's lease on an image it builds lasts unless renewed.
     pub lease_ttl: Duration,
+    /// Who the provenance names as the builder.
+    pub builder_id: String,
 }
 
 impl Settings {
@@ -115,7 +118,7 @@ impl Settings {
     }
 
     /// The manifest formats whose layers are compressed with `compression`.
-    fn formats(&self, compression: Compression) -> Vec<Format> {
+    pub(super) fn formats(&self, compression: Compression) -> Vec<Format> {
         [Format::Docker, Format::Oci]
             .into_iter()
             .filter(|&f| self.compression(f) == compression)
@@ -168,6 +171,9 @@ pub struct ImagePlan {
     /// Whether the image's manifests are cached (its revision is pinned).
     pub cached: bool,
     pub layers: Vec<PlannedLayer>,
+    /// The documents about its manifest in the preferred format: each
+    /// artifact type and the blob of the document.
+    pub documents: Vec<(String, Digest)>,
 }
 
 /// One layer of an [`ImagePlan`].
@@ -288,6 +294,12 @@ impl Builder {
             self.answers.put(question.clone(), answer);
         }
         Ok(record)
+    }
+
+    /// The artifacts (SBOMs, provenance) that refer to a manifest, from
+    /// their record: nothing is built for a manifest not built here.
+    pub async fn referrers(&self, subject: &Digest) -> Result<Vec<oci::Referrer>, StorageError> {
+        self.pipeline.caches.referrers(subject).await
     }
 
     /// When each image was last pulled or built.
@@ -516,12 +528,38 @@ impl Builder {
         let key = self.image_key(request, arch, resolved.revision.as_deref(), compression);
         let cacheable = resolved.revision.is_some();
         if cacheable && let Some(plan) = self.recorded_plan(&key).await.map_err(Arc::new)? {
-            return Ok(Some(self.plan_view(request, arch, true, &plan)));
+            let mut view = self.plan_view(request, arch, true, &plan);
+            if let Some(record) = self.pipeline.caches.image(&key).await.map_err(|e| Arc::new(e.into()))? {
+                view.documents = self.documents(&record).await.map_err(Arc::new)?;
+            }
+            return Ok(Some(view));
         }
         let Some(client) = client else { return Ok(None) };
         let job = Self::job(&key, request, arch, resolved, compression);
         let built = self.join_build(&key, job, Some(client)).await?;
-        Ok(Some(self.plan_view(request, arch, cacheable, &built.plan)))
+        let mut view = self.plan_view(request, arch, cacheable, &built.plan);
+        view.documents = self.documents(&built.record).await.map_err(Arc::new)?;
+        Ok(Some(view))
+    }
+
+    /// The documents about an image's manifest in the preferred format (or
+    /// its only one): each artifact type, and the document's blob.
+    async fn documents(&self, record: &ImageRecord) -> Result<Vec<(String, Digest)>, BuildError> {
+        let preferred = record.manifest(self.pipeline.settings.preferred_format);
+        let Some(manifest) = preferred.or(record.manifests.first().map(|(_, m)| m)) else {
+            return Ok(vec![]);
+        };
+        let mut documents = Vec::new();
+        for referrer in self.pipeline.caches.referrers(&manifest.digest).await? {
+            let Some(bytes) = self.pipeline.storage.read_small_blob(&referrer.digest, None).await? else {
+                continue;
+            };
+            let artifact: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            if let Some(blob) = artifact["layers"][0]["digest"].as_str().and_then(|d| d.parse().ok()) {
+                documents.push((referrer.artifact_type, blob));
+            }
+        }
+        Ok(documents)
     }
 
     /// The plan of the image recorded under `key`, when both its record
@@ -550,7 +588,12 @@ impl Builder {
                 shared_with: self.pipeline.activity.other_users(&layer.key, &image),
             })
             .collect();
-        ImagePlan { arch, cached, layers }
+        ImagePlan {
+            arch,
+            cached,
+            layers,
+            documents: vec![],
+        }
     }
 
     /// The key of one architecture's image whose layers are compressed

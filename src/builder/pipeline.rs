@@ -1,7 +1,8 @@
 //! One architecture's image, built: Nix realises the packages, the layer
 //! plan cuts their closure, each layer is packed (or found packed), then
 //! the config and the manifests of every format that shares the layer set
-//! are stored, and last the records a pull trusts. Each stage's time goes
+//! are stored, their SBOMs and provenance (`attestations.rs`), and last the
+//! records a pull trusts. Each stage's time goes
 //! to the metrics and the build's log line from one [`Timings`].
 
 use std::collections::HashMap;
@@ -78,6 +79,8 @@ struct Timings {
     storage: Duration,
     /// Storing the config, manifests and records.
     manifest: Duration,
+    /// Making and storing the SBOMs and provenance (part of `manifest`).
+    attest: Duration,
     total: Duration,
 }
 
@@ -152,9 +155,12 @@ impl Pipeline {
         let packing_done = Instant::now();
 
         let (record, config) = self.store(job, &realised, &layers).await?;
+        let attesting = Instant::now();
+        let attested = self.attest(job, &realised, &record).await?;
+        let attest = attesting.elapsed();
         let plan = plan_record(&jobs, &realised, &layers, job.compression);
         if let Some(key) = &job.cache_key
-            && let Published::Missing(blob) = self.remember(key, &record, &plan, &config).await?
+            && let Published::Missing(blob) = self.remember(key, &record, &plan, &config, &attested).await?
         {
             return Ok(Err(blob));
         }
@@ -164,6 +170,7 @@ impl Pipeline {
             packing: packing_done - plan_done,
             storage: Duration::from_micros(storing.load(Ordering::Relaxed)),
             manifest: packing_done.elapsed(),
+            attest,
             total: started.elapsed(),
         };
         timings.record(&self.metrics);
@@ -323,14 +330,15 @@ impl Pipeline {
     }
 
     /// Records a built image under `key`: its plan, the blobs it uses, and
-    /// last its manifests, the record a pull trusts, once they are all
-    /// known to be in storage (see `gc::guard`).
+    /// last its manifests, the record a pull trusts, once they and the
+    /// `attested` documents are all known to be in storage (see `gc::guard`).
     async fn remember(
         &self,
         key: &str,
         record: &ImageRecord,
         plan: &PlanRecord,
         config: &Digest,
+        attested: &[Digest],
     ) -> Result<Published, BuildError> {
         self.caches.put_plan(key, plan).await?;
         let mut blobs: Vec<&Digest> = plan
@@ -341,6 +349,7 @@ impl Pipeline {
             .collect();
         self.caches.note_users(key, &blobs).await?;
         blobs.extend(record.manifests.iter().map(|(_, manifest)| &manifest.digest));
+        blobs.extend(attested);
         let write = || self.caches.put_image(key, record.clone()).boxed();
         Ok(guard::publish(&self.storage, &self.leases, &blobs, write).await?)
     }
@@ -376,6 +385,7 @@ fn log_built(
         packing_ms = millis(timings.packing),
         storage_ms = millis(timings.storage),
         manifest_ms = millis(timings.manifest),
+        attest_us = timings.attest.as_micros() as u64,
         total_ms = millis(timings.total),
         store_paths = realised.graph.paths.len(),
         layers,
@@ -445,6 +455,7 @@ mod tests {
             packing: 3 * second,
             storage: 2 * second,
             manifest: second,
+            attest: Duration::ZERO,
             total: 6 * second,
         }
         .record(&metrics);

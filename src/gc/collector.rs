@@ -12,6 +12,7 @@ use super::scan::{Image, Index, Scan, images, indexes, manifest_blobs, read_all,
 use super::status::LastGc;
 use super::{GC_LEASE, Options, SETTLE, SWEEPING};
 use crate::archive::LayerDigests;
+use crate::cache::REFERRERS;
 use crate::digest::Digest;
 use crate::leases::{Lease, Leases, Take};
 use crate::storage::{Storage, StorageError};
@@ -294,10 +295,17 @@ async fn records_going(
     let image_keys: HashSet<&str> = scan.images.iter().map(|i| i.key.as_str()).collect();
     let dropped: HashSet<&str> = going.images.iter().map(|i| i.key.as_str()).collect();
     let mut records: Vec<String> = Vec::new();
+    // A manifest two image records share keeps its referrers while one is kept.
+    let kept_manifests: HashSet<&str> = (scan.images.iter())
+        .filter(|i| !dropped.contains(i.key.as_str()))
+        .flat_map(|i| i.manifests.iter().map(String::as_str))
+        .collect();
     for image in going.images {
         records.push(format!("images/{}", image.key));
         records.push(format!("plans/{}", image.key));
         records.push(format!("pulled/{}", image.key));
+        let unshared = image.manifests.iter().filter(|m| !kept_manifests.contains(m.as_str()));
+        records.extend(unshared.map(|m| format!("{REFERRERS}/{m}")));
     }
     records.extend(going.indexes.iter().map(|i| format!("indexes/{}", i.key)));
     let noted = scan.notes.iter().filter(|(_, image)| dropped.contains(image.as_str()));
@@ -502,6 +510,7 @@ mod tests {
             key: key.into(),
             last,
             modified: SystemTime::now(),
+            manifests: vec![],
             blobs: blobs.iter().map(|b| (*b).to_owned()).collect(),
         }
     }

@@ -9,8 +9,9 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
 use super::collector::AT_ONCE;
-use crate::cache::{ImageRecord, ManifestRecord};
+use crate::cache::{ImageRecord, ManifestRecord, REFERRERS};
 use crate::digest::Digest;
+use crate::oci::Referrer;
 use crate::storage::{Listed, Storage, StorageError};
 
 /// An image record and what it reaches.
@@ -19,7 +20,10 @@ pub(super) struct Image {
     /// Unix seconds of its last pull or build.
     pub last: u64,
     pub modified: SystemTime,
-    /// Hex digests of its manifests, config and layers.
+    /// Hex digests of its manifests.
+    pub manifests: Vec<String>,
+    /// Hex digests of its manifests, config and layers, and of the
+    /// artifacts that refer to its manifests (SBOMs, provenance) and theirs.
     pub blobs: HashSet<String>,
 }
 
@@ -110,6 +114,7 @@ async fn image(
     let mut blobs = HashSet::new();
     for (_, manifest) in &record.manifests {
         blobs.extend(manifest_blobs(storage, &manifest.digest).await?);
+        blobs.extend(referrer_blobs(storage, &manifest.digest).await?);
     }
     let last = pulled
         .get(&listed.key)
@@ -119,8 +124,24 @@ async fn image(
         key: listed.key,
         last,
         modified: listed.modified,
+        manifests: (record.manifests.iter())
+            .map(|(_, m)| m.digest.hex().to_owned())
+            .collect(),
         blobs,
     })
+}
+
+/// The blobs of the artifacts recorded as referring to `manifest`.
+async fn referrer_blobs(storage: &Storage, manifest: &Digest) -> Result<Vec<String>, StorageError> {
+    let Some(bytes) = storage.get_record(&format!("{REFERRERS}/{}", manifest.hex())).await? else {
+        return Ok(vec![]);
+    };
+    let referrers: Vec<Referrer> = serde_json::from_slice(&bytes).unwrap_or_default();
+    let mut blobs = Vec::new();
+    for referrer in &referrers {
+        blobs.extend(manifest_blobs(storage, &referrer.digest).await?);
+    }
+    Ok(blobs)
 }
 
 /// The index records, with what they name; only those

@@ -10,7 +10,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use serde::Deserialize;
 
 /// One store path of the closure.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 pub struct PathInfo {
     pub path: String,
     #[serde(rename = "narSize")]
@@ -18,6 +18,12 @@ pub struct PathInfo {
     /// Other store paths this one refers to; a self-reference may appear.
     #[serde(default)]
     pub references: Vec<String>,
+    /// The hash of its NAR as Nix prints it (`sha256:<nix base32>`), when known.
+    #[serde(rename = "narHash", default)]
+    pub nar_hash: Option<String>,
+    /// The derivation that built it, when known.
+    #[serde(default)]
+    pub deriver: Option<String>,
 }
 
 /// A closure: its store paths, sorted by path, and the requested roots.
@@ -66,6 +72,10 @@ struct ObjectInfo {
     nar_size: u64,
     #[serde(default)]
     references: Vec<String>,
+    #[serde(rename = "narHash", default)]
+    nar_hash: Option<String>,
+    #[serde(default)]
+    deriver: Option<String>,
 }
 
 impl RuntimeGraph {
@@ -250,6 +260,8 @@ fn parse(json: &[u8]) -> Result<(Vec<PathInfo>, Option<Vec<String>>), GraphError
                         path,
                         nar_size: i.nar_size,
                         references: i.references,
+                        nar_hash: i.nar_hash,
+                        deriver: i.deriver,
                     })
                 })
                 .collect(),
@@ -290,6 +302,7 @@ pub(crate) mod tests {
                 path: store_path(name),
                 nar_size: *size,
                 references: refs.iter().map(|r| store_path(r)).collect(),
+                ..Default::default()
             })
             .collect();
         RuntimeGraph::new(roots.iter().map(|r| store_path(r)).collect(), paths).unwrap()

@@ -6,9 +6,11 @@
 # derivations it names are written to the store, ready to realise.
 #
 # Returns one record per package: { name, status = "ok" | "missing" |
-# "notPackage" | "evalError", drv, out, output, mainProgram } (the last four
-# when ok; not named drvPath/outPath, which would make toJSON print the
-# record as a string). With `catch`, a package whose evaluation throws is an
+# "notPackage" | "evalError", drv, out, output, mainProgram, licenses,
+# homepage } (all but the first two when ok; not named drvPath/outPath,
+# which would make toJSON print the record as a string). `licenses` are
+# the SPDX identifiers `meta.license` names; a `meta` that fails to
+# evaluate gives none. With `catch`, a package whose evaluation throws is an
 # "evalError"; without, the throw ends the evaluation with Nix's message.
 {
   catch ? true,
@@ -78,6 +80,20 @@ let
       isPackage = attempt (isDerivation found.value);
       drv = attempt found.value.drvPath;
       mainProgram = attempt (found.value.meta.mainProgram or null);
+      licenses = attempt (builtins.deepSeq spdxIds spdxIds);
+      spdxIds =
+        let
+          license = found.value.meta.license or [ ];
+          all = if builtins.isList license then license else [ license ];
+        in
+        builtins.filter builtins.isString (map (l: if builtins.isAttrs l then l.spdxId or null else null) all);
+      homepage = attempt (
+        let
+          page = found.value.meta.homepage or null;
+          first = if builtins.isList page && page != [ ] then builtins.head page else page;
+        in
+        if builtins.isString first then first else null
+      );
       record = status: {
         inherit (request) name;
         inherit status;
@@ -101,6 +117,8 @@ let
         output = found.value.outputName or "out";
         mainProgram =
           if mainProgram.success && builtins.isString mainProgram.value then mainProgram.value else null;
+        licenses = if licenses.success then licenses.value else [ ];
+        homepage = if homepage.success then homepage.value else null;
       };
 in
 map describe (builtins.fromJSON packages)

@@ -70,6 +70,8 @@ pub struct Realised {
     pub outputs: Vec<String>,
     /// Each package's `meta.mainProgram`, when it has one.
     pub main_programs: Vec<Option<String>>,
+    /// Each package as the package set describes it, in request order.
+    pub packages: Vec<Package>,
     /// Their closure.
     pub graph: RuntimeGraph,
     /// How long Nix took.
@@ -82,6 +84,21 @@ struct Found {
     output: String,
     out: String,
     main_program: Option<String>,
+    licenses: Vec<String>,
+    homepage: Option<String>,
+}
+
+/// A requested package as the package set describes it (for SBOMs and
+/// provenance).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Package {
+    /// The name it was asked for by (`hello`, `python3Packages.numpy`).
+    pub attribute: String,
+    pub out: String,
+    pub drv: String,
+    /// The SPDX identifiers of its `meta.license`.
+    pub licenses: Vec<String>,
+    pub homepage: Option<String>,
 }
 
 /// Runs Nix within a deadline.
@@ -100,6 +117,9 @@ struct Lookup {
     output: Option<String>,
     #[serde(rename = "mainProgram")]
     main_program: Option<String>,
+    #[serde(default)]
+    licenses: Vec<String>,
+    homepage: Option<String>,
 }
 
 impl Nix {
@@ -147,8 +167,16 @@ impl Nix {
             realise_ms = evaluated.elapsed().as_millis() as u64,
             "nix finished"
         );
+        let described = (packages.iter().zip(&found)).map(|(attribute, f)| Package {
+            attribute: attribute.clone(),
+            out: f.out.clone(),
+            drv: f.drv.clone(),
+            licenses: f.licenses.clone(),
+            homepage: f.homepage.clone(),
+        });
         Ok(Realised {
             outputs,
+            packages: described.collect(),
             main_programs: found.into_iter().map(|f| f.main_program).collect(),
             graph,
             took: started.elapsed(),
@@ -258,6 +286,8 @@ impl Nix {
                     output,
                     out,
                     main_program: l.main_program,
+                    licenses: l.licenses,
+                    homepage: l.homepage,
                 }),
                 _ => Err(NixError::Output {
                     stage: "evaluation",

@@ -50,7 +50,7 @@ pub async fn registry(
         ("manifests", _) => manifest(&state, name, reference, headers, head, client).await,
         ("blobs", _) => blob(&state, name, reference, headers, head).await,
         ("tags", "list") => tags(&state, name, query.as_deref(), head).await,
-        ("referrers", _) => referrers(name, reference, query.as_deref().unwrap_or_default(), head),
+        ("referrers", _) => referrers(&state, name, reference, query.as_deref().unwrap_or_default(), head).await,
         _ => Err(RegistryError::unknown_route()),
     }?;
     Ok(http::not_modified_if_current(headers, response))
@@ -90,6 +90,10 @@ async fn manifest(
         return Err(RegistryError::manifest_unknown(format!(
             "{reference:?} is not a valid tag"
         )));
+    }
+    if let Some(subject) = referrers_tag(reference) {
+        reference::validate_name(name)?;
+        return referrers_by_tag(state, &subject, head).await;
     }
     let builder = &state.builder;
     let accept = headers.get_all(header::ACCEPT).iter().map(HeaderValue::as_bytes);
@@ -222,20 +226,49 @@ fn single<'q>(query: &'q [(String, String)], name: &str) -> Result<Option<&'q st
     }
 }
 
-/// `GET /v2/<name>/referrers/<digest>`: nothing here refers to anything
-/// (images carry no signatures or attestations), so always an empty index.
-fn referrers(name: &str, reference: &str, query: &[(String, String)], head: bool) -> Result<Response, RegistryError> {
+/// `GET /v2/<name>/referrers/<digest>[?artifactType=]`: the SBOMs and
+/// provenance of a manifest built here (an empty index for any other),
+/// from their record; nothing is built.
+async fn referrers(
+    state: &AppState,
+    name: &str,
+    reference: &str,
+    query: &[(String, String)],
+    head: bool,
+) -> Result<Response, RegistryError> {
     reference::validate_name(name)?;
-    reference.parse::<Digest>()?;
-    let index = oci::empty_index();
+    let subject = reference.parse::<Digest>()?;
+    let wanted = single(query, "artifactType")?;
+    let mut referrers = state.builder.referrers(&subject).await?;
+    if let Some(wanted) = wanted {
+        referrers.retain(|r| r.artifact_type == wanted);
+    }
+    let index = oci::referrers_index(&referrers);
     let mut response = Response::builder()
         .header(header::CONTENT_TYPE, oci::OCI_INDEX)
         .header(header::CONTENT_LENGTH, index.bytes.len());
-    if query.iter().any(|(key, _)| key == "artifactType") {
+    if wanted.is_some() {
         response = response.header(OCI_FILTERS_APPLIED, "artifactType");
     }
     let body = if head { Body::empty() } else { Body::from(index.bytes) };
     Ok(response.body(body).expect("headers are valid"))
+}
+
+/// The subject a tag of the referrers tag scheme (`sha256-<hex>`) names,
+/// for clients without the referrers API.
+fn referrers_tag(tag: &str) -> Option<Digest> {
+    let hex = tag.strip_prefix("sha256-")?;
+    format!("sha256:{hex}").parse().ok()
+}
+
+/// `GET /v2/<name>/manifests/sha256-<hex>`: the referrers index, as a manifest.
+async fn referrers_by_tag(state: &AppState, subject: &Digest, head: bool) -> Result<Response, RegistryError> {
+    let index = oci::referrers_index(&state.builder.referrers(subject).await?);
+    let body = match head {
+        true => ManifestBody::Head(index.bytes.len() as u64),
+        false => ManifestBody::Get(Bytes::from(index.bytes)),
+    };
+    Ok(manifest_response(oci::OCI_INDEX, &index.digest, body))
 }
 
 async fn blob(

@@ -100,6 +100,7 @@ pub(crate) async fn served(auth: Option<Auth>, pages: Router<Arc<AppState>>) -> 
         max_packages: 20,
         builds_per_client: 1,
         lease_ttl: std::time::Duration::from_secs(30),
+        builder_id: "urn:nixery:test".into(),
     };
     let builder = Builder::new(parts, settings);
 

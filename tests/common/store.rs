@@ -115,18 +115,25 @@ impl Store {
         });
     }
 
-    /// The blobs (hex) an image record reaches: its manifests, and their
-    /// configs and layers; a missing manifest fails the test.
+    /// The blobs (hex) an image record reaches: its manifests, their
+    /// configs and layers, and the artifacts recorded as referring to them
+    /// (SBOMs, provenance) with theirs; a missing manifest fails the test.
     pub fn reached(&self, image_key: &str) -> Vec<String> {
         let record = self
             .json(&format!("cache/images/{image_key}"))
             .unwrap_or_else(|| panic!("no image record {image_key}"));
         let manifests = record["manifests"].as_array().unwrap();
         let digests: Vec<String> = manifests.iter().map(|m| hex(&m[1]["digest"])).collect();
-        digests
-            .iter()
-            .flat_map(|manifest| self.manifest_blobs(manifest))
-            .collect()
+        let mut reached: Vec<String> = digests.iter().flat_map(|m| self.manifest_blobs(m)).collect();
+        for manifest in &digests {
+            let referrers = self.json(&format!("cache/referrers/{manifest}")).unwrap_or_default();
+            for referrer in referrers.as_array().into_iter().flatten() {
+                reached.extend(self.manifest_blobs(&hex(&referrer["digest"])));
+            }
+        }
+        reached.sort();
+        reached.dedup();
+        reached
     }
 
     fn manifest_blobs(&self, manifest: &str) -> Vec<String> {

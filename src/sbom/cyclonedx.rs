@@ -1,0 +1,93 @@
+//! The CycloneDX 1.5 JSON document of an image: the image as the subject,
+//! one component per store path (name, version, purl, NAR hash, licenses
+//! and homepage where the package set says, the store path as a property)
+//! and their dependencies from the references.
+
+use serde_json::{Value, json};
+
+use super::spdx::origin;
+use super::{CREATED, Image, StorePath, nar_sha256};
+use crate::digest::Digest;
+
+/// The document's bytes.
+pub fn cyclonedx(image: &Image) -> Vec<u8> {
+    let components: Vec<Value> = image.graph.paths.iter().map(|info| component(image, info)).collect();
+    let mut dependencies = vec![json!({ "ref": "image", "dependsOn": image.graph.roots })];
+    dependencies
+        .extend((image.graph.paths.iter()).map(|info| json!({ "ref": info.path, "dependsOn": info.references })));
+    let mut properties = vec![json!({ "name": "nixery:package-source", "value": image.source })];
+    if let Some(revision) = image.revision {
+        properties.push(json!({ "name": "nixery:revision", "value": revision }));
+    }
+    let document = json!({
+        "bomFormat": "CycloneDX",
+        "specVersion": "1.5",
+        "serialNumber": serial_number(image.manifest),
+        "version": 1,
+        "metadata": {
+            "timestamp": CREATED,
+            "tools": { "components": [{
+                "type": "application",
+                "name": "nixery",
+                "version": env!("CARGO_PKG_VERSION"),
+            }] },
+            "component": {
+                "type": "container",
+                "bom-ref": "image",
+                "name": image.name,
+                "version": image.manifest.as_str(),
+                "description": origin(image),
+            },
+            "properties": properties,
+        },
+        "components": components,
+        "dependencies": dependencies,
+    });
+    serde_json::to_vec_pretty(&document).expect("documents serialise")
+}
+
+fn component(image: &Image, info: &crate::layers::PathInfo) -> Value {
+    let path = StorePath::parse(&info.path);
+    let meta = image.packages.iter().find(|p| p.out == info.path);
+    let mut component = json!({
+        "type": if meta.is_some() { "application" } else { "library" },
+        "bom-ref": info.path,
+        "name": path.name,
+        "purl": path.purl(),
+        "properties": [{ "name": "nix:store_path", "value": info.path }],
+    });
+    if let Some(version) = path.version {
+        component["version"] = json!(version);
+    }
+    if let Some(hex) = info.nar_hash.as_deref().and_then(nar_sha256) {
+        component["hashes"] = json!([{ "alg": "SHA-256", "content": hex }]);
+    }
+    if let Some(meta) = meta {
+        if !meta.licenses.is_empty() {
+            let licenses: Vec<Value> = meta
+                .licenses
+                .iter()
+                .map(|id| json!({ "license": { "id": id } }))
+                .collect();
+            component["licenses"] = json!(licenses);
+        }
+        if let Some(homepage) = &meta.homepage {
+            component["externalReferences"] = json!([{ "type": "website", "url": homepage }]);
+        }
+    }
+    component
+}
+
+/// A UUID derived from the manifest digest, shaped as a name-based one.
+fn serial_number(manifest: &Digest) -> String {
+    let hex = manifest.hex();
+    let variant = ["8", "9", "a", "b"][usize::from_str_radix(&hex[16..17], 16).unwrap_or(0) % 4];
+    format!(
+        "urn:uuid:{}-{}-5{}-{variant}{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[13..16],
+        &hex[17..20],
+        &hex[20..32]
+    )
+}

@@ -1,0 +1,255 @@
+//! SBOMs and provenance: made with every image, listed by the referrers API
+//! (with its artifactType filter) and the referrers tag scheme, read with
+//! the oras Python SDK, validated with spdx-tools and cyclonedx-python-lib,
+//! complete (every store path of the image's layers exactly once), the same
+//! bytes from another registry, and nothing built for a digest never built.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{Registry, request, sha256};
+use serde_json::Value;
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const SPDX: &str = "application/spdx+json";
+const CYCLONEDX: &str = "application/vnd.cyclonedx+json";
+const IN_TOTO: &str = "application/vnd.in-toto+json";
+
+/// Lists the referrers of a manifest with the oras SDK's client, fetches
+/// each artifact manifest and its one blob, and writes the blob to
+/// `<folder>/<artifact digest>.json`; prints `{artifactType: file}`.
+const ORAS_CLIENT: &str = r#"
+import json, sys
+import oras.provider
+host, name, subject, folder = sys.argv[1:5]
+registry = oras.provider.Registry(host, insecure=True)
+listed = registry.do_request(f"http://{host}/v2/{name}/referrers/{subject}", "GET")
+listed.raise_for_status()
+found = {}
+for descriptor in listed.json()["manifests"]:
+    artifact = registry.get_manifest(f"{host}/{name}@{descriptor['digest']}")
+    assert artifact["subject"]["digest"] == subject, artifact
+    layer = artifact["layers"][0]
+    container = registry.get_container(f"{host}/{name}")
+    path = f"{folder}/{descriptor['digest'][7:]}.json"
+    registry.download_blob(container, layer["digest"], path)
+    found[descriptor["artifactType"]] = path
+print(json.dumps(found))
+"#;
+
+const CYCLONEDX_CHECK: &str = r#"
+import sys
+from cyclonedx.schema import SchemaVersion
+from cyclonedx.validation.json import JsonStrictValidator
+errors = JsonStrictValidator(SchemaVersion.V1_5).validate_str(open(sys.argv[1]).read())
+if errors:
+    sys.exit(f"invalid CycloneDX 1.5: {errors}")
+"#;
+
+fn tools() -> PathBuf {
+    std::env::var_os("NIXERY_TEST_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new("/opt/nixery-test").to_owned())
+        .join("sbom/bin")
+}
+
+/// Runs a program of the SBOM tools; its stdout.
+fn tool(program: &str, args: &[&str]) -> String {
+    let path = tools().join(program);
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/setup.sh test",
+        path.display()
+    );
+    let output = Command::new(&path).args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// The OCI manifest `image` resolves to: its digest and JSON.
+fn manifest(registry: &Registry, image: &str) -> (String, Value) {
+    let response = request(
+        "GET",
+        &registry.url(&format!("/v2/{image}/manifests/latest")),
+        &[("Accept", OCI_MANIFEST)],
+    );
+    assert_eq!(response.status, 200);
+    (sha256(&response.body), response.json())
+}
+
+/// The store paths the image's layers hold (`/nix/store/<name>` of every
+/// entry below it), with how many layers hold each.
+fn layer_store_paths(registry: &Registry, image: &str, manifest: &Value) -> BTreeMap<String, usize> {
+    let mut found = BTreeMap::new();
+    for layer in manifest["layers"].as_array().unwrap() {
+        let digest = layer["digest"].as_str().unwrap();
+        let blob = registry.get(&format!("/v2/{image}/blobs/{digest}")).body;
+        let mut archive = tar::Archive::new(flate2::read::MultiGzDecoder::new(&blob[..]));
+        let mut paths: Vec<String> = archive
+            .entries()
+            .unwrap()
+            .filter_map(|entry| {
+                let path = entry.unwrap().path().unwrap().to_string_lossy().into_owned();
+                let rest = path
+                    .trim_start_matches("./")
+                    .trim_start_matches('/')
+                    .strip_prefix("nix/store/")?;
+                let name = rest.split('/').next().filter(|n| !n.is_empty())?;
+                Some(format!("/nix/store/{name}"))
+            })
+            .collect();
+        paths.sort();
+        paths.dedup();
+        for path in paths {
+            *found.entry(path).or_default() += 1;
+        }
+    }
+    found
+}
+
+fn read(path: &str) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// How many times each store path is described.
+fn counted<'a>(paths: impl Iterator<Item = &'a str>) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for path in paths {
+        *counts.entry(path.to_owned()).or_default() += 1;
+    }
+    counts
+}
+
+#[test]
+fn every_image_has_valid_complete_sboms_and_provenance() {
+    let registry = Registry::start();
+    let image = "shell/hello";
+    let (digest, oci) = manifest(&registry, image);
+    let folder = tempfile::tempdir().unwrap();
+    let listed = tool(
+        "python",
+        &[
+            "-c",
+            ORAS_CLIENT,
+            &registry.address,
+            image,
+            &digest,
+            folder.path().to_str().unwrap(),
+        ],
+    );
+    let files: BTreeMap<String, String> = serde_json::from_str(&listed).unwrap();
+    assert_eq!(
+        files.keys().map(String::as_str).collect::<Vec<_>>(),
+        [SPDX, CYCLONEDX, IN_TOTO],
+        "one SBOM of each kind and the provenance"
+    );
+    tool("pyspdxtools", &["-i", &files[SPDX]]);
+    tool("python", &["-c", CYCLONEDX_CHECK, &files[CYCLONEDX]]);
+
+    let in_layers = layer_store_paths(&registry, image, &oci);
+    assert!(in_layers.values().all(|&n| n == 1), "each store path in one layer");
+    let spdx = read(&files[SPDX]);
+    let packages = spdx["packages"].as_array().unwrap();
+    let described = counted(packages.iter().map(|p| p["packageFileName"].as_str().unwrap()));
+    assert_eq!(
+        described, in_layers,
+        "the SPDX document describes exactly the layers' store paths"
+    );
+    let cyclonedx = read(&files[CYCLONEDX]);
+    let components = cyclonedx["components"].as_array().unwrap();
+    let described = counted(components.iter().map(|c| c["bom-ref"].as_str().unwrap()));
+    assert_eq!(described, in_layers, "the CycloneDX document too");
+
+    let hello = packages.iter().find(|p| p["name"] == "hello").unwrap();
+    assert_eq!(hello["versionInfo"], "2.12.1");
+    assert_eq!(hello["licenseDeclared"], "GPL-3.0-or-later");
+    assert_eq!(hello["homepage"], "https://www.gnu.org/software/hello/manual/");
+    let purl = hello["externalRefs"][0]["referenceLocator"].as_str().unwrap();
+    assert!(purl.starts_with("pkg:nix/hello@2.12.1?outputhash="), "{purl}");
+    assert_eq!(hello["checksums"][0]["algorithm"], "SHA256");
+    let relationships = spdx["relationships"].as_array().unwrap();
+    assert!(relationships.iter().any(|r| r["relationshipType"] == "DEPENDS_ON"));
+    let component = components.iter().find(|c| c["name"] == "hello").unwrap();
+    assert_eq!(component["licenses"][0]["license"]["id"], "GPL-3.0-or-later");
+    assert_eq!(component["purl"].as_str(), Some(purl));
+
+    let provenance = read(&files[IN_TOTO]);
+    assert_eq!(provenance["predicateType"], "https://slsa.dev/provenance/v1");
+    let subjects: Vec<&str> = (provenance["subject"].as_array().unwrap().iter())
+        .map(|s| s["digest"]["sha256"].as_str().unwrap())
+        .collect();
+    assert!(subjects.contains(&&digest["sha256:".len()..]), "{subjects:?}");
+    let definition = &provenance["predicate"]["buildDefinition"];
+    assert_eq!(
+        definition["externalParameters"]["metaPackages"]["shell"][0],
+        "bashInteractive"
+    );
+    let derivations = definition["resolvedDependencies"].as_array().unwrap();
+    assert!(
+        derivations
+            .iter()
+            .any(|d| d["name"] == "hello" && d["uri"].as_str().unwrap().ends_with(".drv"))
+    );
+    assert_eq!(definition["internalParameters"]["layering"], "stable");
+
+    referrers_api(&registry, image, &digest, &files);
+    image_page_links_them(&registry, image, &files);
+}
+
+/// The image page links each document, and the links serve it.
+fn image_page_links_them(registry: &Registry, image: &str, files: &BTreeMap<String, String>) {
+    let page = String::from_utf8(registry.get(&format!("/image/{image}")).body).unwrap();
+    for name in ["SBOM (SPDX 2.3)", "SBOM (CycloneDX 1.5)", "provenance (SLSA v1)"] {
+        assert!(page.contains(name), "{name} on the page:\n{page}");
+    }
+    let spdx = std::fs::read(&files[SPDX]).unwrap();
+    let link = format!("/v2/{image}/blobs/{}", sha256(&spdx));
+    assert!(page.contains(&link), "{link} on the page:\n{page}");
+    assert_eq!(registry.get(&link).body, spdx);
+}
+
+/// The referrers API's filter and tag scheme; the same bytes from a
+/// registry of its own; nothing built for a digest never built.
+fn referrers_api(registry: &Registry, image: &str, digest: &str, files: &BTreeMap<String, String>) {
+    let all = registry.get(&format!("/v2/{image}/referrers/{digest}"));
+    let query = format!("artifactType={}", SPDX.replace('+', "%2B"));
+    let filtered = registry.get(&format!("/v2/{image}/referrers/{digest}?{query}"));
+    assert_eq!(filtered.header("oci-filters-applied"), "artifactType");
+    let only = filtered.json();
+    assert_eq!(only["manifests"].as_array().unwrap().len(), 1);
+    assert_eq!(only["manifests"][0]["artifactType"], SPDX);
+    let tagged = registry.get(&format!("/v2/{image}/manifests/sha256-{}", &digest["sha256:".len()..]));
+    assert_eq!(tagged.status, 200);
+    assert_eq!(tagged.body, all.body, "the tag scheme serves the same index");
+
+    let other = Registry::start();
+    assert_eq!(manifest(&other, image).0, digest, "the same image");
+    assert_eq!(other.get(&format!("/v2/{image}/referrers/{digest}")).body, all.body);
+    let spdx = std::fs::read(&files[SPDX]).unwrap();
+    let listed = other.get(&format!("/v2/{image}/referrers/{digest}?{query}")).json();
+    let artifact = other.get(&format!(
+        "/v2/{image}/manifests/{}",
+        listed["manifests"][0]["digest"].as_str().unwrap()
+    ));
+    let blob = artifact.json()["layers"][0]["digest"].as_str().unwrap().to_owned();
+    assert_eq!(
+        other.get(&format!("/v2/{image}/blobs/{blob}")).body,
+        spdx,
+        "byte for byte"
+    );
+
+    let runs = registry.nix_runs();
+    let never = sha256(b"never built");
+    let empty = registry.get(&format!("/v2/shell/never/referrers/{never}"));
+    assert_eq!(empty.status, 200);
+    assert_eq!(empty.json()["manifests"], serde_json::json!([]));
+    assert_eq!(registry.nix_runs(), runs, "asking builds nothing");
+}
