@@ -28,11 +28,8 @@ impl Pipeline {
         job: &BuildJob,
         realised: &Realised,
         record: &ImageRecord,
+        config: &Digest,
     ) -> Result<Vec<Digest>, BuildError> {
-        let empty = Digest::of(oci::EMPTY_JSON);
-        self.storage
-            .put_blob(&empty, Bytes::from_static(oci::EMPTY_JSON))
-            .await?;
         let name = job.request.to_string();
         let source = job.resolved.labels.get(SOURCE_LABEL).map_or("", String::as_str);
         let revision = job.resolved.labels.get(REVISION_LABEL).map(String::as_str);
@@ -48,42 +45,53 @@ impl Pipeline {
             settings: self.parameters(job),
             builder: &self.settings.builder_id,
         }));
-        let mut blobs = vec![empty];
+        // Made first, then written all at once: the writes (each synced
+        // to disk in a folder) are most of the cost. The SBOMs are the
+        // image's, the same for each of its manifests.
+        let image = sbom::Image {
+            name: &name,
+            id: config,
+            graph: &realised.graph,
+            packages: &realised.packages,
+            source,
+            revision,
+        };
+        let made = [
+            (SPDX, Document::new(sbom::spdx(&image))),
+            (CYCLONEDX, Document::new(sbom::cyclonedx(&image))),
+            (IN_TOTO, provenance),
+        ];
+        let mut recorded = Vec::new();
+        let mut artifacts = Vec::new();
         for (_, manifest) in &record.manifests {
-            let image = sbom::Image {
-                name: &name,
-                manifest: &manifest.digest,
-                graph: &realised.graph,
-                packages: &realised.packages,
-                source,
-                revision,
-            };
-            let documents = [
-                (SPDX, Document::new(sbom::spdx(&image))),
-                (CYCLONEDX, Document::new(sbom::cyclonedx(&image))),
-                (IN_TOTO, provenance.clone()),
-            ];
             let subject = Subject {
                 media_type: &manifest.media_type,
                 digest: &manifest.digest,
                 size: manifest.size,
             };
             let mut referrers = Vec::new();
-            for (artifact_type, document) in documents {
-                let artifact = oci::artifact(artifact_type, &document, &subject)?;
-                self.storage
-                    .put_blob(&document.digest, Bytes::from(document.bytes))
-                    .await?;
-                let stored = self.store_document(artifact, oci::OCI_MANIFEST).await?;
-                blobs.extend([document.digest, stored.digest.clone()]);
+            for (artifact_type, document) in &made {
+                let artifact = oci::artifact(artifact_type, document, &subject)?;
                 referrers.push(Referrer {
-                    digest: stored.digest,
-                    size: stored.size,
-                    artifact_type: artifact_type.to_owned(),
+                    digest: artifact.digest.clone(),
+                    size: artifact.bytes.len() as u64,
+                    artifact_type: (*artifact_type).to_owned(),
                 });
+                artifacts.push(artifact);
             }
-            self.caches.put_referrers(&manifest.digest, referrers).await?;
+            recorded.push((manifest.digest.clone(), referrers));
         }
+        let empty = Document::new(oci::EMPTY_JSON.to_vec());
+        let documents: Vec<Document> = (std::iter::once(empty))
+            .chain(made.into_iter().map(|(_, document)| document))
+            .chain(artifacts)
+            .collect();
+        let blobs: Vec<Digest> = documents.iter().map(|d| d.digest.clone()).collect();
+        let writes = (documents.iter()).map(|d| self.storage.put_blob(&d.digest, Bytes::copy_from_slice(&d.bytes)));
+        futures::future::try_join_all(writes).await?;
+        let records =
+            (recorded.iter()).map(|(subject, referrers)| self.caches.put_referrers(subject, referrers.clone()));
+        futures::future::try_join_all(records).await?;
         Ok(blobs)
     }
 

@@ -22,7 +22,7 @@ pub fn cyclonedx(image: &Image) -> Vec<u8> {
     let document = json!({
         "bomFormat": "CycloneDX",
         "specVersion": "1.5",
-        "serialNumber": serial_number(image.manifest),
+        "serialNumber": serial_number(image.id),
         "version": 1,
         "metadata": {
             "timestamp": CREATED,
@@ -35,7 +35,7 @@ pub fn cyclonedx(image: &Image) -> Vec<u8> {
                 "type": "container",
                 "bom-ref": "image",
                 "name": image.name,
-                "version": image.manifest.as_str(),
+                "version": image.id.as_str(),
                 "description": origin(image),
             },
             "properties": properties,
@@ -78,9 +78,9 @@ fn component(image: &Image, info: &crate::layers::PathInfo) -> Value {
     component
 }
 
-/// A UUID derived from the manifest digest, shaped as a name-based one.
-fn serial_number(manifest: &Digest) -> String {
-    let hex = manifest.hex();
+/// A UUID derived from the image ID, shaped as a name-based one.
+fn serial_number(id: &Digest) -> String {
+    let hex = id.hex();
     let variant = ["8", "9", "a", "b"][usize::from_str_radix(&hex[16..17], 16).unwrap_or(0) % 4];
     format!(
         "urn:uuid:{}-{}-5{}-{variant}{}-{}",

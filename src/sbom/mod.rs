@@ -5,7 +5,7 @@
 //! (the closure with its hashes and references, the requested packages'
 //! `meta`, the package set and its revision), never guessed from names.
 //! The same image gives the same bytes on every machine: the creation time
-//! is fixed, and identifiers derive from the image's manifest digest.
+//! is fixed, and identifiers derive from the image's ID (its config digest).
 
 mod cyclonedx;
 mod provenance;
@@ -32,8 +32,9 @@ pub const TOOL: &str = concat!("nixery-", env!("CARGO_PKG_VERSION"));
 pub struct Image<'a> {
     /// The image as pulled: `shell/hello:latest`.
     pub name: &'a str,
-    /// The manifest the documents are about.
-    pub manifest: &'a Digest,
+    /// The image's ID: its config's digest, the same for each manifest
+    /// format of it.
+    pub id: &'a Digest,
     pub graph: &'a RuntimeGraph,
     /// The requested packages' store paths and what their `meta` says.
     pub packages: &'a [Package],
@@ -166,7 +167,10 @@ mod tests {
         let info = |hash: &str, name: &str, references: &[&str]| crate::layers::PathInfo {
             path: format!("/nix/store/{hash:a<32}-{name}"),
             nar_size: 1,
-            references: references.iter().map(|r| format!("/nix/store/{r:a<32}-glibc-2.40")).collect(),
+            references: references
+                .iter()
+                .map(|r| format!("/nix/store/{r:a<32}-glibc-2.40"))
+                .collect(),
             nar_hash: Some("sha256-xlIoH4fD0YhqWOkhdcWvWJuQDC+iAIgwLpmWHOXBsLo=".into()),
             deriver: None,
         };
@@ -177,7 +181,7 @@ mod tests {
     #[test]
     fn documents_list_every_store_path_once_and_are_the_same_every_time() {
         let graph = closure();
-        let manifest = Digest::of(b"manifest");
+        let manifest = Digest::of(b"config");
         let packages = [Package {
             attribute: "hello".into(),
             out: graph.roots[0].clone(),
@@ -187,7 +191,7 @@ mod tests {
         }];
         let image = Image {
             name: "hello:latest",
-            manifest: &manifest,
+            id: &manifest,
             graph: &graph,
             packages: &packages,
             source: "https://example.org/pkgs.git",
@@ -209,7 +213,7 @@ mod tests {
         assert_eq!(bom["components"].as_array().unwrap().len(), 2);
         let serial = bom["serialNumber"].as_str().unwrap();
         assert_eq!(serial.len(), "urn:uuid:".len() + 36);
-        assert_eq!(&serial[9..17], &manifest.hex()[..8], "derived from the manifest");
+        assert_eq!(&serial[9..17], &manifest.hex()[..8], "derived from the image ID");
 
         let statement = provenance(&Provenance {
             image: "hello:latest",

@@ -26,7 +26,7 @@ pub fn spdx(image: &Image) -> Vec<u8> {
         "dataLicense": "CC0-1.0",
         "SPDXID": "SPDXRef-DOCUMENT",
         "name": image.name,
-        "documentNamespace": format!("https://spdx.org/spdxdocs/nixery-{}", image.manifest.hex()),
+        "documentNamespace": format!("https://spdx.org/spdxdocs/nixery-{}", image.id.hex()),
         "creationInfo": {
             "created": CREATED,
             "creators": [format!("Tool: {TOOL}")],

@@ -359,8 +359,14 @@ impl Storage {
             .map_err(|e| e.to_string())
     }
 
-    /// Puts a small blob at its address unless it is there already.
+    /// Puts a small blob at its address unless it is there already (in a
+    /// folder, a look at the file first spares the synced write).
     pub async fn put_blob(&self, digest: &Digest, bytes: Bytes) -> Result<(), StorageError> {
+        if let Some(root) = &self.folder
+            && tokio::fs::try_exists(folder_blob(root, digest)).await?
+        {
+            return Ok(());
+        }
         self.writes.put_if_absent(&blob_path(digest), bytes).await
     }
 
