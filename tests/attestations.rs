@@ -8,7 +8,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::{Registry, request, sha256};
 use serde_json::Value;
@@ -64,14 +63,7 @@ fn tool(program: &str, args: &[&str]) -> String {
         "{} is missing: run scripts/setup.sh test",
         path.display()
     );
-    let output = Command::new(&path).args(args).output().unwrap();
-    assert!(
-        output.status.success(),
-        "{program} {args:?}: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
+    common::run(path.to_str().unwrap(), args)
 }
 
 /// The OCI manifest `image` resolves to: its digest and JSON.
