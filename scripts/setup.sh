@@ -74,6 +74,28 @@ if [[ "${1:-}" == test ]] && ! [[ -x $tools/sbom/bin/pyspdxtools ]]; then
   "$tools/sbom/bin/pip" install -q oras==0.2.43 spdx-tools==0.8.5 'cyclonedx-python-lib[json-validation]==11.12.0'
 fi
 
+# A skopeo that verifies sigstore signatures, for the signature tests:
+# bookworm's skopeo is built with sigstore disabled, so trixie's, with the
+# libraries it needs, fetched with apt-get download from trixie's archive and
+# run by its own dynamic loader (tools/trixie/bin/skopeo-sigstore).
+trixie=$tools/trixie
+if [[ "${1:-}" == test ]] && ! [[ -x $trixie/bin/skopeo-sigstore ]]; then
+  echo "setup: fetching trixie's skopeo into $trixie"
+  mkdir -p "$trixie/apt/lists/partial" "$trixie/debs" "$trixie/bin"
+  echo "deb http://deb.debian.org/debian trixie main" > "$trixie/apt/sources.list"
+  apt_trixie=(-qq -o "Dir::Etc::SourceList=$trixie/apt/sources.list" -o Dir::Etc::SourceParts=/dev/null
+    -o "Dir::State::Lists=$trixie/apt/lists" -o APT::Sandbox::User=root)
+  apt-get "${apt_trixie[@]}" update
+  (cd "$trixie/debs" && apt-get "${apt_trixie[@]}" download skopeo libc6 libgpgme11t64 libsqlite3-0 libassuan9 libgpg-error0)
+  for deb in "$trixie"/debs/*.deb; do dpkg-deb -x "$deb" "$trixie/root"; done
+  lib=$trixie/root/usr/lib/x86_64-linux-gnu
+  printf '#!/bin/sh
+exec %s --library-path %s %s "$@"
+' "$lib/ld-linux-x86-64.so.2" "$lib" "$trixie/root/usr/bin/skopeo" \
+    > "$trixie/bin/skopeo-sigstore"
+  chmod +x "$trixie/bin/skopeo-sigstore"
+fi
+
 # The Debian package set (pkgs-debian): its .deb files, fetched with apt-get
 # download into the cache folder. When Debian's archive no longer has a
 # pinned version (security updates replace them), the set is generated again

@@ -353,6 +353,14 @@ pub struct ServeArgs {
     pull_record_interval: u64,
     #[command(flatten)]
     retention: RetentionArgs,
+    /// A PEM ECDSA P-256 private key: every manifest and index is signed
+    /// with it, as cosign signs (read once, at start). Unset: nothing is signed.
+    #[arg(long, env = "NIXERY_SIGNING_KEY")]
+    signing_key: Option<PathBuf>,
+    /// The host signatures name images under (`registry.example.com`); by
+    /// default, the host each request names.
+    #[arg(long, env = "NIXERY_SIGNING_IDENTITY")]
+    signing_identity: Option<String>,
     /// Who the images' provenance names as their builder (a URI).
     #[arg(long, env = "NIXERY_BUILDER_ID", default_value = "urn:nixery:builder")]
     builder_id: String,
@@ -428,6 +436,8 @@ pub enum ConfigError {
     },
     #[error("S3_ACCESS_KEY and S3_SECRET_KEY (or the AWS_ variables) must be set together")]
     HalfCredentials,
+    #[error("NIXERY_SIGNING_KEY: {0}")]
+    SigningKey(String),
     #[error("NIXERY_BLOB_REDIRECT needs a bucket that can presign URLs (s3 or gcs), not {0}")]
     RedirectWithoutBucket(&'static str),
 }
@@ -464,6 +474,9 @@ pub struct ServeConfig {
     pub lease_ttl: Duration,
     /// Who the provenance names as the builder.
     pub builder_id: String,
+    /// The signing key, loaded; `None`: nothing is signed.
+    pub signer: Option<crate::signing::Signer>,
+    pub signing_identity: Option<String>,
     pub max_packages: usize,
     pub builds_per_client: usize,
     pub header_timeout: Duration,
@@ -530,6 +543,13 @@ impl ServeArgs {
             gc_interval: self.retention.gc_interval,
             lease_ttl: Duration::from_secs(self.retention.lease_ttl),
             builder_id: self.builder_id.clone(),
+            signer: match &self.signing_key {
+                Some(path) => {
+                    Some(crate::signing::Signer::load(path).map_err(|e| ConfigError::SigningKey(e.to_string()))?)
+                }
+                None => None,
+            },
+            signing_identity: self.signing_identity.clone(),
             max_packages: self.max_packages.into(),
             builds_per_client: self.client_builds.into(),
             header_timeout: Duration::from_secs(self.header_timeout),

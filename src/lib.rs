@@ -31,6 +31,7 @@ pub mod redact;
 pub mod reference;
 pub mod sbom;
 pub mod server;
+pub mod signing;
 pub mod source;
 pub mod storage;
 pub mod web;

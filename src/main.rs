@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use nixery::activity::Activity;
-use nixery::app::AppState;
+use nixery::app::{AppState, Signing};
 use nixery::builder::{Builder, Parts, Settings};
 use nixery::config::{Cli, Command, LayersArgs, LogFormat, ServeConfig};
 use nixery::export::{self, OutputFormat};
@@ -40,6 +40,9 @@ async fn main() -> std::process::ExitCode {
         }
     }
 }
+
+/// Signature payloads kept for the blob GETs that follow their signatures.
+const SIGNED_PAYLOADS: u64 = 10_000;
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
@@ -347,7 +350,15 @@ async fn open(config: ServeConfig) -> anyhow::Result<AppState> {
         metrics: Arc::clone(&metrics),
         activity: Arc::clone(&activity),
     };
+    let signing = config.signer.map(|signer| {
+        Arc::new(Signing {
+            signer,
+            identity: config.signing_identity,
+            payloads: moka::sync::Cache::new(SIGNED_PAYLOADS),
+        })
+    });
     Ok(AppState {
+        signing,
         builder: Builder::new(parts, settings),
         storage: Arc::new(storage),
         metrics,

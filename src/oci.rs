@@ -273,6 +273,30 @@ pub fn artifact(artifact_type: &str, blob: &Document, subject: &Subject) -> Resu
     Ok(Document::new(serde_json::to_vec(&manifest)?))
 }
 
+/// The manifest of a signature: the simple-signing `payload` as its one
+/// layer, with its base64 `signature` in the layer's annotation (as cosign
+/// writes it), the empty config, and the signed manifest as its subject.
+pub fn signature_manifest(payload: &Document, signature: &str, subject: &Subject) -> Result<Document, OciError> {
+    let empty = Digest::of(EMPTY_JSON);
+    let annotations =
+        std::collections::HashMap::from([(crate::signing::SIGNATURE_ANNOTATION.to_owned(), signature.to_owned())]);
+    let layer = descriptor(
+        crate::signing::SIMPLE_SIGNING,
+        &payload.digest,
+        payload.bytes.len() as u64,
+    )
+    .annotations(annotations)
+    .build()?;
+    let manifest = ImageManifestBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::from(OCI_MANIFEST))
+        .config(descriptor(OCI_EMPTY, &empty, EMPTY_JSON.len() as u64).build()?)
+        .layers(vec![layer])
+        .subject(descriptor(subject.media_type, subject.digest, subject.size).build()?)
+        .build()?;
+    Ok(Document::new(serde_json::to_vec(&manifest)?))
+}
+
 /// What the referrers API answers: an index of the artifacts that refer
 /// to a manifest (none, for a digest nothing refers to).
 pub fn referrers_index(referrers: &[Referrer]) -> Document {

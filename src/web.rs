@@ -59,6 +59,9 @@ struct IndexPage {
     failures: Vec<FailureRow>,
     /// Storage use and the last garbage collection, when measured.
     storage: Option<StorageRow>,
+    /// The public key that verifies the signatures; `None`: unsigned.
+    public_key: Option<String>,
+    public_key_path: &'static str,
 }
 
 struct StorageRow {
@@ -177,6 +180,8 @@ async fn index(
             })
             .collect(),
         storage: state.storage_use.get().map(|measured| storage_row(now, &measured)),
+        public_key: state.signing.as_ref().map(|s| s.signer.public_pem().to_owned()),
+        public_key_path: crate::server::PUBLIC_KEY_PATH,
     };
     render(StatusCode::OK, &page)
 }

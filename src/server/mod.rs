@@ -45,6 +45,7 @@ pub fn router(state: AppState, trusted_proxies: TrustedProxies, pages: Router<Ar
         .route("/v2/{*rest}", any(registry::registry))
         .merge(pages)
         .route("/metrics", get(metrics))
+        .route(PUBLIC_KEY_PATH, get(public_key))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready));
     let routes = match &state.auth {
@@ -55,6 +56,19 @@ pub fn router(state: AppState, trusted_proxies: TrustedProxies, pages: Router<Ar
         routes: routes.with_state(Arc::new(state)),
         frame,
     }
+}
+
+/// Where the public key that verifies the registry's signatures is served.
+pub const PUBLIC_KEY_PATH: &str = "/signing-key.pub";
+
+/// `GET /signing-key.pub`: the public key (PEM) that verifies the
+/// signatures, for `policy.json`'s `keyPath`; unknown when nothing is signed.
+async fn public_key(State(state): State<Arc<AppState>>) -> Result<Response, RegistryError> {
+    let signing = state.signing.as_ref().ok_or_else(RegistryError::unknown_route)?;
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-pem-file")
+        .body(axum::body::Body::from(signing.signer.public_pem().to_owned()))
+        .expect("headers are valid"))
 }
 
 /// The registry as the listener serves it.

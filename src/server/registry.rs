@@ -24,6 +24,7 @@ use crate::image::ImageRequest;
 use crate::negotiate;
 use crate::oci;
 use crate::reference;
+use crate::signing;
 
 /// Larger blobs are never manifests; they are not read to find out.
 const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
@@ -94,6 +95,10 @@ async fn manifest(
     if let Some(subject) = referrers_tag(reference) {
         reference::validate_name(name)?;
         return referrers_by_tag(state, &subject, head).await;
+    }
+    if let Some(subject) = signing::signature_tag(reference) {
+        reference::validate_name(name)?;
+        return signature_by_tag(state, name, &subject, headers, head).await;
     }
     let builder = &state.builder;
     let accept = headers.get_all(header::ACCEPT).iter().map(HeaderValue::as_bytes);
@@ -261,6 +266,64 @@ fn referrers_tag(tag: &str) -> Option<Digest> {
     format!("sha256:{hex}").parse().ok()
 }
 
+/// `GET /v2/<name>/manifests/sha256-<hex>.sig`: the signature of a
+/// manifest or index stored here, naming the image as `<host>/<name>` (the
+/// configured identity, else the host the request names); its payload is
+/// kept for the blob GET that follows. Unknown without a key, and for
+/// anything that is not a manifest stored here.
+async fn signature_by_tag(
+    state: &AppState,
+    name: &str,
+    subject: &Digest,
+    headers: &HeaderMap,
+    head: bool,
+) -> Result<Response, RegistryError> {
+    let unknown = || RegistryError::manifest_unknown(format!("no signature of {subject} here"));
+    let Some(signing) = &state.signing else {
+        return Err(unknown());
+    };
+    let bytes = (state.storage)
+        .read_small_blob(subject, Some(MAX_MANIFEST_SIZE))
+        .await?
+        .ok_or_else(unknown)?;
+    let media_type = oci::manifest_media_type(&bytes).ok_or_else(unknown)?;
+    let host = match &signing.identity {
+        Some(identity) => identity.as_str(),
+        None => headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .ok_or_else(unknown)?,
+    };
+    let payload = oci::Document::new(signing::payload(&format!("{host}/{name}"), subject));
+    let signature = signing.signer.sign(&payload.bytes);
+    let target = oci::Subject {
+        media_type,
+        digest: subject,
+        size: bytes.len() as u64,
+    };
+    let manifest =
+        oci::signature_manifest(&payload, &signature, &target).map_err(|e| RegistryError::internal(e.to_string()))?;
+    signing
+        .payloads
+        .insert(payload.digest.hex().to_owned(), Bytes::from(payload.bytes));
+    let body = match head {
+        true => ManifestBody::Head(manifest.bytes.len() as u64),
+        false => ManifestBody::Get(Bytes::from(manifest.bytes)),
+    };
+    Ok(manifest_response(oci::OCI_MANIFEST, &manifest.digest, body))
+}
+
+/// A signature's payload, signed lately here, as a blob.
+fn signature_payload(digest: &Digest, payload: Bytes, head: bool) -> Response {
+    let response = Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, payload.len())
+        .header(DOCKER_CONTENT_DIGEST, digest.to_string())
+        .header(header::ETAG, http::etag(digest));
+    let body = if head { Body::empty() } else { Body::from(payload) };
+    response.body(body).expect("headers are valid")
+}
+
 /// `GET /v2/<name>/manifests/sha256-<hex>`: the referrers index, as a manifest.
 async fn referrers_by_tag(state: &AppState, subject: &Digest, head: bool) -> Result<Response, RegistryError> {
     let index = oci::referrers_index(&state.builder.referrers(subject).await?);
@@ -286,6 +349,9 @@ async fn blob(
         Err(e) => return Err(e.into()),
     };
     let storage = &state.storage;
+    if let Some(payload) = state.signing.as_ref().and_then(|s| s.payloads.get(digest.hex())) {
+        return Ok(signature_payload(&digest, payload, head));
+    }
     let Some(blob) = storage.open_blob(&digest).await? else {
         if let Err(error) = state.builder.blob_missing(&digest).await {
             tracing::warn!(%error, "could not look up the images of a missing blob");

@@ -140,6 +140,7 @@ pub(crate) async fn served(auth: Option<Auth>, pages: Router<Arc<AppState>>) -> 
     builder.record_built(&request, Format::Oci, image).await;
 
     let state = AppState {
+        signing: None,
         storage_use: crate::gc::Status::default(),
         builder,
         storage: Arc::new(storage),

@@ -1,0 +1,148 @@
+//! Signatures of manifests in the format cosign writes and containers/image
+//! (skopeo, podman) verifies as "sigstore attachments": a simple-signing
+//! payload naming the image and its manifest digest, signed with ECDSA
+//! P-256 over SHA-256, as the one layer of a manifest at the tag
+//! `sha256-<hex>.sig`, the signature in the layer's annotation. Signatures
+//! are deterministic (RFC 6979), so every replica signs alike. The key is
+//! read once, at start.
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use p256::ecdsa::signature::Signer as _;
+use p256::ecdsa::{Signature, SigningKey};
+use p256::pkcs8::{DecodePrivateKey, EncodePublicKey, LineEnding};
+
+use crate::digest::Digest;
+
+/// The media type of a simple-signing payload, and the annotation that
+/// holds its signature.
+pub const SIMPLE_SIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
+pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SigningError {
+    #[error("cannot read the signing key {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error(
+        "the signing key {path} is not a PEM ECDSA P-256 private key (PKCS#8 \"PRIVATE KEY\" or SEC1 \"EC PRIVATE KEY\"; for example from `openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256`)"
+    )]
+    NotAKey { path: PathBuf },
+}
+
+/// A loaded signing key.
+pub struct Signer {
+    key: SigningKey,
+    public_pem: String,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("public_pem", &self.public_pem)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Signer {
+    /// Reads a PEM P-256 private key (PKCS#8 or SEC1).
+    pub fn load(path: &Path) -> Result<Self, SigningError> {
+        let pem = std::fs::read_to_string(path).map_err(|source| SigningError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let secret = p256::SecretKey::from_pkcs8_pem(&pem)
+            .or_else(|_| p256::SecretKey::from_sec1_pem(&pem))
+            .map_err(|_| SigningError::NotAKey { path: path.to_owned() })?;
+        let public_pem = secret
+            .public_key()
+            .to_public_key_pem(LineEnding::LF)
+            .map_err(|_| SigningError::NotAKey { path: path.to_owned() })?;
+        Ok(Signer {
+            key: SigningKey::from(secret),
+            public_pem,
+        })
+    }
+
+    /// The public key, PEM (SubjectPublicKeyInfo), as cosign and
+    /// containers/image read it.
+    pub fn public_pem(&self) -> &str {
+        &self.public_pem
+    }
+
+    /// The base64 of the DER signature of `payload`.
+    pub fn sign(&self, payload: &[u8]) -> String {
+        let signature: Signature = self.key.sign(payload);
+        base64::engine::general_purpose::STANDARD.encode(signature.to_der().as_bytes())
+    }
+}
+
+/// The simple-signing payload that says `reference` (`host/name`) is the
+/// image whose manifest is `digest`.
+pub fn payload(reference: &str, digest: &Digest) -> Vec<u8> {
+    let payload = serde_json::json!({
+        "critical": {
+            "identity": { "docker-reference": reference },
+            "image": { "docker-manifest-digest": digest.as_str() },
+            "type": "cosign container image signature",
+        },
+        "optional": null,
+    });
+    serde_json::to_vec(&payload).expect("payloads serialise")
+}
+
+/// The subject a signature tag (`sha256-<hex>.sig`) names.
+pub fn signature_tag(tag: &str) -> Option<Digest> {
+    let hex = tag.strip_prefix("sha256-")?.strip_suffix(".sig")?;
+    format!("sha256:{hex}").parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p256::ecdsa::VerifyingKey;
+    use p256::ecdsa::signature::Verifier as _;
+    use p256::pkcs8::{DecodePublicKey, EncodePrivateKey};
+
+    #[test]
+    fn signatures_verify_with_the_public_key_and_are_deterministic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key.pem");
+        let secret = p256::SecretKey::from_bytes(&[7u8; 32].into()).unwrap();
+        std::fs::write(&path, secret.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes()).unwrap();
+        let signer = Signer::load(&path).unwrap();
+        let digest = Digest::of(b"manifest");
+        let payload = payload("127.0.0.1:5000/shell/hello", &digest);
+        let signature = signer.sign(&payload);
+        assert_eq!(signature, signer.sign(&payload), "RFC 6979");
+        let der = base64::engine::general_purpose::STANDARD.decode(signature).unwrap();
+        let key = VerifyingKey::from_public_key_pem(signer.public_pem()).unwrap();
+        key.verify(&payload, &Signature::from_der(&der).unwrap()).unwrap();
+        let text = String::from_utf8(payload).unwrap();
+        assert!(text.contains(r#""docker-manifest-digest":"sha256:"#), "{text}");
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_key_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key.pem");
+        std::fs::write(
+            &path,
+            "-----BEGIN PRIVATE KEY-----\nnonsense\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let error = Signer::load(&path).unwrap_err().to_string();
+        assert!(error.contains("is not a PEM ECDSA P-256 private key"), "{error}");
+        assert!(Signer::load(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn signature_tags_name_their_subject() {
+        let digest = Digest::of(b"m");
+        assert_eq!(
+            signature_tag(&format!("sha256-{}.sig", digest.hex())),
+            Some(digest.clone())
+        );
+        assert_eq!(signature_tag(&format!("sha256-{}", digest.hex())), None);
+    }
+}
