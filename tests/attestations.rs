@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use common::{Registry, request, sha256};
 use serde_json::Value;
@@ -49,10 +49,7 @@ if errors:
 "#;
 
 fn tools() -> PathBuf {
-    std::env::var_os("NIXERY_TEST_TOOLS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new("/opt/nixery-test").to_owned())
-        .join("sbom/bin")
+    common::buckets::tools().parent().unwrap().join("sbom/bin")
 }
 
 /// Runs a program of the SBOM tools; its stdout.

@@ -15,10 +15,7 @@ use common::{Registry, run};
 
 /// trixie's skopeo, which verifies sigstore signatures (setup.sh).
 fn skopeo() -> PathBuf {
-    let path = std::env::var_os("NIXERY_TEST_TOOLS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new("/opt/nixery-test").to_owned())
-        .join("trixie/bin/skopeo-sigstore");
+    let path = (common::buckets::tools().parent().unwrap()).join("trixie/bin/skopeo-sigstore");
     assert!(
         path.exists(),
         "{} is missing: run scripts/setup.sh test",

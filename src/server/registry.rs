@@ -349,10 +349,11 @@ async fn blob(
         Err(e) => return Err(e.into()),
     };
     let storage = &state.storage;
-    if let Some(payload) = state.signing.as_ref().and_then(|s| s.payloads.get(digest.hex())) {
-        return Ok(signature_payload(&digest, payload, head));
-    }
     let Some(blob) = storage.open_blob(&digest).await? else {
+        // Not stored: perhaps a signature's payload, signed lately.
+        if let Some(payload) = state.signing.as_ref().and_then(|s| s.payloads.get(digest.hex())) {
+            return Ok(signature_payload(&digest, payload, head));
+        }
         if let Err(error) = state.builder.blob_missing(&digest).await {
             tracing::warn!(%error, "could not look up the images of a missing blob");
         }

@@ -42,29 +42,13 @@ impl Writes {
     /// Writes `path` unless something is there; something there already is
     /// no error.
     pub async fn put_if_absent(&self, path: &StorePath, bytes: Bytes) -> Result<(), StorageError> {
-        let put = match self {
-            Writes::Store(store) => {
-                let options = PutOptions {
-                    mode: PutMode::Create,
-                    ..Default::default()
-                };
-                match store
-                    .put_opts(path, PutPayload::from_bytes(bytes.clone()), options)
-                    .await
-                {
-                    Err(object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. }) => {
-                        return put_after_check(store.as_ref(), path, bytes).await;
-                    }
-                    put => put.map(drop),
-                }
-            }
-            Writes::GcsJson(gcs) => gcs.put(path, bytes, true).await,
-        };
-        match put {
-            Ok(()) | Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
+        match self.create(path, bytes.clone()).await {
+            Ok(_) => Ok(()),
+            Err(StorageError::NoConditionalCreate) => match self {
+                Writes::Store(store) => put_after_check(store.as_ref(), path, bytes).await,
+                Writes::GcsJson(_) => Err(StorageError::NoConditionalCreate),
+            },
+            Err(e) => Err(e),
         }
     }
 

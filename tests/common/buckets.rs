@@ -299,7 +299,9 @@ fn signal(name: &str, pid: u32) {
     assert!(status.success(), "kill -{name} {pid}");
 }
 
-fn tools() -> PathBuf {
+/// Where setup.sh puts the test servers' binaries (`NIXERY_TEST_TOOLS`);
+/// its parent holds the other test tools.
+pub fn tools() -> PathBuf {
     std::env::var_os("NIXERY_TEST_TOOLS")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new("/opt/nixery-test/bin").to_owned())
