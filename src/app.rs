@@ -33,17 +33,18 @@ pub struct AppState {
     pub meta_packages: Arc<MetaPackages>,
     /// Who may pull; `None`: anyone.
     pub auth: Option<Arc<Auth>>,
-    /// What signs manifests, and the payloads signed lately (served as
-    /// blobs); `None`: nothing is signed.
+    /// What signs manifests, and the signatures made lately (served by
+    /// digest); `None`: nothing is signed.
     pub signing: Option<Arc<Signing>>,
 }
 
 /// The signing key, the name signatures give the registry, and the
-/// payloads signed lately.
+/// signatures made lately.
 pub struct Signing {
-    pub signer: crate::signing::Signer,
+    pub signer: Arc<crate::signing::Signer>,
     /// The host signatures name (`registry.example.com`); `None`: the host
     /// a request names.
     pub identity: Option<String>,
-    pub payloads: moka::sync::Cache<String, bytes::Bytes>,
+    /// Signature manifests and payloads signed lately, by digest (hex).
+    pub documents: moka::sync::Cache<String, bytes::Bytes>,
 }

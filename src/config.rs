@@ -475,7 +475,7 @@ pub struct ServeConfig {
     /// Who the provenance names as the builder.
     pub builder_id: String,
     /// The signing key, loaded; `None`: nothing is signed.
-    pub signer: Option<crate::signing::Signer>,
+    pub signer: Option<std::sync::Arc<crate::signing::Signer>>,
     pub signing_identity: Option<String>,
     pub max_packages: usize,
     pub builds_per_client: usize,
@@ -545,7 +545,9 @@ impl ServeArgs {
             builder_id: self.builder_id.clone(),
             signer: match &self.signing_key {
                 Some(path) => {
-                    Some(crate::signing::Signer::load(path).map_err(|e| ConfigError::SigningKey(e.to_string()))?)
+                    let signer =
+                        crate::signing::Signer::load(path).map_err(|e| ConfigError::SigningKey(e.to_string()))?;
+                    Some(std::sync::Arc::new(signer))
                 }
                 None => None,
             },

@@ -41,8 +41,11 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-/// Signature payloads kept for the blob GETs that follow their signatures.
-const SIGNED_PAYLOADS: u64 = 10_000;
+/// Signatures and their payloads kept for the GETs that follow them, and
+/// for how long: less than the collector's default grace, so that a replica
+/// stores them again (with a configured identity) after one collects them.
+const SIGNED_DOCUMENTS: u64 = 10_000;
+const SIGNED_DOCUMENTS_TTL: std::time::Duration = std::time::Duration::from_secs(600);
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
@@ -336,6 +339,7 @@ async fn open(config: ServeConfig) -> anyhow::Result<AppState> {
         builds_per_client: config.builds_per_client,
         lease_ttl: config.lease_ttl,
         builder_id: config.builder_id,
+        signer: config.signer.clone(),
     };
     let metrics = Arc::new(Metrics::default());
     let activity = Arc::new(Activity::default());
@@ -354,7 +358,10 @@ async fn open(config: ServeConfig) -> anyhow::Result<AppState> {
         Arc::new(Signing {
             signer,
             identity: config.signing_identity,
-            payloads: moka::sync::Cache::new(SIGNED_PAYLOADS),
+            documents: moka::sync::Cache::builder()
+                .max_capacity(SIGNED_DOCUMENTS)
+                .time_to_live(SIGNED_DOCUMENTS_TTL)
+                .build(),
         })
     });
     Ok(AppState {

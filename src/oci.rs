@@ -239,8 +239,8 @@ pub fn index(format: Format, entries: &[IndexEntry]) -> Result<Document, OciErro
     Ok(Document::new(serde_json::to_vec(&index)?))
 }
 
-/// A manifest that refers to another: an artifact of `artifact_type`
-/// holding one blob (of that media type), whose subject is a manifest.
+/// A manifest that refers to another (an artifact of `artifact_type`
+/// whose subject is a manifest).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Referrer {
     pub digest: Digest,
@@ -255,9 +255,14 @@ pub struct Subject<'a> {
     pub size: u64,
 }
 
-/// The artifact manifest of `blob` (whose media type is `artifact_type`)
-/// about `subject`, with the empty config.
-pub fn artifact(artifact_type: &str, blob: &Document, subject: &Subject) -> Result<Document, OciError> {
+/// The artifact manifest of `blob` (of media type `blob_type`) about
+/// `subject`, with the empty config.
+pub fn artifact(
+    artifact_type: &str,
+    blob_type: &str,
+    blob: &Document,
+    subject: &Subject,
+) -> Result<Document, OciError> {
     let empty = Digest::of(EMPTY_JSON);
     let manifest = ImageManifestBuilder::default()
         .schema_version(2u32)
@@ -265,7 +270,7 @@ pub fn artifact(artifact_type: &str, blob: &Document, subject: &Subject) -> Resu
         .artifact_type(MediaType::from(artifact_type))
         .config(descriptor(OCI_EMPTY, &empty, EMPTY_JSON.len() as u64).build()?)
         .layers(vec![
-            descriptor(artifact_type, &blob.digest, blob.bytes.len() as u64).build()?,
+            descriptor(blob_type, &blob.digest, blob.bytes.len() as u64).build()?,
         ])
         .subject(descriptor(subject.media_type, subject.digest, subject.size).build()?)
         .annotations(created())
@@ -275,7 +280,8 @@ pub fn artifact(artifact_type: &str, blob: &Document, subject: &Subject) -> Resu
 
 /// The manifest of a signature: the simple-signing `payload` as its one
 /// layer, with its base64 `signature` in the layer's annotation (as cosign
-/// writes it), the empty config, and the signed manifest as its subject.
+/// writes it), the empty config, and the signed manifest as its subject
+/// (so that it is among the manifest's referrers too).
 pub fn signature_manifest(payload: &Document, signature: &str, subject: &Subject) -> Result<Document, OciError> {
     let empty = Digest::of(EMPTY_JSON);
     let annotations =
@@ -290,6 +296,7 @@ pub fn signature_manifest(payload: &Document, signature: &str, subject: &Subject
     let manifest = ImageManifestBuilder::default()
         .schema_version(2u32)
         .media_type(MediaType::from(OCI_MANIFEST))
+        .artifact_type(MediaType::from(crate::signing::SIGNATURE_ARTIFACT))
         .config(descriptor(OCI_EMPTY, &empty, EMPTY_JSON.len() as u64).build()?)
         .layers(vec![layer])
         .subject(descriptor(subject.media_type, subject.digest, subject.size).build()?)

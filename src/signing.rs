@@ -4,7 +4,8 @@
 //! P-256 over SHA-256, as the one layer of a manifest at the tag
 //! `sha256-<hex>.sig`, the signature in the layer's annotation. Signatures
 //! are deterministic (RFC 6979), so every replica signs alike. The key is
-//! read once, at start.
+//! read once, at start. The provenance is signed too, as a DSSE envelope
+//! (the form in-toto attestations take).
 
 use std::path::{Path, PathBuf};
 
@@ -19,6 +20,11 @@ use crate::digest::Digest;
 /// holds its signature.
 pub const SIMPLE_SIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
 pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
+/// The artifact type of a signature among an image's referrers, as cosign
+/// gives it.
+pub const SIGNATURE_ARTIFACT: &str = "application/vnd.dev.cosign.artifact.sig.v1+json";
+/// The media type of a DSSE envelope.
+pub const DSSE_ENVELOPE: &str = "application/vnd.dsse.envelope.v1+json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SigningError {
@@ -34,6 +40,7 @@ pub enum SigningError {
 pub struct Signer {
     key: SigningKey,
     public_pem: String,
+    key_id: String,
 }
 
 impl std::fmt::Debug for Signer {
@@ -54,13 +61,14 @@ impl Signer {
         let secret = p256::SecretKey::from_pkcs8_pem(&pem)
             .or_else(|_| p256::SecretKey::from_sec1_pem(&pem))
             .map_err(|_| SigningError::NotAKey { path: path.to_owned() })?;
-        let public_pem = secret
-            .public_key()
-            .to_public_key_pem(LineEnding::LF)
-            .map_err(|_| SigningError::NotAKey { path: path.to_owned() })?;
+        let not_a_key = || SigningError::NotAKey { path: path.to_owned() };
+        let public = secret.public_key();
+        let public_pem = public.to_public_key_pem(LineEnding::LF).map_err(|_| not_a_key())?;
+        let public_der = public.to_public_key_der().map_err(|_| not_a_key())?;
         Ok(Signer {
             key: SigningKey::from(secret),
             public_pem,
+            key_id: Digest::of(public_der.as_bytes()).hex().to_owned(),
         })
     }
 
@@ -70,11 +78,35 @@ impl Signer {
         &self.public_pem
     }
 
+    /// The SHA-256 (hex) of the public key's DER: what tells keys apart.
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
     /// The base64 of the DER signature of `payload`.
     pub fn sign(&self, payload: &[u8]) -> String {
         let signature: Signature = self.key.sign(payload);
         base64::engine::general_purpose::STANDARD.encode(signature.to_der().as_bytes())
     }
+
+    /// A DSSE envelope of `payload` (of `payload_type`), signed over its
+    /// pre-authentication encoding, with no key id (as cosign writes it).
+    pub fn envelope(&self, payload_type: &str, payload: &[u8]) -> Vec<u8> {
+        let base64 = &base64::engine::general_purpose::STANDARD;
+        let envelope = serde_json::json!({
+            "payloadType": payload_type,
+            "payload": base64.encode(payload),
+            "signatures": [{ "keyid": "", "sig": self.sign(&pae(payload_type, payload)) }],
+        });
+        serde_json::to_vec(&envelope).expect("envelopes serialise")
+    }
+}
+
+/// DSSE's pre-authentication encoding: what an envelope's signature signs.
+pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
+    let mut encoded = format!("DSSEv1 {} {payload_type} {} ", payload_type.len(), payload.len()).into_bytes();
+    encoded.extend_from_slice(payload);
+    encoded
 }
 
 /// The simple-signing payload that says `reference` (`host/name`) is the
@@ -120,6 +152,26 @@ mod tests {
         key.verify(&payload, &Signature::from_der(&der).unwrap()).unwrap();
         let text = String::from_utf8(payload).unwrap();
         assert!(text.contains(r#""docker-manifest-digest":"sha256:"#), "{text}");
+    }
+
+    #[test]
+    fn envelopes_sign_the_pre_authentication_encoding() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key.pem");
+        let secret = p256::SecretKey::from_bytes(&[9u8; 32].into()).unwrap();
+        std::fs::write(&path, secret.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes()).unwrap();
+        let signer = Signer::load(&path).unwrap();
+        let envelope: serde_json::Value =
+            serde_json::from_slice(&signer.envelope("application/vnd.in-toto+json", b"{}")).unwrap();
+        let base64 = base64::engine::general_purpose::STANDARD;
+        assert_eq!(base64.decode(envelope["payload"].as_str().unwrap()).unwrap(), b"{}");
+        let der = base64
+            .decode(envelope["signatures"][0]["sig"].as_str().unwrap())
+            .unwrap();
+        let key = VerifyingKey::from_public_key_pem(signer.public_pem()).unwrap();
+        let signed = pae("application/vnd.in-toto+json", b"{}");
+        assert_eq!(signed, b"DSSEv1 28 application/vnd.in-toto+json 2 {}");
+        key.verify(&signed, &Signature::from_der(&der).unwrap()).unwrap();
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! An image's SBOMs (SPDX and CycloneDX) and provenance, made with its
 //! build (`sbom`) and stored as OCI artifacts whose subject is each of its
 //! manifests, then recorded as those manifests' referrers, which the
-//! referrers API answers from. Pulls of a built image do none of this.
+//! referrers API answers from. With a signing key, the provenance is
+//! stored as a DSSE envelope signed by it. Pulls of a built image do none
+//! of this.
 
 use bytes::Bytes;
 
@@ -12,6 +14,7 @@ use crate::digest::Digest;
 use crate::nix::Realised;
 use crate::oci::{self, Document, Referrer, Subject};
 use crate::sbom::{self, Provenance};
+use crate::signing;
 use crate::source::{REVISION_LABEL, SOURCE_LABEL};
 
 /// The artifact types, which are also their blobs' media types.
@@ -34,7 +37,7 @@ impl Pipeline {
         let source = job.resolved.labels.get(SOURCE_LABEL).map_or("", String::as_str);
         let revision = job.resolved.labels.get(REVISION_LABEL).map(String::as_str);
         let manifests: Vec<&Digest> = record.manifests.iter().map(|(_, m)| &m.digest).collect();
-        let provenance = Document::new(sbom::provenance(&Provenance {
+        let statement = sbom::provenance(&Provenance {
             image: &name,
             manifests: &manifests,
             requested: &job.request.requested,
@@ -44,7 +47,14 @@ impl Pipeline {
             revision,
             settings: self.parameters(job),
             builder: &self.settings.builder_id,
-        }));
+        });
+        let provenance = match &self.settings.signer {
+            Some(signer) => (
+                signing::DSSE_ENVELOPE,
+                Document::new(signer.envelope(IN_TOTO, &statement)),
+            ),
+            None => (IN_TOTO, Document::new(statement)),
+        };
         // Made first, then written all at once: the writes (each synced
         // to disk in a folder) are most of the cost. The SBOMs are the
         // image's, the same for each of its manifests.
@@ -56,10 +66,11 @@ impl Pipeline {
             source,
             revision,
         };
+        // (artifact type, blob's media type, blob)
         let made = [
-            (SPDX, Document::new(sbom::spdx(&image))),
-            (CYCLONEDX, Document::new(sbom::cyclonedx(&image))),
-            (IN_TOTO, provenance),
+            (SPDX, SPDX, Document::new(sbom::spdx(&image))),
+            (CYCLONEDX, CYCLONEDX, Document::new(sbom::cyclonedx(&image))),
+            (IN_TOTO, provenance.0, provenance.1),
         ];
         let mut recorded = Vec::new();
         let mut artifacts = Vec::new();
@@ -70,8 +81,8 @@ impl Pipeline {
                 size: manifest.size,
             };
             let mut referrers = Vec::new();
-            for (artifact_type, document) in &made {
-                let artifact = oci::artifact(artifact_type, document, &subject)?;
+            for (artifact_type, blob_type, document) in &made {
+                let artifact = oci::artifact(artifact_type, blob_type, document, &subject)?;
                 referrers.push(Referrer {
                     digest: artifact.digest.clone(),
                     size: artifact.bytes.len() as u64,
@@ -83,7 +94,7 @@ impl Pipeline {
         }
         let empty = Document::new(oci::EMPTY_JSON.to_vec());
         let documents: Vec<Document> = (std::iter::once(empty))
-            .chain(made.into_iter().map(|(_, document)| document))
+            .chain(made.into_iter().map(|(_, _, document)| document))
             .chain(artifacts)
             .collect();
         let blobs: Vec<Digest> = documents.iter().map(|d| d.digest.clone()).collect();

@@ -44,6 +44,10 @@ pub struct ImageKey<'a> {
     pub compression: Compression,
     /// The manifest formats made from this layer set.
     pub formats: Vec<Format>,
+    /// The id of the key the provenance is signed with; absent when it is
+    /// not signed (so that keys without one stay what they were).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signer: Option<&'a str>,
 }
 
 /// The key of an image record: the hash of the key's JSON with the
@@ -97,6 +101,7 @@ mod tests {
             layer_budget: 96,
             compression,
             formats: vec![Format::Docker, Format::Oci],
+            signer: None,
         }
     }
 

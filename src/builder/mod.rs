@@ -106,6 +106,9 @@ pub struct Settings {
     pub lease_ttl: Duration,
     /// Who the provenance names as the builder.
     pub builder_id: String,
+    /// What signs the provenance (as a DSSE envelope); `None`: it is
+    /// stored unsigned.
+    pub signer: Option<Arc<crate::signing::Signer>>,
 }
 
 impl Settings {
@@ -617,6 +620,7 @@ impl Builder {
             layer_budget: settings.layer_budget,
             compression,
             formats: settings.formats(compression),
+            signer: settings.signer.as_deref().map(crate::signing::Signer::key_id),
         })
     }
 }

@@ -51,7 +51,10 @@ pub async fn registry(
         ("manifests", _) => manifest(&state, name, reference, headers, head, client).await,
         ("blobs", _) => blob(&state, name, reference, headers, head).await,
         ("tags", "list") => tags(&state, name, query.as_deref(), head).await,
-        ("referrers", _) => referrers(&state, name, reference, query.as_deref().unwrap_or_default(), head).await,
+        ("referrers", _) => {
+            let query = query.as_deref().unwrap_or_default();
+            referrers(&state, name, reference, query, headers, head).await
+        }
         _ => Err(RegistryError::unknown_route()),
     }?;
     Ok(http::not_modified_if_current(headers, response))
@@ -94,7 +97,7 @@ async fn manifest(
     }
     if let Some(subject) = referrers_tag(reference) {
         reference::validate_name(name)?;
-        return referrers_by_tag(state, &subject, head).await;
+        return referrers_by_tag(state, name, &subject, headers, head).await;
     }
     if let Some(subject) = signing::signature_tag(reference) {
         reference::validate_name(name)?;
@@ -145,11 +148,10 @@ async fn manifest_by_digest(state: &AppState, reference: &str, head: bool) -> Re
         Err(DigestError::UnsupportedAlgorithm(_)) => return Err(unknown()),
         Err(e) => return Err(e.into()),
     };
-    let bytes = state
-        .storage
-        .read_small_blob(&digest, Some(MAX_MANIFEST_SIZE))
-        .await?
-        .ok_or_else(unknown)?;
+    let stored = state.storage.read_small_blob(&digest, Some(MAX_MANIFEST_SIZE)).await?;
+    // Not stored: perhaps a signature, signed lately.
+    let signed = || state.signing.as_ref().and_then(|s| s.documents.get(digest.hex()));
+    let bytes = stored.or_else(signed).ok_or_else(unknown)?;
     let media_type = oci::manifest_media_type(&bytes).ok_or_else(unknown)?;
     let body = if head {
         ManifestBody::Head(bytes.len() as u64)
@@ -231,20 +233,21 @@ fn single<'q>(query: &'q [(String, String)], name: &str) -> Result<Option<&'q st
     }
 }
 
-/// `GET /v2/<name>/referrers/<digest>[?artifactType=]`: the SBOMs and
-/// provenance of a manifest built here (an empty index for any other),
-/// from their record; nothing is built.
+/// `GET /v2/<name>/referrers/<digest>[?artifactType=]`: the SBOMs,
+/// provenance and signature of a manifest built here (an empty index for
+/// any other), from their record; nothing is built.
 async fn referrers(
     state: &AppState,
     name: &str,
     reference: &str,
     query: &[(String, String)],
+    headers: &HeaderMap,
     head: bool,
 ) -> Result<Response, RegistryError> {
     reference::validate_name(name)?;
     let subject = reference.parse::<Digest>()?;
     let wanted = single(query, "artifactType")?;
-    let mut referrers = state.builder.referrers(&subject).await?;
+    let mut referrers = referrers_of(state, name, &subject, headers).await?;
     if let Some(wanted) = wanted {
         referrers.retain(|r| r.artifact_type == wanted);
     }
@@ -267,10 +270,8 @@ fn referrers_tag(tag: &str) -> Option<Digest> {
 }
 
 /// `GET /v2/<name>/manifests/sha256-<hex>.sig`: the signature of a
-/// manifest or index stored here, naming the image as `<host>/<name>` (the
-/// configured identity, else the host the request names); its payload is
-/// kept for the blob GET that follows. Unknown without a key, and for
-/// anything that is not a manifest stored here.
+/// manifest or index stored here. Unknown without a key, and for anything
+/// that is not a manifest stored here.
 async fn signature_by_tag(
     state: &AppState,
     name: &str,
@@ -279,20 +280,44 @@ async fn signature_by_tag(
     head: bool,
 ) -> Result<Response, RegistryError> {
     let unknown = || RegistryError::manifest_unknown(format!("no signature of {subject} here"));
-    let Some(signing) = &state.signing else {
-        return Err(unknown());
+    let manifest = signature(state, name, subject, headers).await?.ok_or_else(unknown)?;
+    let body = match head {
+        true => ManifestBody::Head(manifest.bytes.len() as u64),
+        false => ManifestBody::Get(Bytes::from(manifest.bytes)),
     };
-    let bytes = (state.storage)
+    Ok(manifest_response(oci::OCI_MANIFEST, &manifest.digest, body))
+}
+
+/// The signature manifest of `subject` (a manifest or index stored here),
+/// naming the image as `<host>/<name>`: the configured identity, else the
+/// host the request names. It and its payload are kept for the GETs by
+/// digest that follow; with a configured identity, also stored, so that
+/// every replica serves them (a host from requests could name anything,
+/// so those stay in memory). `None` without a key or such a manifest.
+async fn signature(
+    state: &AppState,
+    name: &str,
+    subject: &Digest,
+    headers: &HeaderMap,
+) -> Result<Option<oci::Document>, RegistryError> {
+    let Some(signing) = &state.signing else {
+        return Ok(None);
+    };
+    let Some(bytes) = (state.storage)
         .read_small_blob(subject, Some(MAX_MANIFEST_SIZE))
         .await?
-        .ok_or_else(unknown)?;
-    let media_type = oci::manifest_media_type(&bytes).ok_or_else(unknown)?;
+    else {
+        return Ok(None);
+    };
+    let Some(media_type) = oci::manifest_media_type(&bytes) else {
+        return Ok(None);
+    };
     let host = match &signing.identity {
         Some(identity) => identity.as_str(),
-        None => headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .ok_or_else(unknown)?,
+        None => match headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
+            Some(host) => host,
+            None => return Ok(None),
+        },
     };
     let payload = oci::Document::new(signing::payload(&format!("{host}/{name}"), subject));
     let signature = signing.signer.sign(&payload.bytes);
@@ -303,14 +328,37 @@ async fn signature_by_tag(
     };
     let manifest =
         oci::signature_manifest(&payload, &signature, &target).map_err(|e| RegistryError::internal(e.to_string()))?;
-    signing
-        .payloads
-        .insert(payload.digest.hex().to_owned(), Bytes::from(payload.bytes));
-    let body = match head {
-        true => ManifestBody::Head(manifest.bytes.len() as u64),
-        false => ManifestBody::Get(Bytes::from(manifest.bytes)),
-    };
-    Ok(manifest_response(oci::OCI_MANIFEST, &manifest.digest, body))
+    if !signing.documents.contains_key(manifest.digest.hex()) {
+        if signing.identity.is_some() {
+            let writes =
+                [&payload, &manifest].map(|d| state.storage.put_blob(&d.digest, Bytes::copy_from_slice(&d.bytes)));
+            futures::future::try_join_all(writes).await?;
+        }
+        for document in [&payload, &manifest] {
+            let bytes = Bytes::copy_from_slice(&document.bytes);
+            signing.documents.insert(document.digest.hex().to_owned(), bytes);
+        }
+    }
+    Ok(Some(manifest))
+}
+
+/// The referrers of `subject`: its documents, from their record, and its
+/// signature when there is one.
+async fn referrers_of(
+    state: &AppState,
+    name: &str,
+    subject: &Digest,
+    headers: &HeaderMap,
+) -> Result<Vec<oci::Referrer>, RegistryError> {
+    let mut referrers = state.builder.referrers(subject).await?;
+    if let Some(manifest) = signature(state, name, subject, headers).await? {
+        referrers.push(oci::Referrer {
+            size: manifest.bytes.len() as u64,
+            digest: manifest.digest,
+            artifact_type: signing::SIGNATURE_ARTIFACT.to_owned(),
+        });
+    }
+    Ok(referrers)
 }
 
 /// A signature's payload, signed lately here, as a blob.
@@ -325,8 +373,14 @@ fn signature_payload(digest: &Digest, payload: Bytes, head: bool) -> Response {
 }
 
 /// `GET /v2/<name>/manifests/sha256-<hex>`: the referrers index, as a manifest.
-async fn referrers_by_tag(state: &AppState, subject: &Digest, head: bool) -> Result<Response, RegistryError> {
-    let index = oci::referrers_index(&state.builder.referrers(subject).await?);
+async fn referrers_by_tag(
+    state: &AppState,
+    name: &str,
+    subject: &Digest,
+    headers: &HeaderMap,
+    head: bool,
+) -> Result<Response, RegistryError> {
+    let index = oci::referrers_index(&referrers_of(state, name, subject, headers).await?);
     let body = match head {
         true => ManifestBody::Head(index.bytes.len() as u64),
         false => ManifestBody::Get(Bytes::from(index.bytes)),
@@ -351,7 +405,7 @@ async fn blob(
     let storage = &state.storage;
     let Some(blob) = storage.open_blob(&digest).await? else {
         // Not stored: perhaps a signature's payload, signed lately.
-        if let Some(payload) = state.signing.as_ref().and_then(|s| s.payloads.get(digest.hex())) {
+        if let Some(payload) = state.signing.as_ref().and_then(|s| s.documents.get(digest.hex())) {
             return Ok(signature_payload(&digest, payload, head));
         }
         if let Err(error) = state.builder.blob_missing(&digest).await {

@@ -101,6 +101,7 @@ pub(crate) async fn served(auth: Option<Auth>, pages: Router<Arc<AppState>>) -> 
         builds_per_client: 1,
         lease_ttl: std::time::Duration::from_secs(30),
         builder_id: "urn:nixery:test".into(),
+        signer: None,
     };
     let builder = Builder::new(parts, settings);
 
