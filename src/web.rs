@@ -107,6 +107,8 @@ struct PlanView {
     layers: Vec<LayerView>,
     /// Each document's name and blob digest.
     documents: Vec<(&'static str, String)>,
+    /// The signature's tag (`sha256-<hex>.sig`), when images are signed.
+    signature: Option<String>,
 }
 
 struct LayerView {
@@ -225,7 +227,7 @@ async fn image(
             (status_of(RegistryError::from(e)), Err(message))
         }
         Ok(request) => match state.builder.describe(&request, may_build).await {
-            Ok(Some(plan)) => (StatusCode::OK, Ok(plan_view(plan))),
+            Ok(Some(plan)) => (StatusCode::OK, Ok(plan_view(plan, state.signing.is_some()))),
             Ok(None) => (
                 StatusCode::NOT_FOUND,
                 Err(format!(
@@ -251,7 +253,8 @@ fn status_of(error: RegistryError) -> StatusCode {
     error.kind().0
 }
 
-fn plan_view(plan: ImagePlan) -> PlanView {
+/// What the page shows of `plan`; `signed` when images are signed here.
+fn plan_view(plan: ImagePlan, signed: bool) -> PlanView {
     let largest = plan.layers.iter().map(|l| l.bytes).max().unwrap_or(0).max(1);
     let total = plan.layers.iter().map(|l| l.bytes).sum();
     let layers = plan
@@ -279,6 +282,7 @@ fn plan_view(plan: ImagePlan) -> PlanView {
         cached: plan.cached,
         total: human(total),
         layers,
+        signature: (plan.manifest.filter(|_| signed)).map(|m| format!("sha256-{}.sig", m.hex())),
         documents: (plan.documents.into_iter())
             .map(|(artifact_type, blob)| (document_name(&artifact_type), blob.to_string()))
             .collect(),

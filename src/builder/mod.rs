@@ -174,8 +174,10 @@ pub struct ImagePlan {
     /// Whether the image's manifests are cached (its revision is pinned).
     pub cached: bool,
     pub layers: Vec<PlannedLayer>,
-    /// The documents about its manifest in the preferred format: each
-    /// artifact type and the blob of the document.
+    /// Its manifest in the preferred format (or its only one), once built.
+    pub manifest: Option<Digest>,
+    /// The documents about that manifest: each artifact type and the blob
+    /// of the document.
     pub documents: Vec<(String, Digest)>,
 }
 
@@ -533,7 +535,7 @@ impl Builder {
         if cacheable && let Some(plan) = self.recorded_plan(&key).await.map_err(Arc::new)? {
             let mut view = self.plan_view(request, arch, true, &plan);
             if let Some(record) = self.pipeline.caches.image(&key).await.map_err(|e| Arc::new(e.into()))? {
-                view.documents = self.documents(&record).await.map_err(Arc::new)?;
+                self.describe_documents(&mut view, &record).await.map_err(Arc::new)?;
             }
             return Ok(Some(view));
         }
@@ -541,28 +543,31 @@ impl Builder {
         let job = Self::job(&key, request, arch, resolved, compression);
         let built = self.join_build(&key, job, Some(client)).await?;
         let mut view = self.plan_view(request, arch, cacheable, &built.plan);
-        view.documents = self.documents(&built.record).await.map_err(Arc::new)?;
+        self.describe_documents(&mut view, &built.record)
+            .await
+            .map_err(Arc::new)?;
         Ok(Some(view))
     }
 
-    /// The documents about an image's manifest in the preferred format (or
-    /// its only one): each artifact type, and the document's blob.
-    async fn documents(&self, record: &ImageRecord) -> Result<Vec<(String, Digest)>, BuildError> {
+    /// Puts into `view` the image's manifest in the preferred format (or
+    /// its only one) and the documents about it: each artifact type, and
+    /// the document's blob.
+    async fn describe_documents(&self, view: &mut ImagePlan, record: &ImageRecord) -> Result<(), BuildError> {
         let preferred = record.manifest(self.pipeline.settings.preferred_format);
         let Some(manifest) = preferred.or(record.manifests.first().map(|(_, m)| m)) else {
-            return Ok(vec![]);
+            return Ok(());
         };
-        let mut documents = Vec::new();
+        view.manifest = Some(manifest.digest.clone());
         for referrer in self.pipeline.caches.referrers(&manifest.digest).await? {
             let Some(bytes) = self.pipeline.storage.read_small_blob(&referrer.digest, None).await? else {
                 continue;
             };
             let artifact: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
             if let Some(blob) = artifact["layers"][0]["digest"].as_str().and_then(|d| d.parse().ok()) {
-                documents.push((referrer.artifact_type, blob));
+                view.documents.push((referrer.artifact_type, blob));
             }
         }
-        Ok(documents)
+        Ok(())
     }
 
     /// The plan of the image recorded under `key`, when both its record
@@ -595,6 +600,7 @@ impl Builder {
             arch,
             cached,
             layers,
+            manifest: None,
             documents: vec![],
         }
     }
