@@ -23,8 +23,9 @@ if [[ "${1:-}" == test || "${1:-}" == bench ]]; then
   # podman runs containers with runc (crun refuses cgroups in hybrid mode);
   # docker.io brings dockerd and containerd brings ctr;
   # pigz and zstd are the packing benchmark's references; the fuzz targets'
-  # libFuzzer is C++ (g++ provides c++).
-  packages+=(podman runc containerd docker.io pigz zstd python3-venv openssl chromium g++)
+  # libFuzzer is C++ (g++ provides c++); patchelf points trixie's podman
+  # at its own libraries.
+  packages+=(podman runc containerd docker.io pigz zstd python3-venv openssl chromium g++ patchelf)
 fi
 if [[ "${1:-}" == bench ]]; then
   # wrk drives the load benchmarks; nginx-light and docker-registry are
@@ -74,19 +75,23 @@ if [[ "${1:-}" == test ]] && ! [[ -x $tools/sbom/bin/pyspdxtools ]]; then
   "$tools/sbom/bin/pip" install -q oras==0.2.43 spdx-tools==0.8.5 'cyclonedx-python-lib[json-validation]==11.12.0'
 fi
 
-# A skopeo that verifies sigstore signatures, for the signature tests:
-# bookworm's skopeo is built with sigstore disabled, so trixie's, with the
-# libraries it needs, fetched with apt-get download from trixie's archive and
-# run by its own dynamic loader (tools/trixie/bin/skopeo-sigstore).
+# A skopeo and a podman that verify sigstore signatures, for the signature
+# tests: bookworm's are built with sigstore disabled, so trixie's, with the
+# libraries they need, fetched with apt-get download from trixie's archive.
+# skopeo runs by trixie's dynamic loader (tools/trixie/bin/skopeo-sigstore);
+# podman runs itself again from /proc/self/exe, so its copy
+# (tools/trixie/bin/podman-sigstore) names that loader and those libraries
+# itself (patchelf).
 trixie=$tools/trixie
-if [[ "${1:-}" == test ]] && ! [[ -x $trixie/bin/skopeo-sigstore ]]; then
-  echo "setup: fetching trixie's skopeo into $trixie"
+if [[ "${1:-}" == test ]] && ! [[ -x $trixie/bin/skopeo-sigstore && -x $trixie/bin/podman-sigstore ]]; then
+  echo "setup: fetching trixie's skopeo and podman into $trixie"
   mkdir -p "$trixie/apt/lists/partial" "$trixie/debs" "$trixie/bin"
   echo "deb http://deb.debian.org/debian trixie main" > "$trixie/apt/sources.list"
   apt_trixie=(-qq -o "Dir::Etc::SourceList=$trixie/apt/sources.list" -o Dir::Etc::SourceParts=/dev/null
     -o "Dir::State::Lists=$trixie/apt/lists" -o APT::Sandbox::User=root)
   apt-get "${apt_trixie[@]}" update
-  (cd "$trixie/debs" && apt-get "${apt_trixie[@]}" download skopeo libc6 libgpgme11t64 libsqlite3-0 libassuan9 libgpg-error0)
+  (cd "$trixie/debs" && apt-get "${apt_trixie[@]}" download skopeo podman netavark libc6 libgpgme11t64 \
+    libsqlite3-0 libassuan9 libgpg-error0 libsubid5 libseccomp2)
   for deb in "$trixie"/debs/*.deb; do dpkg-deb -x "$deb" "$trixie/root"; done
   lib=$trixie/root/usr/lib/x86_64-linux-gnu
   printf '#!/bin/sh
@@ -94,6 +99,10 @@ exec %s --library-path %s %s "$@"
 ' "$lib/ld-linux-x86-64.so.2" "$lib" "$trixie/root/usr/bin/skopeo" \
     > "$trixie/bin/skopeo-sigstore"
   chmod +x "$trixie/bin/skopeo-sigstore"
+  cp "$trixie/root/usr/bin/podman" "$trixie/bin/podman-sigstore.new"
+  patchelf --set-interpreter "$lib/ld-linux-x86-64.so.2" --force-rpath --set-rpath "$lib" \
+    "$trixie/bin/podman-sigstore.new"
+  mv "$trixie/bin/podman-sigstore.new" "$trixie/bin/podman-sigstore"
 fi
 
 # The Debian package set (pkgs-debian): its .deb files, fetched with apt-get

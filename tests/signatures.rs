@@ -1,21 +1,33 @@
-//! Signatures as cosign writes them, verified by skopeo with a policy that
-//! requires `sigstoreSigned` by the registry's public key (and sigstore
-//! attachments in registries.d): the signed image is accepted; the same
-//! image from a registry with no key, signed with another key, or served
-//! with a signature that does not match it (by a proxy that changes it),
-//! are refused. The public key is served and shown on the landing page; a bad
-//! key stops the registry with a clear message.
+//! Signatures as cosign writes them, verified by podman and skopeo with the
+//! README's policy, as written there (`sigstoreSigned` by the registry's
+//! public key, sigstore attachments in registries.d): the signed image is
+//! accepted; the same image from a registry with no key, signed with
+//! another key, or served with a signature that does not match it (by a
+//! proxy that changes it), are refused. The signature is among the
+//! manifest's referrers and linked from the image's page, the provenance
+//! is a DSSE envelope that openssl verifies, and the public key is served
+//! and shown on the landing page; a bad key stops the registry with a
+//! clear message.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{Registry, run};
+use base64::Engine;
+use common::{Registry, run, sha256};
 
-/// trixie's skopeo, which verifies sigstore signatures (setup.sh).
-fn skopeo() -> PathBuf {
-    let path = (common::buckets::tools().parent().unwrap()).join("trixie/bin/skopeo-sigstore");
+const IN_TOTO: &str = "application/vnd.in-toto+json";
+const DSSE_ENVELOPE: &str = "application/vnd.dsse.envelope.v1+json";
+const SIGNATURE_ARTIFACT: &str = "application/vnd.dev.cosign.artifact.sig.v1+json";
+/// What the README's examples name the registry and its public key.
+const EXAMPLE_REGISTRY: &str = "registry.example.com:8080";
+const EXAMPLE_KEY: &str = "/etc/containers/nixery.pub";
+
+/// trixie's `program` (skopeo or podman), which verifies sigstore
+/// signatures (setup.sh).
+fn trixie(program: &str) -> PathBuf {
+    let path = (common::buckets::tools().parent().unwrap()).join(format!("trixie/bin/{program}-sigstore"));
     assert!(
         path.exists(),
         "{} is missing: run scripts/setup.sh test",
@@ -64,52 +76,111 @@ fn key(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     (private, public)
 }
 
-/// A policy that requires images from `registry` to be signed by `public`,
-/// and the registries.d folder that turns sigstore attachments on for it.
-fn policy(dir: &Path, registry: &impl Address, public: &Path) -> (PathBuf, PathBuf) {
-    let address = registry.address();
-    let policy = serde_json::json!({
-        "default": [{ "type": "reject" }],
-        "transports": {
-            "docker": { address: [{
-                "type": "sigstoreSigned",
-                "keyPath": public,
-                "signedIdentity": { "type": "matchRepository" },
-            }] },
-            "oci": { "": [{ "type": "insecureAcceptAnything" }] },
-        },
-    });
-    let (file, registries) = (
-        dir.join(format!("policy-{}.json", registry.address())),
-        dir.join("registries.d"),
-    );
-    std::fs::write(&file, policy.to_string()).unwrap();
-    std::fs::create_dir_all(&registries).unwrap();
-    let attachments = format!(
-        "docker:\n  {}:\n    use-sigstore-attachments: true\n",
-        registry.address()
-    );
-    std::fs::write(
-        registries.join(format!("{}.yaml", registry.address().replace(':', "-"))),
-        attachments,
-    )
-    .unwrap();
-    (file, registries)
+/// The fenced blocks of the README's podman policy section: each block's
+/// language and text.
+fn readme_blocks() -> Vec<(String, String)> {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let section = readme
+        .split("#### A podman policy")
+        .nth(1)
+        .expect("the README's podman policy");
+    let section = section.split("\n## ").next().unwrap();
+    let mut blocks = Vec::new();
+    let mut parts = section.split("```");
+    parts.next();
+    while let (Some(block), Some(_)) = (parts.next(), parts.next()) {
+        let (language, text) = block.split_once('\n').unwrap();
+        blocks.push((language.to_owned(), text.to_owned()));
+    }
+    blocks
 }
 
-/// skopeo copying `shell/hello` from `registry` under the policy.
-fn pull(dir: &Path, registry: &impl Address, (policy, registries): &(PathBuf, PathBuf)) -> Output {
-    let destination = tempfile::tempdir_in(dir).unwrap();
-    Command::new(skopeo())
-        .arg("--policy")
-        .arg(policy)
-        .arg("--registries.d")
-        .arg(registries)
-        .args(["copy", "--src-tls-verify=false", "--remove-signatures"])
-        .arg(format!("docker://{}/shell/hello", registry.address()))
-        .arg(format!("oci:{}:latest", destination.path().display()))
-        .output()
-        .unwrap()
+/// The README's block in `language`, `nth` of them, for `address` and the
+/// public key at `public`.
+fn readme_block(language: &str, nth: usize, address: &str, public: &Path) -> String {
+    let blocks = readme_blocks();
+    let (_, text) = (blocks.iter().filter(|(l, _)| l == language).nth(nth))
+        .unwrap_or_else(|| panic!("the README's podman policy has a {language} block #{nth}"));
+    text.replace(EXAMPLE_REGISTRY, address)
+        .replace(EXAMPLE_KEY, public.to_str().unwrap())
+}
+
+/// The README's policy, registries.d and registries.conf files in a home
+/// of their own, trusting `public` for `registry`; podman and skopeo read
+/// them from there as they would from /etc/containers.
+struct Trust {
+    home: tempfile::TempDir,
+}
+
+impl Trust {
+    fn new(registry: &impl Address, public: &Path) -> Trust {
+        let home = tempfile::tempdir().unwrap();
+        let address = registry.address();
+        let config = home.path().join(".config/containers");
+        for folder in ["registries.d", "registries.conf.d"] {
+            std::fs::create_dir_all(config.join(folder)).unwrap();
+        }
+        let policy = readme_block("json", 0, address, public);
+        serde_json::from_str::<serde_json::Value>(&policy).expect("the README's policy is JSON");
+        std::fs::write(config.join("policy.json"), policy).unwrap();
+        let attachments = readme_block("yaml", 0, address, public);
+        std::fs::write(config.join("registries.d/nixery.yaml"), attachments).unwrap();
+        let insecure = readme_block("toml", 0, address, public);
+        std::fs::write(config.join("registries.conf.d/nixery.conf"), insecure).unwrap();
+        // podman's own storage and run folders, and trixie's helpers.
+        let at = |name: &str| home.path().join(name).display().to_string();
+        let storage = format!(
+            "[storage]\ndriver = \"vfs\"\nrunroot = \"{}\"\ngraphroot = \"{}\"\n",
+            at("run"),
+            at("graph")
+        );
+        std::fs::write(home.path().join("storage.conf"), storage).unwrap();
+        let helpers = trixie("podman").parent().unwrap().join("../root/usr/lib/podman");
+        let engine = format!(
+            "[engine]\ntmp_dir = \"{}\"\nhelper_binaries_dir = [\"{}\"]\n",
+            at("libpod"),
+            helpers.display()
+        );
+        std::fs::write(home.path().join("containers.conf"), engine).unwrap();
+        Trust { home }
+    }
+
+    /// `program` with this home and its settings.
+    fn command(&self, program: &Path) -> Command {
+        let at = |name: &str| self.home.path().join(name);
+        let mut command = Command::new(program);
+        command
+            .env("HOME", self.home.path())
+            .env("CONTAINERS_STORAGE_CONF", at("storage.conf"))
+            .env("CONTAINERS_CONF", at("containers.conf"))
+            .env("PODMAN_IGNORE_CGROUPSV1_WARNING", "1");
+        command
+    }
+
+    /// The README's `podman pull` of `shell/hello` from `registry`.
+    fn podman_pull(&self, registry: &impl Address) -> Output {
+        let line = readme_block("sh", 1, registry.address(), Path::new(EXAMPLE_KEY));
+        let mut words = line.split_whitespace();
+        assert_eq!(words.next(), Some("podman"), "{line}");
+        self.command(&trixie("podman")).args(words).output().unwrap()
+    }
+
+    /// The README's `skopeo copy` of `shell/hello` from `registry` into an
+    /// OCI layout.
+    fn skopeo_copy(&self, registry: &impl Address) -> Output {
+        let destination = tempfile::tempdir_in(self.home.path()).unwrap();
+        let line = readme_block("sh", 2, registry.address(), Path::new(EXAMPLE_KEY));
+        let line = line.replace("oci:hello:", &format!("oci:{}:", destination.path().display()));
+        let mut words = line.split_whitespace();
+        assert_eq!(words.next(), Some("skopeo"), "{line}");
+        self.command(&trixie("skopeo")).args(words).output().unwrap()
+    }
+}
+
+/// The README's `curl` that saves the public key of `registry` at `path`.
+fn save_public_key(registry: &Registry, path: &Path) {
+    let line = readme_block("sh", 0, &registry.address, path);
+    run("sh", &["-c", &line]);
 }
 
 /// A registry in front of `upstream` that passes everything through but
@@ -205,40 +276,51 @@ fn says(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// Pulls `shell/hello` from `registry` with podman and skopeo under
+/// `trust`; each one's output, printed.
+fn pulls(trust: &Trust, registry: &impl Address, what: &str) -> [Output; 2] {
+    let outputs = [trust.podman_pull(registry), trust.skopeo_copy(registry)];
+    for (client, output) in ["podman", "skopeo"].iter().zip(&outputs) {
+        let (verdict, said) = match output.status.success() {
+            true => ("accepted", String::from_utf8_lossy(&output.stdout).into_owned()),
+            false => ("refused", says(output)),
+        };
+        let last = said.lines().last().unwrap_or_default();
+        println!("{client}, {what}: {verdict}: {last}");
+    }
+    outputs
+}
+
 #[test]
 fn signed_images_are_accepted_and_others_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (private, public) = key(dir.path(), "registry");
     let (_, other_public) = key(dir.path(), "other");
-    let key_setting = private.to_str().unwrap();
-    let signed = Registry::start_with(&[("NIXERY_SIGNING_KEY", key_setting)]);
+    let signed = Registry::start_with(&[("NIXERY_SIGNING_KEY", private.to_str().unwrap())]);
+    let saved = dir.path().join("saved.pub");
+    save_public_key(&signed, &saved);
+    assert_eq!(std::fs::read(&saved).unwrap(), std::fs::read(&public).unwrap());
 
-    let accepted = pull(dir.path(), &signed, &policy(dir.path(), &signed, &public));
-    assert!(
-        accepted.status.success(),
-        "the signed image is accepted: {}",
-        says(&accepted)
-    );
-    println!(
-        "accepted: {}",
-        String::from_utf8_lossy(&accepted.stdout).lines().last().unwrap_or("")
-    );
-
-    let other_key = pull(dir.path(), &signed, &policy(dir.path(), &signed, &other_public));
-    assert!(!other_key.status.success(), "refused under another key");
-    println!("refused (another key): {}", says(&other_key).trim());
-    assert!(says(&other_key).contains("signature"), "{}", says(&other_key));
-
+    for accepted in pulls(&Trust::new(&signed, &saved), &signed, "signed") {
+        assert!(
+            accepted.status.success(),
+            "the signed image is accepted: {}",
+            says(&accepted)
+        );
+    }
+    for refused in pulls(&Trust::new(&signed, &other_public), &signed, "another key") {
+        assert!(!refused.status.success(), "refused under another key");
+        assert!(says(&refused).contains("signature"), "{}", says(&refused));
+    }
     let unsigned = Registry::start();
-    let refused = pull(dir.path(), &unsigned, &policy(dir.path(), &unsigned, &public));
-    assert!(!refused.status.success(), "refused from a registry that signs nothing");
-    println!("refused (no key): {}", says(&refused).trim());
-
+    for refused in pulls(&Trust::new(&unsigned, &public), &unsigned, "no key") {
+        assert!(!refused.status.success(), "refused from a registry that signs nothing");
+    }
     let tampering = tampering_proxy(&signed);
-    let tampered = pull(dir.path(), &tampering, &policy(dir.path(), &tampering, &public));
-    assert!(!tampered.status.success(), "refused when the signature does not match");
-    println!("refused (tampered signature): {}", says(&tampered).trim());
-    assert!(says(&tampered).contains("signature"), "{}", says(&tampered));
+    for refused in pulls(&Trust::new(&tampering, &public), &tampering, "tampered signature") {
+        assert!(!refused.status.success(), "refused when the signature does not match");
+        assert!(says(&refused).contains("signature"), "{}", says(&refused));
+    }
 
     let served = signed.get("/signing-key.pub");
     assert_eq!(served.status, 200);
@@ -250,6 +332,76 @@ fn signed_images_are_accepted_and_others_refused() {
         "and shown on the landing page"
     );
     assert_eq!(unsigned.get("/signing-key.pub").status, 404);
+    signature_and_provenance_are_referrers(&signed, &public);
+}
+
+/// The signature is listed among the manifest's referrers and linked from
+/// the image's page; the provenance is a DSSE envelope whose signature
+/// openssl verifies with the public key.
+fn signature_and_provenance_are_referrers(registry: &Registry, public: &Path) {
+    let accept = [("accept", "application/vnd.oci.image.manifest.v1+json")];
+    let manifest = common::request("GET", &registry.url("/v2/shell/hello/manifests/latest"), &accept);
+    let digest = sha256(&manifest.body);
+    let hex = &digest["sha256:".len()..];
+    let referrers = registry.get(&format!("/v2/shell/hello/referrers/{digest}")).json();
+    let listed = referrers["manifests"].as_array().unwrap();
+    let of_type = |wanted: &str| {
+        let found = listed.iter().find(|r| r["artifactType"] == wanted);
+        found.unwrap_or_else(|| panic!("a {wanted} referrer: {referrers}"))["digest"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let tagged = registry.get(&format!("/v2/shell/hello/manifests/sha256-{hex}.sig"));
+    assert_eq!(
+        of_type(SIGNATURE_ARTIFACT),
+        sha256(&tagged.body),
+        "the signature is a referrer"
+    );
+    let by_digest = registry.get(&format!("/v2/shell/hello/manifests/{}", of_type(SIGNATURE_ARTIFACT)));
+    assert_eq!(by_digest.body, tagged.body, "and served by its digest");
+    let page = String::from_utf8(registry.get("/image/shell/hello").body).unwrap();
+    assert!(
+        page.contains(&format!("/v2/shell/hello/manifests/sha256-{hex}.sig")),
+        "{page}"
+    );
+
+    let artifact = registry
+        .get(&format!("/v2/shell/hello/manifests/{}", of_type(IN_TOTO)))
+        .json();
+    let layer = &artifact["layers"][0];
+    assert_eq!(layer["mediaType"], DSSE_ENVELOPE);
+    let envelope = registry
+        .get(&format!("/v2/shell/hello/blobs/{}", layer["digest"].as_str().unwrap()))
+        .json();
+    assert_eq!(envelope["payloadType"], IN_TOTO);
+    let base64 = &base64::engine::general_purpose::STANDARD;
+    let payload = base64.decode(envelope["payload"].as_str().unwrap()).unwrap();
+    let statement: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(statement["predicateType"], "https://slsa.dev/provenance/v1");
+    let signature = base64
+        .decode(envelope["signatures"][0]["sig"].as_str().unwrap())
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut encoded = format!("DSSEv1 {} {IN_TOTO} {} ", IN_TOTO.len(), payload.len()).into_bytes();
+    encoded.extend_from_slice(&payload);
+    let (pae, sig) = (dir.path().join("pae"), dir.path().join("sig"));
+    std::fs::write(&pae, encoded).unwrap();
+    std::fs::write(&sig, signature).unwrap();
+    let at = |p: &Path| p.to_str().unwrap().to_owned();
+    let verified = run(
+        "openssl",
+        &[
+            "dgst",
+            "-sha256",
+            "-verify",
+            &at(public),
+            "-signature",
+            &at(&sig),
+            &at(&pae),
+        ],
+    );
+    assert_eq!(verified.trim(), "Verified OK");
 }
 
 #[test]
