@@ -136,13 +136,19 @@ mod tests {
     use p256::ecdsa::signature::Verifier as _;
     use p256::pkcs8::{DecodePublicKey, EncodePrivateKey};
 
-    #[test]
-    fn signatures_verify_with_the_public_key_and_are_deterministic() {
+    /// A signer loaded from a PKCS#8 file of the key whose scalar is `byte`
+    /// repeated.
+    fn signer(byte: u8) -> Signer {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("key.pem");
-        let secret = p256::SecretKey::from_bytes(&[7u8; 32].into()).unwrap();
+        let secret = p256::SecretKey::from_bytes(&[byte; 32].into()).unwrap();
         std::fs::write(&path, secret.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes()).unwrap();
-        let signer = Signer::load(&path).unwrap();
+        Signer::load(&path).unwrap()
+    }
+
+    #[test]
+    fn signatures_verify_with_the_public_key_and_are_deterministic() {
+        let signer = signer(7);
         let digest = Digest::of(b"manifest");
         let payload = payload("127.0.0.1:5000/shell/hello", &digest);
         let signature = signer.sign(&payload);
@@ -156,11 +162,7 @@ mod tests {
 
     #[test]
     fn envelopes_sign_the_pre_authentication_encoding() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("key.pem");
-        let secret = p256::SecretKey::from_bytes(&[9u8; 32].into()).unwrap();
-        std::fs::write(&path, secret.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes()).unwrap();
-        let signer = Signer::load(&path).unwrap();
+        let signer = signer(9);
         let envelope: serde_json::Value =
             serde_json::from_slice(&signer.envelope("application/vnd.in-toto+json", b"{}")).unwrap();
         let base64 = base64::engine::general_purpose::STANDARD;

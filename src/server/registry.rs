@@ -161,6 +161,15 @@ async fn manifest_by_digest(state: &AppState, reference: &str, head: bool) -> Re
     Ok(manifest_response(media_type, &digest, body))
 }
 
+/// A manifest made for this request (of `media_type`) as the response.
+fn made_manifest_response(media_type: &str, manifest: oci::Document, head: bool) -> Response {
+    let body = match head {
+        true => ManifestBody::Head(manifest.bytes.len() as u64),
+        false => ManifestBody::Get(Bytes::from(manifest.bytes)),
+    };
+    manifest_response(media_type, &manifest.digest, body)
+}
+
 fn manifest_response(media_type: &str, digest: &Digest, body: ManifestBody) -> Response {
     let (length, body) = match body {
         ManifestBody::Get(bytes) => (bytes.len() as u64, Body::from(bytes)),
@@ -281,11 +290,7 @@ async fn signature_by_tag(
 ) -> Result<Response, RegistryError> {
     let unknown = || RegistryError::manifest_unknown(format!("no signature of {subject} here"));
     let manifest = signature(state, name, subject, headers).await?.ok_or_else(unknown)?;
-    let body = match head {
-        true => ManifestBody::Head(manifest.bytes.len() as u64),
-        false => ManifestBody::Get(Bytes::from(manifest.bytes)),
-    };
-    Ok(manifest_response(oci::OCI_MANIFEST, &manifest.digest, body))
+    Ok(made_manifest_response(oci::OCI_MANIFEST, manifest, head))
 }
 
 /// The signature manifest of `subject` (a manifest or index stored here),
@@ -381,11 +386,7 @@ async fn referrers_by_tag(
     head: bool,
 ) -> Result<Response, RegistryError> {
     let index = oci::referrers_index(&referrers_of(state, name, subject, headers).await?);
-    let body = match head {
-        true => ManifestBody::Head(index.bytes.len() as u64),
-        false => ManifestBody::Get(Bytes::from(index.bytes)),
-    };
-    Ok(manifest_response(oci::OCI_INDEX, &index.digest, body))
+    Ok(made_manifest_response(oci::OCI_INDEX, index, head))
 }
 
 async fn blob(
