@@ -45,6 +45,9 @@ pub struct Signing {
     /// The host signatures name (`registry.example.com`); `None`: the host
     /// a request names.
     pub identity: Option<String>,
-    /// Signature manifests and payloads signed lately, by digest (hex).
+    /// Signature manifests made lately, by what they sign
+    /// (`<host>/<name>@<digest>`).
+    pub signatures: moka::sync::Cache<String, crate::oci::Document>,
+    /// Those manifests and their payloads, by digest (hex).
     pub documents: moka::sync::Cache<String, bytes::Bytes>,
 }

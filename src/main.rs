@@ -41,11 +41,8 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-/// Signatures and their payloads kept for the GETs that follow them, and
-/// for how long: less than the collector's default grace, so that a replica
-/// stores them again (with a configured identity) after one collects them.
-const SIGNED_DOCUMENTS: u64 = 10_000;
-const SIGNED_DOCUMENTS_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+/// Signatures (and their payloads) kept for the GETs that follow them.
+const SIGNATURES_KEPT: u64 = 10_000;
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
@@ -358,10 +355,8 @@ async fn open(config: ServeConfig) -> anyhow::Result<AppState> {
         Arc::new(Signing {
             signer,
             identity: config.signing_identity,
-            documents: moka::sync::Cache::builder()
-                .max_capacity(SIGNED_DOCUMENTS)
-                .time_to_live(SIGNED_DOCUMENTS_TTL)
-                .build(),
+            signatures: moka::sync::Cache::new(SIGNATURES_KEPT),
+            documents: moka::sync::Cache::new(2 * SIGNATURES_KEPT),
         })
     });
     Ok(AppState {

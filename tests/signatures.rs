@@ -77,7 +77,9 @@ fn key(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
 }
 
 /// The fenced blocks of the README's podman policy section: each block's
-/// language and text.
+/// language and text, read once.
+static README_BLOCKS: std::sync::LazyLock<Vec<(String, String)>> = std::sync::LazyLock::new(readme_blocks);
+
 fn readme_blocks() -> Vec<(String, String)> {
     let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
     let section = readme
@@ -98,8 +100,7 @@ fn readme_blocks() -> Vec<(String, String)> {
 /// The README's block in `language`, `nth` of them, for `address` and the
 /// public key at `public`.
 fn readme_block(language: &str, nth: usize, address: &str, public: &Path) -> String {
-    let blocks = readme_blocks();
-    let (_, text) = (blocks.iter().filter(|(l, _)| l == language).nth(nth))
+    let (_, text) = (README_BLOCKS.iter().filter(|(l, _)| l == language).nth(nth))
         .unwrap_or_else(|| panic!("the README's podman policy has a {language} block #{nth}"));
     text.replace(EXAMPLE_REGISTRY, address)
         .replace(EXAMPLE_KEY, public.to_str().unwrap())
@@ -198,7 +199,7 @@ fn tampering_proxy(upstream: &Registry) -> Proxy {
     Proxy { address }
 }
 
-/// What [`pull`] and [`policy`] need of a registry: its address.
+/// What [`Trust`] needs of a registry: its address.
 struct Proxy {
     address: String,
 }

@@ -48,7 +48,7 @@ impl Pipeline {
             settings: self.parameters(job),
             builder: &self.settings.builder_id,
         });
-        let provenance = match &self.settings.signer {
+        let (provenance_type, provenance) = match &self.settings.signer {
             Some(signer) => (
                 signing::DSSE_ENVELOPE,
                 Document::new(signer.envelope(IN_TOTO, &statement)),
@@ -70,7 +70,7 @@ impl Pipeline {
         let made = [
             (SPDX, SPDX, Document::new(sbom::spdx(&image))),
             (CYCLONEDX, CYCLONEDX, Document::new(sbom::cyclonedx(&image))),
-            (IN_TOTO, provenance.0, provenance.1),
+            (IN_TOTO, provenance_type, provenance),
         ];
         let mut recorded = Vec::new();
         let mut artifacts = Vec::new();

@@ -295,10 +295,10 @@ async fn signature_by_tag(
 
 /// The signature manifest of `subject` (a manifest or index stored here),
 /// naming the image as `<host>/<name>`: the configured identity, else the
-/// host the request names. It and its payload are kept for the GETs by
-/// digest that follow; with a configured identity, also stored, so that
-/// every replica serves them (a host from requests could name anything,
-/// so those stay in memory). `None` without a key or such a manifest.
+/// host the request names. Made once per name and subject while it is
+/// kept, with its payload, for the GETs by digest that follow; kept in
+/// memory only, as a name in a request could be anything. `None` without
+/// a key or such a manifest.
 async fn signature(
     state: &AppState,
     name: &str,
@@ -308,6 +308,18 @@ async fn signature(
     let Some(signing) = &state.signing else {
         return Ok(None);
     };
+    let host = match &signing.identity {
+        Some(identity) => identity.as_str(),
+        None => match headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
+            Some(host) => host,
+            None => return Ok(None),
+        },
+    };
+    let reference = format!("{host}/{name}");
+    let key = format!("{reference}@{subject}");
+    if let Some(manifest) = signing.signatures.get(&key) {
+        return Ok(Some(manifest));
+    }
     let Some(bytes) = (state.storage)
         .read_small_blob(subject, Some(MAX_MANIFEST_SIZE))
         .await?
@@ -317,33 +329,20 @@ async fn signature(
     let Some(media_type) = oci::manifest_media_type(&bytes) else {
         return Ok(None);
     };
-    let host = match &signing.identity {
-        Some(identity) => identity.as_str(),
-        None => match headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
-            Some(host) => host,
-            None => return Ok(None),
-        },
-    };
-    let payload = oci::Document::new(signing::payload(&format!("{host}/{name}"), subject));
-    let signature = signing.signer.sign(&payload.bytes);
     let target = oci::Subject {
         media_type,
         digest: subject,
         size: bytes.len() as u64,
     };
+    let payload = oci::Document::new(signing::payload(&reference, subject));
+    let signature = signing.signer.sign(&payload.bytes);
     let manifest =
         oci::signature_manifest(&payload, &signature, &target).map_err(|e| RegistryError::internal(e.to_string()))?;
-    if !signing.documents.contains_key(manifest.digest.hex()) {
-        if signing.identity.is_some() {
-            let writes =
-                [&payload, &manifest].map(|d| state.storage.put_blob(&d.digest, Bytes::copy_from_slice(&d.bytes)));
-            futures::future::try_join_all(writes).await?;
-        }
-        for document in [&payload, &manifest] {
-            let bytes = Bytes::copy_from_slice(&document.bytes);
-            signing.documents.insert(document.digest.hex().to_owned(), bytes);
-        }
+    for document in [&payload, &manifest] {
+        let bytes = Bytes::from(document.bytes.clone());
+        signing.documents.insert(document.digest.hex().to_owned(), bytes);
     }
+    signing.signatures.insert(key, manifest.clone());
     Ok(Some(manifest))
 }
 
