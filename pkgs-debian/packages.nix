@@ -893,9 +893,9 @@
       depends = [ "libbinutils" "libc6" "zlib1g" ];
     };
     "libcups2" = {
-      version = "2.4.2-3+deb12u10";
+      version = "2.4.2-3+deb12u11";
       debs = [
-        { package = "libcups2"; version = "2.4.2-3+deb12u10"; file = "libcups2_2.4.2-3+deb12u10_amd64.deb"; sha256 = "c130d0122af8811ccfd1f83a4078d550ba6ff39e0a73a6a4c5446ca227db89c4"; size = 245440; }
+        { package = "libcups2"; version = "2.4.2-3+deb12u11"; file = "libcups2_2.4.2-3+deb12u11_amd64.deb"; sha256 = "9e0a76155acfa753b1e508f4b065bc247e0c13ae945e2151d7e634f69e313e00"; size = 246200; }
       ];
       depends = [ "libavahi-client3" "libavahi-common3" "libc6" "libgnutls30" "libgssapi-krb5-2" "zlib1g" ];
     };
@@ -2021,16 +2021,16 @@
       depends = [  ];
     };
     "nginx" = {
-      version = "1.22.1-9+deb12u11";
+      version = "1.22.1-9+deb12u12";
       debs = [
-        { package = "nginx"; version = "1.22.1-9+deb12u11"; file = "nginx_1.22.1-9+deb12u11_amd64.deb"; sha256 = "4e2778e675c07d0f2d8d3b6f5ff84f6483ade1d82c21c910eb9a2787e1cf1b1a"; size = 532468; }
+        { package = "nginx"; version = "1.22.1-9+deb12u12"; file = "nginx_1.22.1-9+deb12u12_amd64.deb"; sha256 = "1a1014cd0dcc0b46b5c9369713d5781493d7effc9b4c25c78ac6369cb4bb71b2"; size = 532740; }
       ];
       depends = [ "iproute2" "libc6" "libcrypt1" "libpcre2-8-0" "libssl3" "nginx-common" "zlib1g" ];
     };
     "nginx-common" = {
-      version = "1.22.1-9+deb12u11";
+      version = "1.22.1-9+deb12u12";
       debs = [
-        { package = "nginx-common"; version = "1.22.1-9+deb12u11"; file = "nginx-common_1.22.1-9+deb12u11_all.deb"; sha256 = "8ef1715ff5a9764fb5f810116acee417f4e092032212b6e4f392e8d2cd6b0952"; size = 115544; }
+        { package = "nginx-common"; version = "1.22.1-9+deb12u12"; file = "nginx-common_1.22.1-9+deb12u12_all.deb"; sha256 = "8edefcd0104c5f407ea2ac0c7e3c937b1f9918a53ae25337e466ab0f32afa8b1"; size = 115632; }
       ];
       depends = [ "debconf" ];
     };
