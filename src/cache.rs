@@ -7,6 +7,15 @@
 //! image's layer plan as built (for its web page), and which images use
 //! each blob, so that a blob lost from storage can be traced to the
 //! records that name it.
+//!
+//! Storage is the truth: a garbage collection (this replica's or another's)
+//! deletes records and blobs behind the memory's back. So the memory notes
+//! which of its image and index records name each manifest or index, and a
+//! document found missing forgets them at once ([`Caches::forget_naming`]);
+//! a collection forgets everything ([`Caches::forget_all`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -27,6 +36,9 @@ const USERS: &str = "blob-users";
 pub const REFERRERS: &str = "referrers";
 /// Notes written at once.
 const NOTES_AT_ONCE: usize = 8;
+/// Documents noted as named by records in memory, at most; past it, the
+/// memory is forgotten whole (records are read again from storage).
+const NAMED_MAX: usize = 4 * IMAGE_ENTRIES as usize;
 
 /// A built manifest.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -76,6 +88,19 @@ pub struct Caches {
     indexes: Cache<String, ManifestRecord>,
     layers: Cache<String, LayerDigests>,
     referrers: Cache<String, Vec<Referrer>>,
+    named: Arc<Mutex<Named>>,
+}
+
+/// Which records in memory name each document: every manifest of an image
+/// record, the index of an index record. (A record evicted since may still
+/// be noted; forgetting it then costs one read of storage.)
+type Named = HashMap<Digest, Vec<Namer>>;
+
+/// A record in memory, by kind and key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Namer {
+    Image(String),
+    Index(String),
 }
 
 impl Caches {
@@ -86,15 +111,70 @@ impl Caches {
             indexes: Cache::new(IMAGE_ENTRIES),
             layers: Cache::new(LAYER_ENTRIES),
             referrers: Cache::new(IMAGE_ENTRIES),
+            named: Arc::default(),
         }
     }
 
     pub async fn image(&self, key: &str) -> Result<Option<ImageRecord>, StorageError> {
-        lookup(&self.storage, &self.images, "images", key).await
+        let found = lookup(&self.storage, &self.images, "images", key).await?;
+        if let Some(Found::Read(record)) = &found {
+            self.note_image(key, record);
+        }
+        Ok(found.map(Found::into_inner))
     }
 
     pub async fn put_image(&self, key: &str, record: ImageRecord) -> Result<(), StorageError> {
+        self.note_image(key, &record);
         store(&self.storage, &self.images, "images", key, record).await
+    }
+
+    /// Notes that the image record `key`, entering memory, names its manifests.
+    fn note_image(&self, key: &str, record: &ImageRecord) {
+        for (_, manifest) in &record.manifests {
+            self.note(&manifest.digest, Namer::Image(key.to_owned()));
+        }
+    }
+
+    /// Notes that `namer`, entering memory, names `document`.
+    fn note(&self, document: &Digest, namer: Namer) {
+        let mut named = self.named.lock().expect("no panics under the lock");
+        if named.len() >= NAMED_MAX {
+            named.clear();
+            self.images.invalidate_all();
+            self.indexes.invalidate_all();
+        }
+        let namers = named.entry(document.clone()).or_default();
+        if !namers.contains(&namer) {
+            namers.push(namer);
+        }
+    }
+
+    /// Forgets the records in memory that name `document` (a manifest or
+    /// index found missing from storage), and the referrers of it; whether
+    /// any did. Records in storage stay: a pull that reads one again finds
+    /// the document missing and makes it again.
+    pub async fn forget_naming(&self, document: &Digest) -> bool {
+        let namers = self.named.lock().expect("no panics under the lock").remove(document);
+        self.referrers.invalidate(document.hex()).await;
+        let Some(namers) = namers else { return false };
+        for namer in namers {
+            match namer {
+                Namer::Image(key) => self.images.invalidate(&key).await,
+                Namer::Index(key) => self.indexes.invalidate(&key).await,
+            }
+        }
+        true
+    }
+
+    /// Forgets every record in memory (after a garbage collection): each is
+    /// read again from storage when next asked for.
+    pub fn forget_all(&self) {
+        let mut named = self.named.lock().expect("no panics under the lock");
+        named.clear();
+        self.images.invalidate_all();
+        self.indexes.invalidate_all();
+        self.layers.invalidate_all();
+        self.referrers.invalidate_all();
     }
 
     /// Drops an image record that names a manifest storage lost.
@@ -137,10 +217,15 @@ impl Caches {
     }
 
     pub async fn index(&self, key: &str) -> Result<Option<ManifestRecord>, StorageError> {
-        lookup(&self.storage, &self.indexes, "indexes", key).await
+        let found = lookup(&self.storage, &self.indexes, "indexes", key).await?;
+        if let Some(Found::Read(record)) = &found {
+            self.note(&record.digest, Namer::Index(key.to_owned()));
+        }
+        Ok(found.map(Found::into_inner))
     }
 
     pub async fn put_index(&self, key: &str, record: ManifestRecord) -> Result<(), StorageError> {
+        self.note(&record.digest, Namer::Index(key.to_owned()));
         store(&self.storage, &self.indexes, "indexes", key, record).await
     }
 
@@ -151,7 +236,8 @@ impl Caches {
     }
 
     pub async fn layer(&self, key: &str) -> Result<Option<LayerDigests>, StorageError> {
-        lookup(&self.storage, &self.layers, "layers", key).await
+        let found = lookup(&self.storage, &self.layers, "layers", key).await?;
+        Ok(found.map(Found::into_inner))
     }
 
     pub async fn put_layer(&self, key: &str, record: LayerDigests) -> Result<(), StorageError> {
@@ -162,11 +248,25 @@ impl Caches {
     /// none when nothing does.
     pub async fn referrers(&self, subject: &Digest) -> Result<Vec<Referrer>, StorageError> {
         let found = lookup(&self.storage, &self.referrers, REFERRERS, subject.hex()).await?;
-        Ok(found.unwrap_or_default())
+        Ok(found.map(Found::into_inner).unwrap_or_default())
     }
 
     pub async fn put_referrers(&self, subject: &Digest, referrers: Vec<Referrer>) -> Result<(), StorageError> {
         store(&self.storage, &self.referrers, REFERRERS, subject.hex(), referrers).await
+    }
+}
+
+/// A record found in memory, or read from storage (and now in memory).
+enum Found<T> {
+    Kept(T),
+    Read(T),
+}
+
+impl<T> Found<T> {
+    fn into_inner(self) -> T {
+        match self {
+            Found::Kept(record) | Found::Read(record) => record,
+        }
     }
 }
 
@@ -175,12 +275,12 @@ async fn lookup<T>(
     memory: &Cache<String, T>,
     kind: &str,
     key: &str,
-) -> Result<Option<T>, StorageError>
+) -> Result<Option<Found<T>>, StorageError>
 where
     T: DeserializeOwned + Clone + Send + Sync + 'static,
 {
     if let Some(found) = memory.get(key).await {
-        return Ok(Some(found));
+        return Ok(Some(Found::Kept(found)));
     }
     let Some(bytes) = storage.get_record(&format!("{kind}/{key}")).await? else {
         return Ok(None);
@@ -188,7 +288,7 @@ where
     match serde_json::from_slice::<T>(&bytes) {
         Ok(record) => {
             memory.insert(key.to_owned(), record.clone()).await;
-            Ok(Some(record))
+            Ok(Some(Found::Read(record)))
         }
         Err(error) => {
             tracing::warn!(kind, key, %error, "ignoring unreadable cache record");
@@ -237,6 +337,49 @@ mod tests {
         assert_eq!(fresh.index("k").await.unwrap(), Some(record()));
         assert_eq!(fresh.image("k").await.unwrap(), None, "kinds do not mix");
         assert_eq!(fresh.layer("k").await.unwrap(), None, "kinds do not mix");
+    }
+
+    fn image(manifest: &[u8]) -> ImageRecord {
+        let digest = Digest::of(manifest);
+        let record = ManifestRecord { digest, ..record() };
+        ImageRecord {
+            manifests: vec![(Format::Oci, record)],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_missing_document_forgets_the_records_in_memory_that_name_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::filesystem(dir.path()).await.unwrap();
+        let caches = Caches::new(storage.clone());
+        caches.put_image("a", image(b"a")).await.unwrap();
+        caches.put_image("b", image(b"b")).await.unwrap();
+        caches.put_index("i", record()).await.unwrap();
+        // Another process's collection deletes them from storage.
+        for key in ["images/a", "images/b", "indexes/i"] {
+            storage.delete_record(key).await.unwrap();
+        }
+        assert!(caches.image("a").await.unwrap().is_some(), "memory still has it");
+        assert!(!caches.forget_naming(&Digest::of(b"never")).await, "nothing named it");
+        assert!(caches.forget_naming(&Digest::of(b"a")).await);
+        assert_eq!(caches.image("a").await.unwrap(), None);
+        assert!(caches.image("b").await.unwrap().is_some(), "b names another manifest");
+        assert!(caches.forget_naming(&record().digest).await);
+        assert_eq!(caches.index("i").await.unwrap(), None);
+        caches.forget_all();
+        assert_eq!(caches.image("b").await.unwrap(), None, "a collection forgets all");
+    }
+
+    #[tokio::test]
+    async fn records_read_from_storage_are_noted_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::filesystem(dir.path()).await.unwrap();
+        Caches::new(storage.clone()).put_image("a", image(b"a")).await.unwrap();
+        let fresh = Caches::new(storage.clone());
+        assert!(fresh.image("a").await.unwrap().is_some(), "read from storage");
+        storage.delete_record("images/a").await.unwrap();
+        assert!(fresh.forget_naming(&Digest::of(b"a")).await);
+        assert_eq!(fresh.image("a").await.unwrap(), None);
     }
 
     #[tokio::test]

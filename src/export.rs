@@ -83,7 +83,7 @@ pub async fn export(
 
 async fn blobs(storage: &Storage, manifest: &Digest) -> Result<Blobs, ExportError> {
     let bytes = storage
-        .read_small_blob(manifest, None)
+        .read_small_blob(manifest)
         .await?
         .ok_or_else(|| ExportError::Missing(manifest.clone()))?;
     let bad = |e: String| ExportError::Manifest(manifest.clone(), e);

@@ -176,7 +176,9 @@ async fn flush_pulls(pulls: &Pulls) {
 /// Measures storage at start and every `measure_every`; with a GC
 /// interval, collects garbage that often too (when no other replica does),
 /// a full interval after the end of the last one, so that builds waiting
-/// for a sweep to end get their turn.
+/// for a sweep to end get their turn. Notices collections by other
+/// processes within [`gc::NOTICE_EVERY`], and forgets what memory holds of
+/// storage after each.
 async fn upkeep(
     state: AppState,
     measure_every: std::time::Duration,
@@ -198,7 +200,21 @@ async fn upkeep(
             measure(&state).await;
         }
     };
-    tokio::join!(measures, collections);
+    let notices = async {
+        let mut watch = gc::Watch::default();
+        loop {
+            match watch.collected(&state.storage).await {
+                Ok(true) => {
+                    tracing::info!("a garbage collection ended: reading records from storage again");
+                    state.builder.collected();
+                }
+                Ok(false) => {}
+                Err(error) => tracing::warn!(%error, "could not look for garbage collections"),
+            }
+            tokio::time::sleep(gc::NOTICE_EVERY).await;
+        }
+    };
+    tokio::join!(measures, collections, notices);
 }
 
 /// Measures storage for the landing page and the metrics.
@@ -220,7 +236,10 @@ async fn collect_garbage(state: &AppState, options: &gc::Options) {
     let leases = Leases::new((*state.storage).clone());
     let say = |line: &str| tracing::info!("{line}");
     match gc::collect(&state.storage, &leases, options, &say).await {
-        Ok(Outcome::Done(report)) => tracing::info!(report = %report.line(), "garbage collected"),
+        Ok(Outcome::Done(report)) => {
+            tracing::info!(report = %report.line(), "garbage collected");
+            state.builder.collected();
+        }
         Ok(Outcome::Busy { holder }) => tracing::info!(%holder, "another replica is collecting garbage"),
         Err(error) => tracing::warn!(%error, "garbage collection failed; it runs again at the next interval"),
     }

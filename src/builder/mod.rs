@@ -10,6 +10,13 @@
 //! those records and makes it again, byte for byte. Tags answered from
 //! records are remembered by the question as asked (`answers.rs`), so a
 //! pull of a cached tag costs little more than reading its manifest.
+//!
+//! Storage is the truth, and a garbage collection may delete what memory
+//! remembers: every answer from memory, HEAD or GET, first looks that its
+//! manifest or index is still stored; a manifest asked for by digest and
+//! not found forgets the answers and records in memory that name it
+//! ([`Builder::document_missing`]); a collection forgets them all
+//! ([`Builder::collected`]).
 
 mod answers;
 mod attestations;
@@ -49,6 +56,22 @@ use flight::{Flights, ShareUsed};
 
 pub use answers::Question;
 use pipeline::{BuildJob, Built, Pipeline};
+
+/// What a caller wants of a manifest or index besides its record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Want {
+    /// Its bytes (a GET).
+    Bytes,
+    /// Only that it is stored (a HEAD).
+    Presence,
+}
+
+/// What storage has of a document.
+enum Stored {
+    Bytes(Bytes),
+    Present,
+    Lost,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -268,9 +291,9 @@ impl Builder {
         let resolved = self.revision(&request.tag).await.map_err(Arc::new)?;
         let architectures = self.architectures(request);
         let format = choice.format;
-        let (record, marks) = if !choice.index {
+        let (record, manifests, marks) = if !choice.index {
             let (record, mark) = self.image(request, architectures[0], &resolved, format, client).await?;
-            (record, vec![mark])
+            (record, vec![], vec![mark])
         } else {
             let manifests = futures::future::try_join_all(
                 architectures
@@ -288,12 +311,18 @@ impl Builder {
                     size: manifest.size,
                 })
                 .collect();
-            (self.index(choice.format, &entries).await.map_err(Arc::new)?, marks)
+            let manifests = entries.iter().map(|entry| entry.digest.clone()).collect();
+            (
+                self.index(choice.format, &entries).await.map_err(Arc::new)?,
+                manifests,
+                marks,
+            )
         };
         if let (Some(question), Some(revision)) = (question, resolved.revision) {
             let answer = Answer {
                 revision,
                 record: record.clone(),
+                manifests,
                 marks,
             };
             self.answers.put(question.clone(), answer);
@@ -312,52 +341,92 @@ impl Builder {
         &self.pulls
     }
 
-    /// What `question` was answered with, if it was, and the tag still
-    /// names the same revision; with the document's bytes if `bytes` (and
-    /// `None` if storage lost them: [`Builder::fetch`] makes them again).
-    pub async fn recall(&self, question: &Question, tag: &str, bytes: bool) -> Option<(ManifestRecord, Option<Bytes>)> {
+    /// What `question` was answered with, if it was, the tag still names
+    /// the same revision and the document is still stored; with its bytes
+    /// for [`Want::Bytes`]. A document storage lost (a collection deleted
+    /// it) forgets what names it, and [`Builder::fetch`] makes it again.
+    pub async fn recall(&self, question: &Question, tag: &str, want: Want) -> Option<(ManifestRecord, Option<Bytes>)> {
         let answer = self.answers.get(question)?;
         if self.source.revision(tag).await.ok()?? != answer.revision {
             return None;
         }
-        let document = match bytes {
-            true => Some(self.document(&answer.record.digest).await.ok()??),
-            false => None,
+        let bytes = match self.stored(&answer.record.digest, want).await.ok()? {
+            Stored::Bytes(bytes) => Some(bytes),
+            Stored::Present => None,
+            Stored::Lost => {
+                self.document_missing(&answer.record.digest).await;
+                return None;
+            }
         };
         for mark in &answer.marks {
             mark.pulled();
             self.pipeline.metrics.cache(CacheKind::Manifest, true);
         }
-        Some((answer.record.clone(), document))
+        Some((answer.record.clone(), bytes))
     }
 
-    /// Like [`Builder::resolve`], with the document's bytes. A manifest or
-    /// index that storage lost (someone removed it) is made again first:
-    /// the records that name it are forgotten, so that the index is stored
-    /// again, or the image built again (its layers checked and packed again).
+    /// Like [`Builder::resolve`], having looked that the document is still
+    /// stored; with its bytes for [`Want::Bytes`]. A manifest or index
+    /// that storage lost (a collection deleted it, or someone removed it)
+    /// is made again first: the records that name it are forgotten, so that
+    /// the index is stored again, or the image built again (its layers
+    /// checked and packed again).
     pub async fn fetch(
         self: &Arc<Self>,
         request: &ImageRequest,
         choice: Choice,
         client: Option<Client>,
         question: Option<&Question>,
-    ) -> BuildResult<(ManifestRecord, Bytes)> {
+        want: Want,
+    ) -> BuildResult<(ManifestRecord, Option<Bytes>)> {
         let record = self.resolve(request, choice, client, question).await?;
-        if let Some(bytes) = self.document(&record.digest).await? {
-            return Ok((record, bytes));
+        match self.stored(&record.digest, want).await? {
+            Stored::Bytes(bytes) => return Ok((record, Some(bytes))),
+            Stored::Present => return Ok((record, None)),
+            Stored::Lost => {}
         }
         tracing::warn!(image = %request, missing = %record.digest, "a manifest or index is missing from storage: making it again");
         self.forget(request, choice, &record.digest).await.map_err(Arc::new)?;
         let record = self.resolve(request, choice, client, question).await?;
-        match self.document(&record.digest).await? {
-            Some(bytes) => Ok((record, bytes)),
-            None => Err(Arc::new(BuildError::Lost(record.digest))),
+        match self.stored(&record.digest, want).await? {
+            Stored::Bytes(bytes) => Ok((record, Some(bytes))),
+            Stored::Present => Ok((record, None)),
+            Stored::Lost => Err(Arc::new(BuildError::Lost(record.digest))),
         }
     }
 
-    async fn document(&self, digest: &Digest) -> BuildResult<Option<Bytes>> {
-        let bytes = self.pipeline.storage.read_small_blob(digest, None).await;
-        bytes.map_err(|e| Arc::new(e.into()))
+    /// Whether the document `digest` is stored, and its bytes for [`Want::Bytes`].
+    async fn stored(&self, digest: &Digest, want: Want) -> BuildResult<Stored> {
+        let storage = &self.pipeline.storage;
+        let stored = match want {
+            Want::Bytes => storage.read_small_blob(digest).await.map(|b| b.map(Stored::Bytes)),
+            Want::Presence => storage
+                .has_small_blob(digest)
+                .await
+                .map(|there| there.then_some(Stored::Present)),
+        };
+        Ok(stored.map_err(|e| Arc::new(e.into()))?.unwrap_or(Stored::Lost))
+    }
+
+    /// Forgets the answers and records in memory that name `document`, a
+    /// manifest or index asked for and not found in storage (a collection,
+    /// perhaps another replica's, deleted it), so that the next pull that
+    /// would have been answered with it makes it again. Cheap for a digest
+    /// nothing names: two lookups.
+    pub async fn document_missing(&self, document: &Digest) {
+        let answered = self.answers.forget_naming(document);
+        let recorded = self.pipeline.caches.forget_naming(document).await;
+        if answered || recorded {
+            tracing::warn!(%document, "a manifest or index is missing from storage: forgot what named it");
+        }
+    }
+
+    /// Forgets every answer and record in memory, after a garbage
+    /// collection (this replica's or another's): each is read again from
+    /// storage when next asked for.
+    pub fn collected(&self) {
+        self.answers.clear();
+        self.pipeline.caches.forget_all();
     }
 
     /// What `tag` names in the package source; an error when it names nothing.
@@ -559,7 +628,7 @@ impl Builder {
         };
         view.manifest = Some(manifest.digest.clone());
         for referrer in self.pipeline.caches.referrers(&manifest.digest).await? {
-            let Some(bytes) = self.pipeline.storage.read_small_blob(&referrer.digest, None).await? else {
+            let Some(bytes) = self.pipeline.storage.read_small_blob(&referrer.digest).await? else {
                 continue;
             };
             let artifact: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();

@@ -35,7 +35,7 @@ mod status;
 use std::time::Duration;
 
 pub use collector::{Outcome, Report, collect};
-pub use status::{LastGc, Status, StorageUse};
+pub use status::{LastGc, NOTICE_EVERY, Status, StorageUse, Watch};
 
 /// The collector's lease.
 pub const GC_LEASE: &str = "gc";

@@ -165,7 +165,7 @@ pub(super) async fn indexes(
 }
 
 async fn index(storage: &Storage, listed: Listed, record: ManifestRecord) -> Result<Index, StorageError> {
-    let manifests = match storage.read_small_blob(&record.digest, None).await? {
+    let manifests = match storage.read_small_blob(&record.digest).await? {
         Some(bytes) => named(&bytes, "manifests").iter().map(|d| d.hex().to_owned()).collect(),
         None => vec![],
     };
@@ -180,7 +180,7 @@ async fn index(storage: &Storage, listed: Listed, record: ManifestRecord) -> Res
 /// A manifest's own digest, its config's and its layers', as hex.
 pub(super) async fn manifest_blobs(storage: &Storage, manifest: &Digest) -> Result<Vec<String>, StorageError> {
     let mut blobs = vec![manifest.hex().to_owned()];
-    if let Some(bytes) = storage.read_small_blob(manifest, None).await? {
+    if let Some(bytes) = storage.read_small_blob(manifest).await? {
         let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
         if let Some(config) = value["config"]["digest"]
             .as_str()

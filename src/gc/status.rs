@@ -2,10 +2,13 @@
 //! objects in it, and the last garbage collection, which its collector
 //! records (`cache/gc/last`) for every replica to read. `serve` measures
 //! it at start, every pull-record interval and after its own collections.
-//! (`serve` hands the figures to the metrics.)
+//! (`serve` hands the figures to the metrics.) `serve` also looks at the
+//! record every [`NOTICE_EVERY`] ([`Watch`]), so that a collection by
+//! another process is noticed within that long and its replica forgets
+//! what it remembered of storage.
 
 use std::sync::{Arc, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
@@ -13,6 +16,9 @@ use super::Report;
 use crate::storage::{Storage, StorageError};
 
 const RECORD: &str = "gc/last";
+
+/// How often `serve` looks for a collection that ended since it last looked.
+pub const NOTICE_EVERY: Duration = Duration::from_secs(10);
 
 /// A collection as its collector recorded it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -52,6 +58,24 @@ impl LastGc {
     }
 }
 
+/// What a replica saw of the last collection, to notice the next.
+#[derive(Debug, Default)]
+pub struct Watch {
+    seen: Option<LastGc>,
+}
+
+impl Watch {
+    /// Whether a collection that deleted something ended since the last
+    /// look (at the first look: since the record was found).
+    pub async fn collected(&mut self, storage: &Storage) -> Result<bool, StorageError> {
+        let last = LastGc::read(storage).await?;
+        let new = last.is_some() && last != self.seen;
+        let deleted = last.as_ref().is_some_and(|gc| gc.deleted_objects > 0);
+        self.seen = last;
+        Ok(new && deleted)
+    }
+}
+
 /// Storage as last measured.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StorageUse {
@@ -87,4 +111,29 @@ impl Status {
 
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_watch_notices_each_collection_that_deleted_something_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::filesystem(dir.path()).await.unwrap();
+        let mut watch = Watch::default();
+        assert!(!watch.collected(&storage).await.unwrap(), "none yet");
+        let gc = |at, deleted_objects| LastGc {
+            at,
+            deleted_objects,
+            ..LastGc::default()
+        };
+        gc(1, 3).write(&storage).await.unwrap();
+        assert!(watch.collected(&storage).await.unwrap());
+        assert!(!watch.collected(&storage).await.unwrap(), "once");
+        gc(2, 0).write(&storage).await.unwrap();
+        assert!(!watch.collected(&storage).await.unwrap(), "it deleted nothing");
+        gc(3, 1).write(&storage).await.unwrap();
+        assert!(watch.collected(&storage).await.unwrap());
+    }
 }

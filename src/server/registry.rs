@@ -17,7 +17,7 @@ use serde_json::json;
 use super::error::RegistryError;
 use super::http::{self, DOCKER_CONTENT_DIGEST, OCI_FILTERS_APPLIED};
 use crate::app::AppState;
-use crate::builder::Question;
+use crate::builder::{Question, Want};
 use crate::client::Client;
 use crate::digest::{Digest, DigestError};
 use crate::image::ImageRequest;
@@ -106,26 +106,20 @@ async fn manifest(
     let builder = &state.builder;
     let accept = headers.get_all(header::ACCEPT).iter().map(HeaderValue::as_bytes);
     let question = Question::new(name, reference, accept);
-    let (record, body) = match builder.recall(&question, reference, !head).await {
-        Some((record, Some(bytes))) => (record, ManifestBody::Get(bytes)),
-        Some((record, None)) => {
-            let size = record.size;
-            (record, ManifestBody::Head(size))
-        }
+    let want = if head { Want::Presence } else { Want::Bytes };
+    let (record, bytes) = match builder.recall(&question, reference, want).await {
+        Some(found) => found,
         None => {
             // Checks the name too.
             let request = ImageRequest::parse(name, reference, &state.meta_packages)?;
             let multi_arch = builder.architectures(&request).len() > 1;
             let choice = negotiate::choose(headers, multi_arch, builder.preferred_format());
-            if head {
-                let record = builder.resolve(&request, choice, Some(client), Some(&question)).await?;
-                let size = record.size;
-                (record, ManifestBody::Head(size))
-            } else {
-                let (record, bytes) = builder.fetch(&request, choice, Some(client), Some(&question)).await?;
-                (record, ManifestBody::Get(bytes))
-            }
+            (builder.fetch(&request, choice, Some(client), Some(&question), want)).await?
         }
+    };
+    let body = match bytes {
+        Some(bytes) => ManifestBody::Get(bytes),
+        None => ManifestBody::Head(record.size),
     };
     let mut response = manifest_response(&record.media_type, &record.digest, body);
     // What a tag resolves to depends on the client's Accept header.
@@ -148,10 +142,16 @@ async fn manifest_by_digest(state: &AppState, reference: &str, head: bool) -> Re
         Err(DigestError::UnsupportedAlgorithm(_)) => return Err(unknown()),
         Err(e) => return Err(e.into()),
     };
-    let stored = state.storage.read_small_blob(&digest, Some(MAX_MANIFEST_SIZE)).await?;
+    let stored = (state.storage)
+        .read_document(&digest, MAX_MANIFEST_SIZE, is_manifest)
+        .await?;
     // Not stored: perhaps a signature, signed lately.
     let signed = || state.signing.as_ref().and_then(|s| s.documents.get(digest.hex()));
-    let bytes = stored.or_else(signed).ok_or_else(unknown)?;
+    let Some(bytes) = stored.or_else(signed) else {
+        // Perhaps a collection deleted it: what memory answers with it goes.
+        state.builder.document_missing(&digest).await;
+        return Err(unknown());
+    };
     let media_type = oci::manifest_media_type(&bytes).ok_or_else(unknown)?;
     let body = if head {
         ManifestBody::Head(bytes.len() as u64)
@@ -159,6 +159,11 @@ async fn manifest_by_digest(state: &AppState, reference: &str, head: bool) -> Re
         ManifestBody::Get(bytes)
     };
     Ok(manifest_response(media_type, &digest, body))
+}
+
+/// Whether `bytes` are a manifest or index (and so worth keeping in memory).
+fn is_manifest(bytes: &[u8]) -> bool {
+    oci::manifest_media_type(bytes).is_some()
 }
 
 /// A manifest made for this request (of `media_type`) as the response.
@@ -321,7 +326,7 @@ async fn signature(
         return Ok(Some(manifest));
     }
     let Some(bytes) = (state.storage)
-        .read_small_blob(subject, Some(MAX_MANIFEST_SIZE))
+        .read_document(subject, MAX_MANIFEST_SIZE, is_manifest)
         .await?
     else {
         return Ok(None);

@@ -7,7 +7,9 @@
 //! still linked at its address (`linked.rs`), so a lost manifest is noticed
 //! as soon as it is lost, and made again as before. Blob files never change
 //! once at their address, so kept bytes are the file's bytes for as long
-//! as it is linked. Past [`KEPT_BYTES`], the oldest go.
+//! as it is linked. Past [`KEPT_BYTES`] or [`KEPT_FILES`], the oldest go.
+//! A blob a client names (a manifest asked for by digest) is kept only if
+//! the caller finds it is a document, so other blobs hold no file open.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -22,6 +24,8 @@ use crate::digest::Digest;
 
 /// Bytes of documents kept at most.
 const KEPT_BYTES: usize = 16 << 20;
+/// Documents kept (files held open) at most.
+const KEPT_FILES: usize = 1024;
 
 /// The documents kept, by digest.
 #[derive(Debug)]
@@ -32,7 +36,7 @@ pub struct Documents {
 impl Default for Documents {
     fn default() -> Self {
         Documents {
-            kept: Kept::new(KEPT_BYTES),
+            kept: Kept::new(KEPT_BYTES, KEPT_FILES),
         }
     }
 }
@@ -55,12 +59,14 @@ impl Linked for Arc<Document> {
 
 impl Documents {
     /// The bytes of the blob `digest` whose file is `path`, if it is there
-    /// and holds at most `limit` bytes (if there is a limit).
+    /// and holds at most `limit` bytes (if there is a limit); kept if `keep`
+    /// says its bytes are a document.
     pub async fn read(
         &self,
         digest: &Digest,
         path: impl FnOnce() -> PathBuf,
         limit: Option<u64>,
+        keep: impl FnOnce(&[u8]) -> bool,
     ) -> Result<Option<Bytes>, StorageError> {
         if let Some(document) = self.kept.get(digest)? {
             return Ok(Some(document.bytes.clone()));
@@ -73,7 +79,9 @@ impl Documents {
             return Ok(None);
         };
         let bytes = document.bytes.clone();
-        self.kept.keep(digest, Arc::new(document));
+        if keep(&bytes) {
+            self.kept.keep(digest, Arc::new(document));
+        }
         Ok(Some(bytes))
     }
 }
@@ -109,7 +117,7 @@ mod tests {
         std::fs::write(&path, b"{}").unwrap();
         let digest = Digest::of(b"{}");
         let documents = Documents::default();
-        let read = || documents.read(&digest, || path.clone(), Some(10));
+        let read = || documents.read(&digest, || path.clone(), Some(10), |_| true);
         assert_eq!(read().await.unwrap().unwrap(), &b"{}"[..]);
         // Kept: a second read does not read the file again (its bytes are
         // changed in place here, which storage never does).
@@ -137,7 +145,7 @@ mod tests {
             let digest = Digest::of(&bytes);
             let path = dir.path().join(digest.hex());
             std::fs::write(&path, &bytes).unwrap();
-            documents.read(&digest, || path, None).await.unwrap().unwrap();
+            documents.read(&digest, || path, None, |_| true).await.unwrap().unwrap();
             digests.push(digest);
         }
         let kept = documents.kept.map.read().unwrap();
@@ -147,13 +155,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn only_documents_are_kept_and_only_so_many_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let documents = Documents::default();
+        for i in 0..2 * KEPT_FILES {
+            let bytes = i.to_string().into_bytes();
+            let digest = Digest::of(&bytes);
+            let path = dir.path().join(digest.hex());
+            std::fs::write(&path, &bytes).unwrap();
+            let is_document = |bytes: &[u8]| bytes[0] != b'7';
+            documents
+                .read(&digest, || path, None, is_document)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let kept = documents.kept.map.read().unwrap();
+        assert_eq!(kept.by_digest.len(), KEPT_FILES, "files kept open are bounded");
+        assert!(kept.order.iter().all(|d| !kept.by_digest[d].bytes.starts_with(b"7")));
+        assert!(!kept.by_digest.contains_key(&Digest::of(b"799")), "not a document");
+    }
+
+    #[tokio::test]
     async fn larger_blobs_are_not_documents() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("layer");
         std::fs::write(&path, [0; 11]).unwrap();
         let documents = Documents::default();
         assert_eq!(
-            documents.read(&Digest::of(&[0; 11]), || path, Some(10)).await.unwrap(),
+            documents
+                .read(&Digest::of(&[0; 11]), || path, Some(10), |_| true)
+                .await
+                .unwrap(),
             None
         );
     }

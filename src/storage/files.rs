@@ -46,7 +46,7 @@ pub struct OpenFiles {
 impl Default for OpenFiles {
     fn default() -> Self {
         OpenFiles {
-            kept: Kept::new(KEPT_OPEN),
+            kept: Kept::new(KEPT_OPEN, KEPT_OPEN),
         }
     }
 }

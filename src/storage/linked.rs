@@ -4,7 +4,8 @@
 //! its file, which says without a path lookup or a wait for the disk
 //! whether the file was removed (its link count is 0); a removed one is
 //! forgotten, so its blob is looked for again and found lost. Past the
-//! budget (a count of files, or of bytes), the oldest go first.
+//! budget (of weight: a count of files, or of bytes) or the count of open
+//! files, the oldest go first.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -24,6 +25,8 @@ pub trait Linked: Clone {
 #[derive(Debug)]
 pub struct Kept<V> {
     budget: usize,
+    /// Files held open at most.
+    max_files: usize,
     pub(super) map: RwLock<Map<V>>,
 }
 
@@ -36,9 +39,11 @@ pub(super) struct Map<V> {
 }
 
 impl<V: Linked> Kept<V> {
-    pub fn new(budget: usize) -> Self {
+    /// Keeps values up to a `budget` of weight and `max_files` open files.
+    pub fn new(budget: usize, max_files: usize) -> Self {
         Kept {
             budget,
+            max_files,
             map: RwLock::new(Map {
                 by_digest: HashMap::new(),
                 order: VecDeque::new(),
@@ -78,7 +83,7 @@ impl<V: Linked> Kept<V> {
             Some(old) => map.weight -= old.weight(),
             None => map.order.push_back(digest.clone()),
         }
-        while map.weight > self.budget {
+        while map.weight > self.budget || map.by_digest.len() > self.max_files {
             let Some(oldest) = map.order.pop_front() else { break };
             if let Some(gone) = map.by_digest.remove(&oldest) {
                 map.weight -= gone.weight();

@@ -435,17 +435,45 @@ impl Storage {
     /// there is none, or it has more than `limit` bytes (no limit: the
     /// caller's records say it is small). A folder's are kept in memory
     /// while their files stay (`documents.rs`).
-    pub async fn read_small_blob(&self, digest: &Digest, limit: Option<u64>) -> Result<Option<Bytes>, StorageError> {
+    pub async fn read_small_blob(&self, digest: &Digest) -> Result<Option<Bytes>, StorageError> {
         if let Some(root) = &self.folder {
-            return self.documents.read(digest, || folder_blob(root, digest), limit).await;
-        }
-        if let Some(limit) = limit {
-            match self.blob_size(digest).await? {
-                Some(size) if size <= limit => {}
-                _ => return Ok(None),
-            }
+            let path = || folder_blob(root, digest);
+            return self.documents.read(digest, path, None, |_| true).await;
         }
         self.get(&blob_path(digest)).await
+    }
+
+    /// The bytes of a blob a client asked for as a document (a manifest or
+    /// index by digest): `None` if there is none, it has more than `limit`
+    /// bytes, or `is_document` says it is no document. Only documents are
+    /// kept in memory.
+    pub async fn read_document(
+        &self,
+        digest: &Digest,
+        limit: u64,
+        is_document: impl Fn(&[u8]) -> bool,
+    ) -> Result<Option<Bytes>, StorageError> {
+        let bytes = match &self.folder {
+            Some(root) => {
+                let path = || folder_blob(root, digest);
+                (self.documents.read(digest, path, Some(limit), &is_document)).await?
+            }
+            None => match self.blob_size(digest).await? {
+                Some(size) if size <= limit => self.get(&blob_path(digest)).await?,
+                _ => None,
+            },
+        };
+        Ok(bytes.filter(|bytes| is_document(bytes)))
+    }
+
+    /// Whether a small blob (a manifest or an index) is at its address: for
+    /// a folder, one `fstat` of its kept file (or a read of it, which keeps
+    /// it), for a bucket a HEAD of its object.
+    pub async fn has_small_blob(&self, digest: &Digest) -> Result<bool, StorageError> {
+        match &self.folder {
+            Some(_) => Ok(self.read_small_blob(digest).await?.is_some()),
+            None => Ok(self.blob_size(digest).await?.is_some()),
+        }
     }
 
     /// The cache record at `key` (a `/`-separated path below `cache/`).
@@ -677,7 +705,7 @@ mod tests {
             b"bytes"
         );
         assert_eq!(
-            storage.read_small_blob(&digest, None).await.unwrap().unwrap(),
+            storage.read_small_blob(&digest).await.unwrap().unwrap(),
             &b"layer bytes"[..]
         );
     }
@@ -696,7 +724,7 @@ mod tests {
         assert_eq!(staged.flushed, 2 * WRITE_BEHIND, "two stretches handed to the kernel");
         let digest = Digest::of(&whole);
         storage.commit(staged, &digest).await.unwrap();
-        assert_eq!(storage.read_small_blob(&digest, None).await.unwrap().unwrap(), whole);
+        assert_eq!(storage.read_small_blob(&digest).await.unwrap().unwrap(), whole);
     }
 
     #[tokio::test]
@@ -716,7 +744,7 @@ mod tests {
             staged.write_all(&bytes).unwrap();
             let digest = Digest::of(&bytes);
             storage.commit(staged, &digest).await.unwrap();
-            assert_eq!(storage.read_small_blob(&digest, None).await.unwrap().unwrap(), bytes);
+            assert_eq!(storage.read_small_blob(&digest).await.unwrap().unwrap(), bytes);
         }
         let staging: Vec<_> = storage
             .store
@@ -766,10 +794,7 @@ mod tests {
         staged.write_all(b"something else").unwrap();
         storage.commit(staged, &digest).await.unwrap();
         storage.put_blob(&digest, Bytes::from_static(b"other")).await.unwrap();
-        assert_eq!(
-            storage.read_small_blob(&digest, None).await.unwrap().unwrap(),
-            &b"x"[..]
-        );
+        assert_eq!(storage.read_small_blob(&digest).await.unwrap().unwrap(), &b"x"[..]);
         assert_eq!(std::fs::read_dir(dir.path().join(STAGING)).unwrap().count(), 0);
     }
 
