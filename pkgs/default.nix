@@ -417,4 +417,27 @@ in
     mainProgram = "7z";
     script = script "7z" ''echo "7-Zip 24.08 (nixery test package)"'';
   };
+
+  # A package whose `meta` says what no SBOM should repeat: license
+  # identifiers of JSON, HTML and junk, licenses that are no license
+  # records, and a `javascript:` homepage.
+  hostile-meta = mkPackage {
+    pname = "hostile-meta";
+    version = "1.0";
+    description = ''Stand-in for a package with hostile meta: {"x": "</script><script>alert(1)</script>"}'';
+    license = [
+      {
+        spdxId = "MIT OR <script>alert(1)</script>";
+        shortName = "<b>mit</b>";
+        fullName = ''{"spdxId": "MIT", "url": "javascript:alert(1)"}'';
+        url = "javascript:alert(1)";
+      }
+      { spdxId = ''{"license": "GPL-3.0-only"}''; }
+      { spdxId = "Apache-2.0"; }
+      { spdxId = 42; }
+      "<i>not a license record</i>"
+    ];
+    homepage = "javascript:alert(1)";
+    script = script "hostile-meta" ''echo "hostile meta (nixery test package)"'';
+  };
 }

@@ -31,6 +31,9 @@ pub const EMPTY_JSON: &[u8] = b"{}";
 /// depend on the image only.
 pub const CREATED: &str = "1970-01-01T00:00:00Z";
 const CREATED_ANNOTATION: &str = "org.opencontainers.image.created";
+/// The file name a blob is saved under (`oras pull` saves only layers that
+/// have one).
+const TITLE_ANNOTATION: &str = "org.opencontainers.image.title";
 
 /// Manifest media types this registry can serve by digest.
 const MANIFEST_TYPES: [&str; 4] = [DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_MANIFEST, OCI_INDEX];
@@ -255,23 +258,27 @@ pub struct Subject<'a> {
     pub size: u64,
 }
 
-/// The artifact manifest of `blob` (of media type `blob_type`) about
-/// `subject`, with the empty config.
-pub fn artifact(
-    artifact_type: &str,
-    blob_type: &str,
-    blob: &Document,
-    subject: &Subject,
-) -> Result<Document, OciError> {
+/// A blob an artifact holds: its media type, the file name it is saved
+/// under, and its bytes.
+pub struct ArtifactBlob<'a> {
+    pub media_type: &'a str,
+    pub title: &'a str,
+    pub document: &'a Document,
+}
+
+/// The artifact manifest of `blob` about `subject`, with the empty config.
+pub fn artifact(artifact_type: &str, blob: &ArtifactBlob, subject: &Subject) -> Result<Document, OciError> {
     let empty = Digest::of(EMPTY_JSON);
+    let title = std::collections::HashMap::from([(TITLE_ANNOTATION.to_owned(), blob.title.to_owned())]);
+    let layer = descriptor(blob.media_type, &blob.document.digest, blob.document.bytes.len() as u64)
+        .annotations(title)
+        .build()?;
     let manifest = ImageManifestBuilder::default()
         .schema_version(2u32)
         .media_type(MediaType::from(OCI_MANIFEST))
         .artifact_type(MediaType::from(artifact_type))
         .config(descriptor(OCI_EMPTY, &empty, EMPTY_JSON.len() as u64).build()?)
-        .layers(vec![
-            descriptor(blob_type, &blob.digest, blob.bytes.len() as u64).build()?,
-        ])
+        .layers(vec![layer])
         .subject(descriptor(subject.media_type, subject.digest, subject.size).build()?)
         .annotations(created())
         .build()?;
@@ -491,6 +498,36 @@ mod tests {
         assert_eq!(
             String::from_utf8(referrers_index(&[]).bytes).unwrap(),
             format!(r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[]}}"#)
+        );
+    }
+
+    #[test]
+    fn artifacts_name_their_blob_and_subject() {
+        let document = Document::new(b"{}\n".to_vec());
+        let subject = Digest::of(b"manifest");
+        let blob = ArtifactBlob {
+            media_type: "application/spdx+json",
+            title: "sbom.spdx.json",
+            document: &document,
+        };
+        let subject = Subject {
+            media_type: OCI_MANIFEST,
+            digest: &subject,
+            size: 8,
+        };
+        let artifact = artifact("application/spdx+json", &blob, &subject).unwrap();
+        let manifest: serde_json::Value = serde_json::from_slice(&artifact.bytes).unwrap();
+        let layer = &manifest["layers"][0];
+        assert_eq!(
+            layer["annotations"][TITLE_ANNOTATION], "sbom.spdx.json",
+            "oras saves it by this"
+        );
+        assert_eq!(layer["digest"], document.digest.as_str());
+        assert_eq!(manifest["subject"]["digest"], subject.digest.as_str());
+        assert_eq!(manifest["annotations"][CREATED_ANNOTATION], CREATED);
+        assert_eq!(
+            artifact,
+            super::artifact("application/spdx+json", &blob, &subject).unwrap()
         );
     }
 

@@ -2,7 +2,9 @@
 //! (with its artifactType filter) and the referrers tag scheme, read with
 //! the oras Python SDK, validated with spdx-tools and cyclonedx-python-lib,
 //! complete (every store path of the image's layers exactly once), the same
-//! bytes from another registry, and nothing built for a digest never built.
+//! bytes from another registry, nothing built for a digest never built, and
+//! valid whatever a package's `meta` says, each pulled as a file named by
+//! its title.
 
 mod common;
 
@@ -36,6 +38,23 @@ for descriptor in listed.json()["manifests"]:
     path = f"{folder}/{descriptor['digest'][7:]}.json"
     registry.download_blob(container, layer["digest"], path)
     found[descriptor["artifactType"]] = path
+print(json.dumps(found))
+"#;
+
+/// Pulls each referrer of a manifest with the oras SDK's `pull`, which
+/// saves a layer under its title (else its digest) in `<folder>`; prints
+/// `{artifactType: [file names]}`.
+const ORAS_PULL: &str = r#"
+import json, os, sys
+import oras.provider
+host, name, subject, folder = sys.argv[1:5]
+registry = oras.provider.Registry(host, insecure=True)
+listed = registry.do_request(f"http://{host}/v2/{name}/referrers/{subject}", "GET")
+listed.raise_for_status()
+found = {}
+for descriptor in listed.json()["manifests"]:
+    files = registry.pull(target=f"{host}/{name}@{descriptor['digest']}", outdir=folder)
+    found[descriptor["artifactType"]] = [os.path.basename(f) for f in files]
 print(json.dumps(found))
 "#;
 
@@ -241,4 +260,70 @@ fn referrers_api(registry: &Registry, image: &str, digest: &str, files: &BTreeMa
     assert_eq!(empty.status, 200);
     assert_eq!(empty.json()["manifests"], serde_json::json!([]));
     assert_eq!(registry.nix_runs(), runs, "asking builds nothing");
+}
+
+/// An image of a package whose `meta` holds JSON, HTML, junk license
+/// identifiers and a `javascript:` homepage: both SBOMs validate, state
+/// only valid license expressions and no such homepage, and `oras pull`
+/// saves each document under its title.
+#[test]
+fn hostile_meta_gives_valid_documents_pulled_as_named_files() {
+    let registry = Registry::start();
+    let image = "hostile-meta";
+    let (digest, _) = manifest(&registry, image);
+    let folder = tempfile::tempdir().unwrap();
+    let dir = folder.path().to_str().unwrap();
+    let pulled = tool("python", &["-c", ORAS_PULL, &registry.address, image, &digest, dir]);
+    let files: BTreeMap<String, Vec<String>> = serde_json::from_str(&pulled).unwrap();
+    let expected: BTreeMap<String, Vec<String>> = [
+        (SPDX, "sbom.spdx.json"),
+        (CYCLONEDX, "sbom.cdx.json"),
+        (IN_TOTO, "provenance.intoto.json"),
+    ]
+    .into_iter()
+    .map(|(kind, file)| (kind.to_owned(), vec![file.to_owned()]))
+    .collect();
+    assert_eq!(files, expected, "each document saved under its title");
+    let spdx_file = folder.path().join("sbom.spdx.json");
+    let cyclonedx_file = folder.path().join("sbom.cdx.json");
+    tool("pyspdxtools", &["-i", spdx_file.to_str().unwrap()]);
+    tool("python", &["-c", CYCLONEDX_CHECK, cyclonedx_file.to_str().unwrap()]);
+
+    for file in [&spdx_file, &cyclonedx_file] {
+        let text = std::fs::read_to_string(file).unwrap();
+        for hostile in ["javascript:", "<script", "</", "{\\\"", "\\\"license\\\""] {
+            assert!(!text.contains(hostile), "{hostile:?} in {}:\n{text}", file.display());
+        }
+    }
+    let spdx = read(spdx_file.to_str().unwrap());
+    let package = (spdx["packages"].as_array().unwrap().iter())
+        .find(|p| p["name"] == "hostile-meta")
+        .unwrap();
+    let junk = "LicenseRef-MIT-OR--script-alert-1---script-";
+    let json = "LicenseRef---license----GPL-3.0-only--";
+    assert_eq!(
+        package["licenseDeclared"],
+        format!("{junk} AND {json} AND Apache-2.0"),
+        "what is no valid expression is a LicenseRef of its idstring characters"
+    );
+    assert_eq!(package.get("homepage"), None);
+    let references: Vec<&str> = (spdx["hasExtractedLicensingInfos"].as_array().unwrap().iter())
+        .map(|r| r["licenseId"].as_str().unwrap())
+        .collect();
+    assert_eq!(references, [json, junk], "each LicenseRef described once, sorted");
+
+    let cyclonedx = read(cyclonedx_file.to_str().unwrap());
+    let component = (cyclonedx["components"].as_array().unwrap().iter())
+        .find(|c| c["name"] == "hostile-meta")
+        .unwrap();
+    assert_eq!(
+        component["licenses"],
+        serde_json::json!([
+            { "license": { "name": junk } },
+            { "license": { "name": json } },
+            { "license": { "id": "Apache-2.0" } },
+        ]),
+        "license.id only for listed identifiers"
+    );
+    assert_eq!(component.get("externalReferences"), None);
 }

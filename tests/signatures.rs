@@ -372,6 +372,10 @@ fn signature_and_provenance_are_referrers(registry: &Registry, public: &Path) {
         .json();
     let layer = &artifact["layers"][0];
     assert_eq!(layer["mediaType"], DSSE_ENVELOPE);
+    assert_eq!(
+        layer["annotations"]["org.opencontainers.image.title"],
+        "provenance.dsse.json"
+    );
     let envelope = registry
         .get(&format!("/v2/shell/hello/blobs/{}", layer["digest"].as_str().unwrap()))
         .json();

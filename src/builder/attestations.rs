@@ -12,7 +12,7 @@ use super::pipeline::{BuildJob, Pipeline};
 use crate::cache::ImageRecord;
 use crate::digest::Digest;
 use crate::nix::Realised;
-use crate::oci::{self, Document, Referrer, Subject};
+use crate::oci::{self, ArtifactBlob, Document, Referrer, Subject};
 use crate::sbom::{self, Provenance};
 use crate::signing;
 use crate::source::{REVISION_LABEL, SOURCE_LABEL};
@@ -21,6 +21,12 @@ use crate::source::{REVISION_LABEL, SOURCE_LABEL};
 pub const SPDX: &str = "application/spdx+json";
 pub const CYCLONEDX: &str = "application/vnd.cyclonedx+json";
 pub const IN_TOTO: &str = "application/vnd.in-toto+json";
+
+/// The file names the documents are saved under (their layers' titles).
+const SPDX_FILE: &str = "sbom.spdx.json";
+const CYCLONEDX_FILE: &str = "sbom.cdx.json";
+const IN_TOTO_FILE: &str = "provenance.intoto.json";
+const DSSE_FILE: &str = "provenance.dsse.json";
 
 impl Pipeline {
     /// Stores the documents of the image `record` holds and records them as
@@ -48,12 +54,13 @@ impl Pipeline {
             settings: self.parameters(job),
             builder: &self.settings.builder_id,
         });
-        let (provenance_type, provenance) = match &self.settings.signer {
+        let (provenance_type, provenance_file, provenance) = match &self.settings.signer {
             Some(signer) => (
                 signing::DSSE_ENVELOPE,
+                DSSE_FILE,
                 Document::new(signer.envelope(IN_TOTO, &statement)),
             ),
-            None => (IN_TOTO, Document::new(statement)),
+            None => (IN_TOTO, IN_TOTO_FILE, Document::new(statement)),
         };
         // Made first, then written all at once: the writes (each synced
         // to disk in a folder) are most of the cost. The SBOMs are the
@@ -66,11 +73,16 @@ impl Pipeline {
             source,
             revision,
         };
-        // (artifact type, blob's media type, blob)
+        // (artifact type, blob's media type, its file name, blob)
         let made = [
-            (SPDX, SPDX, Document::new(sbom::spdx(&image))),
-            (CYCLONEDX, CYCLONEDX, Document::new(sbom::cyclonedx(&image))),
-            (IN_TOTO, provenance_type, provenance),
+            (SPDX, SPDX, SPDX_FILE, Document::new(sbom::spdx(&image))),
+            (
+                CYCLONEDX,
+                CYCLONEDX,
+                CYCLONEDX_FILE,
+                Document::new(sbom::cyclonedx(&image)),
+            ),
+            (IN_TOTO, provenance_type, provenance_file, provenance),
         ];
         let mut recorded = Vec::new();
         let mut artifacts = Vec::new();
@@ -81,8 +93,13 @@ impl Pipeline {
                 size: manifest.size,
             };
             let mut referrers = Vec::new();
-            for (artifact_type, blob_type, document) in &made {
-                let artifact = oci::artifact(artifact_type, blob_type, document, &subject)?;
+            for (artifact_type, media_type, title, document) in &made {
+                let blob = ArtifactBlob {
+                    media_type,
+                    title,
+                    document,
+                };
+                let artifact = oci::artifact(artifact_type, &blob, &subject)?;
                 referrers.push(Referrer {
                     digest: artifact.digest.clone(),
                     size: artifact.bytes.len() as u64,
@@ -94,7 +111,7 @@ impl Pipeline {
         }
         let empty = Document::new(oci::EMPTY_JSON.to_vec());
         let documents: Vec<Document> = (std::iter::once(empty))
-            .chain(made.into_iter().map(|(_, _, document)| document))
+            .chain(made.into_iter().map(|(_, _, _, document)| document))
             .chain(artifacts)
             .collect();
         let blobs: Vec<Digest> = documents.iter().map(|d| d.digest.clone()).collect();

@@ -9,8 +9,9 @@
 //!   compressor's output. Every layer record then misses, and with it
 //!   every image.
 //! - [`IMAGES`] when anything else in an image changes: the config, the
-//!   manifests, the root filesystem layer (links, `/etc`, `/tmp`). Image
-//!   records and root layer records miss; store-path layers are reused.
+//!   manifests, the root filesystem layer (links, `/etc`, `/tmp`), the
+//!   SBOMs and provenance made with it. Image records and root layer
+//!   records miss; store-path layers are reused.
 //! - Neither for a new setting that shapes images: add it to
 //!   [`ImageKey`] instead, so each value gets its own records.
 //!
@@ -26,7 +27,7 @@ use crate::oci::Format;
 /// The version of how store paths are packed into layers.
 pub const STORE_LAYERS: &str = "nixery-v2";
 /// The version of everything else that shapes images.
-pub const IMAGES: &str = "nixery-image-v4";
+pub const IMAGES: &str = "nixery-image-v5";
 
 /// Everything that decides one architecture's manifests, besides the
 /// package set's revision.
@@ -109,9 +110,9 @@ mod tests {
     /// only with a version bump.
     #[test]
     fn keys_stay_what_they_were() {
-        const PINNED_IMAGE: &str = "4200fa7aacdf19f80159a26a1bee5b75393e0c52c03357a885fe76aa9479753b";
+        const PINNED_IMAGE: &str = "078e73b4d6bb4c59ba1ad44b51e647ba575b6ac6bbc0b58f4a834d7f99521d7d";
         const PINNED_STORE_LAYER: &str = "cb08404c42d594e6698b3ec0d56ded210308c385e01975136d0af7c81357c17b";
-        const PINNED_ROOT_LAYER: &str = "0f054cafdaf8be36979b5b865fe0d7f4420362ebadc6b4ebc3fb67abd90ac173";
+        const PINNED_ROOT_LAYER: &str = "0f21caff0f51c83ac7f12a1e403a2e7ae401158661969e6ea8b9f4690408f120";
         let gzip = Compression::Gzip(6);
         assert_eq!(image(&key(gzip)), PINNED_IMAGE);
         let paths = ["/nix/store/0000-hello-2.12.1".to_owned()];

@@ -1,10 +1,13 @@
 //! The CycloneDX 1.5 JSON document of an image: the image as the subject,
 //! one component per store path (name, version, purl, NAR hash, licenses
 //! and homepage where the package set says, the store path as a property)
-//! and their dependencies from the references.
+//! and their dependencies from the references. Licenses are `license.id`s
+//! when each is one listed identifier (`license.name`, the `LicenseRef-`,
+//! for one that is not valid), else one `expression` of them all.
 
 use serde_json::{Value, json};
 
+use super::declared::{self, License, Licenses};
 use super::spdx::origin;
 use super::{CREATED, Image, StorePath, nar_sha256};
 use crate::digest::Digest;
@@ -63,19 +66,28 @@ fn component(image: &Image, info: &crate::layers::PathInfo) -> Value {
         component["hashes"] = json!([{ "alg": "SHA-256", "content": hex }]);
     }
     if let Some(meta) = meta {
-        if !meta.licenses.is_empty() {
-            let licenses: Vec<Value> = meta
-                .licenses
-                .iter()
-                .map(|id| json!({ "license": { "id": id } }))
-                .collect();
-            component["licenses"] = json!(licenses);
+        if let Some(licenses) = licenses(&Licenses::parse(&meta.licenses)) {
+            component["licenses"] = licenses;
         }
-        if let Some(homepage) = &meta.homepage {
+        if let Some(homepage) = meta.homepage.as_deref().and_then(declared::homepage) {
             component["externalReferences"] = json!([{ "type": "website", "url": homepage }]);
         }
     }
     component
+}
+
+/// A component's `licenses`: one `license` each, or one `expression` when
+/// any needs more than an identifier; `None` without any.
+fn licenses(licenses: &Licenses) -> Option<Value> {
+    let expression = licenses.expression()?;
+    if licenses.need_expression() {
+        return Some(json!([{ "expression": expression }]));
+    }
+    let each = (licenses.0.iter()).map(|license| match license {
+        License::Listed(id) => json!({ "license": { "id": id } }),
+        other => json!({ "license": { "name": other.text() } }),
+    });
+    Some(Value::Array(each.collect()))
 }
 
 /// A UUID derived from the image ID, shaped as a name-based one.
@@ -90,4 +102,32 @@ fn serial_number(id: &Digest) -> String {
         &hex[17..20],
         &hex[20..32]
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stated(texts: &[&str]) -> Option<Value> {
+        licenses(&Licenses::parse(
+            &texts.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+        ))
+    }
+
+    #[test]
+    fn licenses_are_ids_names_or_one_expression() {
+        assert_eq!(
+            stated(&["GPL-2.0-only", "<b>x</b>"]),
+            Some(json!([
+                { "license": { "id": "GPL-2.0-only" } },
+                { "license": { "name": "LicenseRef--b-x--b-" } },
+            ]))
+        );
+        assert_eq!(
+            stated(&["MIT or ISC", "Zlib", "<b>"]),
+            Some(json!([{ "expression": "(MIT OR ISC) AND Zlib AND LicenseRef--b-" }])),
+            "CycloneDX takes one expression, or licenses, not both"
+        );
+        assert_eq!(stated(&[]), None);
+    }
 }

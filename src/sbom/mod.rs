@@ -4,10 +4,13 @@
 //! provenance (`provenance.rs`). Built from what the build knows exactly
 //! (the closure with its hashes and references, the requested packages'
 //! `meta`, the package set and its revision), never guessed from names.
-//! The same image gives the same bytes on every machine: the creation time
-//! is fixed, and identifiers derive from the image's ID (its config digest).
+//! Of `meta`, only valid SPDX license expressions and web homepages reach
+//! them (`declared.rs`). The same image gives the same bytes on every
+//! machine: the creation time is fixed, and identifiers derive from the
+//! image's ID (its config digest).
 
 mod cyclonedx;
+mod declared;
 mod provenance;
 mod spdx;
 

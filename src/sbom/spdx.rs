@@ -1,11 +1,13 @@
 //! The SPDX 2.3 JSON document of an image: one package per store path
 //! (name, version, the store path as its file name, NAR hash, purl,
 //! license and homepage where the package set says, the package set and
-//! revision as its source), `DESCRIBES` for the requested packages and
-//! `DEPENDS_ON` for every reference.
+//! revision as its source), `DESCRIBES` for the requested packages,
+//! `DEPENDS_ON` for every reference, and the `LicenseRef-`s the licenses
+//! name as extracted licensing information.
 
 use serde_json::{Value, json};
 
+use super::declared::{self, Licenses, REFERENCE_TEXT};
 use super::{CREATED, Image, StorePath, TOOL, nar_sha256};
 
 /// The document's bytes.
@@ -21,7 +23,7 @@ pub fn spdx(image: &Image) -> Vec<u8> {
         let own = id(&info.path);
         relationships.extend(info.references.iter().map(|to| relationship(&own, "DEPENDS_ON", to)));
     }
-    let document = json!({
+    let mut document = json!({
         "spdxVersion": "SPDX-2.3",
         "dataLicense": "CC0-1.0",
         "SPDXID": "SPDXRef-DOCUMENT",
@@ -35,7 +37,21 @@ pub fn spdx(image: &Image) -> Vec<u8> {
         "packages": packages,
         "relationships": relationships,
     });
+    let references = license_references(image);
+    if !references.is_empty() {
+        document["hasExtractedLicensingInfos"] = json!(references);
+    }
     serde_json::to_vec_pretty(&document).expect("documents serialise")
+}
+
+/// Every `LicenseRef-` the packages' licenses name, once, sorted: SPDX
+/// wants each described in the document.
+fn license_references(image: &Image) -> Vec<Value> {
+    let licenses: Vec<Licenses> = image.packages.iter().map(|p| Licenses::parse(&p.licenses)).collect();
+    let references: std::collections::BTreeSet<&str> = licenses.iter().flat_map(Licenses::references).collect();
+    (references.into_iter())
+        .map(|id| json!({ "licenseId": id, "name": &id["LicenseRef-".len()..], "extractedText": REFERENCE_TEXT }))
+        .collect()
 }
 
 fn package(image: &Image, info: &crate::layers::PathInfo) -> Value {
@@ -48,8 +64,8 @@ fn package(image: &Image, info: &crate::layers::PathInfo) -> Value {
         "filesAnalyzed": false,
         "licenseConcluded": "NOASSERTION",
         "licenseDeclared": meta
-            .filter(|m| !m.licenses.is_empty())
-            .map_or("NOASSERTION".to_owned(), |m| m.licenses.join(" AND ")),
+            .and_then(|m| Licenses::parse(&m.licenses).expression())
+            .unwrap_or_else(|| "NOASSERTION".to_owned()),
         "copyrightText": "NOASSERTION",
         "packageFileName": info.path,
         "sourceInfo": origin(image),
@@ -65,7 +81,7 @@ fn package(image: &Image, info: &crate::layers::PathInfo) -> Value {
     if let Some(hex) = info.nar_hash.as_deref().and_then(nar_sha256) {
         package["checksums"] = json!([{ "algorithm": "SHA256", "checksumValue": hex }]);
     }
-    if let Some(homepage) = meta.and_then(|m| m.homepage.as_deref()) {
+    if let Some(homepage) = meta.and_then(|m| m.homepage.as_deref()).and_then(declared::homepage) {
         package["homepage"] = json!(homepage);
     }
     package
