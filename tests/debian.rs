@@ -1,9 +1,11 @@
 //! Real programs: images of the Debian package set (`pkgs-debian`, whose
 //! .deb files `scripts/setup.sh` fetches), pulled and run by podman and by
-//! Docker. git, curl, python3, jq, bash, coreutils and perl do real work in
-//! the container; a `nonroot` image runs git as uid 1000 in its home; curl
-//! verifies a loopback TLS server against the CA bundle, which has a test
-//! CA added through the set's `extraCertificates`.
+//! Docker. git, curl, python3 (also by its Debian name, `python3.11`), jq,
+//! bash, coreutils and perl do real work in the container; a `nonroot`
+//! image runs git as uid 1000 in its home; curl verifies a loopback TLS
+//! server against the CA bundle, which has a test CA added through the
+//! set's `extraCertificates`. Every package of the set answers to its own
+//! name.
 
 mod common;
 
@@ -14,10 +16,13 @@ use std::time::{Duration, Instant};
 
 use common::engines::{Podman, containerd, docker_host, dockerd};
 use common::{Registry, run};
+use nixery::nix::{self, attributes};
+use nixery::reference;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-/// One image with most of the programs the checks run.
-const TOOLS: &str = "shell/git/curl/python3/jq/perl";
+/// One image with most of the programs the checks run (`python3.11` by the
+/// name of its Debian package, which has a `.`).
+const TOOLS: &str = "shell/git/curl/python3/python3.11/jq/perl";
 const NONROOT: &str = "nonroot/shell/git";
 
 fn debian_set() -> PathBuf {
@@ -70,6 +75,7 @@ fn check_programs(registry: &Registry, web: &str, engine: &Runner) {
         ],
     );
     assert!(python.starts_with("OpenSSL 3."), "{python}");
+    assert_eq!(engine(&tools, &["python3.11", "-c", "print(1)"]), "1\n");
     let filtered = engine(&tools, &["bash", "-c", "echo '{\"a\": [1, 2]}' | jq -c .a"]);
     assert_eq!(filtered, "[1,2]\n");
     let bash = engine(&tools, &["bash", "--version"]);
@@ -272,34 +278,73 @@ fn curl_verifies_tls_against_the_bundle() {
     );
 }
 
+/// Every Debian package of the set.
+fn debian_packages() -> Vec<String> {
+    let expression = format!("builtins.attrNames (import {ROOT}/pkgs-debian/packages.nix).packages");
+    serde_json::from_str(&run(
+        "nix-instantiate",
+        &["--eval", "--strict", "--json", "-E", &expression],
+    ))
+    .unwrap()
+}
+
 /// The nixpkgs names people type, and every Debian package of the set
-/// (the images of the public request sequence among them), evaluate to
-/// derivations.
+/// under its own name (`+` spelled `_plus`; the images of the public
+/// request sequence among them), are image names that the registry's
+/// lookup finds as derivations.
 #[test]
 fn nixpkgs_and_debian_names_are_attributes() {
-    let names = "git curl wget jq htop nano vim python3 perl openssh gnumake gcc nodejs ripgrep file zstd \
-                 rsync tmux sqlite less findutils gnugrep gnused gawk openssl iproute2 procps strace tree \
-                 unzip zip which bashInteractive coreutils moreutils cacert iana-etc emacs-nox golang-go \
-                 nginx openjdk-17-jre-headless php-cli postgresql python3-numpy python3-scipy redis-server \
-                 ruby rustc openssh-client libc6 libgcc-s1";
-    let expression = format!(
-        "let set = import {}/pkgs-debian {{ system = \"x86_64-linux\"; }}; in \
-         map (name: set.${{name}}.drvPath) [ {} ]",
-        ROOT,
-        names
-            .split_whitespace()
-            .map(|n| format!("\"{n}\""))
-            .collect::<Vec<_>>()
-            .join(" ")
+    let nixpkgs = "git curl wget jq htop nano vim python3 perl openssh gnumake gcc nodejs ripgrep file zstd \
+                   rsync tmux sqlite less findutils gnugrep gnused gawk openssl iproute2 procps strace tree \
+                   unzip zip which bashinteractive coreutils moreutils cacert iana-etc";
+    let debian = debian_packages();
+    assert_eq!(debian.len(), 331);
+    let names: Vec<String> = (nixpkgs.split_whitespace().map(str::to_owned))
+        .chain(debian.iter().map(|name| attributes::spelled(name)))
+        .collect();
+    for name in &names {
+        assert_eq!(reference::validate_name(name), Ok(()), "{name} is an image name");
+    }
+    let found = run(
+        "nix-instantiate",
+        &[
+            "--read-write-mode",
+            "--eval",
+            "--strict",
+            "--json",
+            "--expr",
+            nix::EVAL_NIX,
+            "--argstr",
+            "srcType",
+            "path",
+            "--argstr",
+            "srcArgs",
+            debian_set().to_str().unwrap(),
+            "--argstr",
+            "system",
+            "x86_64-linux",
+            "--argstr",
+            "packages",
+            &nix::lookup_requests(&names),
+        ],
     );
-    let paths = run("nix-instantiate", &["--eval", "--strict", "--json", "-E", &expression]);
-    let paths: Vec<String> = serde_json::from_str(&paths).unwrap();
-    assert_eq!(paths.len(), names.split_whitespace().count());
-    assert!(
-        paths
-            .iter()
-            .all(|p| p.starts_with("/nix/store/") && p.ends_with(".drv"))
-    );
+    let found: Vec<serde_json::Value> = serde_json::from_str(&found).unwrap();
+    let not_found: Vec<_> = (names.iter().zip(&found))
+        .filter(|(_, record)| record["status"] != "ok")
+        .map(|(name, record)| format!("{name}: {}", record["status"]))
+        .collect();
+    assert!(not_found.is_empty(), "{not_found:?}");
+    assert_eq!(found.len(), names.len());
+    let debian_found = &found[names.len() - debian.len()..];
+    for (package, record) in debian.iter().zip(debian_found) {
+        let drv = record["drv"].as_str().unwrap();
+        let (_, drv_name) = drv.strip_prefix("/nix/store/").unwrap().split_once('-').unwrap();
+        assert!(
+            drv_name.starts_with(&format!("{package}-")) && drv_name.ends_with(".drv"),
+            "{package} is its own environment: {drv}"
+        );
+    }
+
     let named = |name: &str| {
         let expression = format!("(import {ROOT}/pkgs-debian {{ }}).{name}.name");
         run("nix-instantiate", &["--eval", "-E", &expression])

@@ -116,6 +116,15 @@ fn missing_packages_are_named_in_a_404() {
     );
     assert!(!message.contains("hello"), "found packages are not named: {message}");
 
+    // As the user spelled them, not as the attributes they were tried as.
+    let response = registry.get("/v2/nosuch.thing/c_plus_plus/manifests/latest");
+    assert_eq!(response.status, 404);
+    let message = response.json()["errors"][0]["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.ends_with("find Nix packages: c_plus_plus, nosuch.thing"),
+        "{message}"
+    );
+
     let response = registry.get("/v2/tools/manifests/latest");
     assert_eq!(response.status, 404);
     assert_eq!(response.error_code(), "MANIFEST_UNKNOWN");

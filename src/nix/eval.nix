@@ -1,7 +1,11 @@
-# Looks up the requested packages in a package set, the way the original
-# Nixery's prepare-image.nix does: the exact attribute path first, then the
-# same path with every component that matches a top-level attribute name
-# case-insensitively replaced by that name's real spelling. Evaluated with
+# Looks up the requested packages in a package set. Each package comes with
+# the attribute paths its name may mean (src/nix/attributes.rs), tried in
+# order, each the way the original Nixery's prepare-image.nix does: the
+# exact path first, then the same path with every component that matches a
+# top-level attribute name case-insensitively replaced by that name's real
+# spelling. The first path that leads to a value wins. The paths are strings
+# in JSON, read with fromJSON: a name is only ever an attribute name, walked
+# with getAttr from the package set. Evaluated with
 # `nix-instantiate --read-write-mode --eval --strict --json`, so the
 # derivations it names are written to the store, ready to realise.
 #
@@ -17,7 +21,7 @@
   srcType,
   srcArgs,
   system,
-  # JSON: [ { name = "python3packages.numpy"; path = [ "python3packages" "numpy" ]; } ]
+  # JSON: [ { name = "python3packages.numpy"; paths = [ [ "python3packages.numpy" ] [ "python3packages" "numpy" ] ]; } ]
   packages,
 }:
 let
@@ -60,12 +64,14 @@ let
       null
   ) pkgs;
 
-  find =
+  findPath =
     path:
     let
       exact = lookup path;
     in
     if exact != null then exact else lookup (map (c: spellings.${c} or c) path);
+
+  find = builtins.foldl' (found: path: if found != null then found else findPath path) null;
 
   isDerivation = value: builtins.isAttrs value && (value.type or null) == "derivation";
 
@@ -76,7 +82,7 @@ let
   describe =
     request:
     let
-      found = attempt (find request.path);
+      found = attempt (find request.paths);
       isPackage = attempt (isDerivation found.value);
       drv = attempt found.value.drvPath;
       mainProgram = attempt (found.value.meta.mainProgram or null);

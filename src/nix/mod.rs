@@ -1,4 +1,5 @@
-//! Using Nix: evaluating package names against the package set, realising
+//! Using Nix: evaluating package names against the package set (looked up
+//! by the attribute paths [`attributes`] makes of them), realising
 //! them, and reading the runtime graph of their closure. This module says
 //! what to ask Nix (the arguments of `nix-instantiate`, `nix-store` and
 //! `nix`, and the lookup expression) and what its answers and failures
@@ -8,6 +9,8 @@
 //! and build (and, through `--timeout`, each builder). Failures name the
 //! packages that failed and the first line of Nix's error.
 
+pub mod attributes;
+
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -16,8 +19,9 @@ use crate::layers::{GraphError, RuntimeGraph};
 use crate::programs::{Invocation, Program, Programs, RunError};
 use crate::source::NixSource;
 
-/// The lookup expression (see its header).
-const EVAL_NIX: &str = include_str!("eval.nix");
+/// The lookup expression (see its header), called with
+/// [`lookup_requests`] as its `packages`.
+pub const EVAL_NIX: &str = include_str!("eval.nix");
 /// How long `nix store ping` may take.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Exit status of nix-store when a build timed out (`--timeout`).
@@ -222,10 +226,6 @@ impl Nix {
         packages: &[String],
         catch: bool,
     ) -> Result<Vec<Found>, NixError> {
-        let requests: Vec<serde_json::Value> = packages
-            .iter()
-            .map(|name| serde_json::json!({ "name": name, "path": attribute_path(name) }))
-            .collect();
         let mut eval = self.invocation(Program::NixInstantiate, "evaluation");
         if source.kind == "flake" {
             eval = eval.args(["--extra-experimental-features", "nix-command flakes"]);
@@ -236,7 +236,7 @@ impl Nix {
             .args(["--argstr", "srcType", source.kind])
             .args(["--argstr", "srcArgs", &source.args])
             .args(["--argstr", "system", system])
-            .args(["--argstr", "packages", &serde_json::Value::from(requests).to_string()]);
+            .args(["--argstr", "packages", &lookup_requests(packages)]);
         let stdout = self.run_retrying_busy(eval).await.map_err(|e| {
             into_nix(e, |error, log| NixError::Eval {
                 packages: if catch { vec![] } else { packages.to_vec() },
@@ -409,15 +409,14 @@ fn summarise(code: Option<i32>, stderr: &[String]) -> String {
     }
 }
 
-/// The attribute path of a package name: split on `.`, with `_` before a
-/// leading digit (Docker names may not start with `_`, nixpkgs' may not
-/// start with a digit).
-pub fn attribute_path(package: &str) -> Vec<String> {
-    let mut path: Vec<String> = package.split('.').map(str::to_owned).collect();
-    if path[0].starts_with(|c: char| c.is_ascii_digit()) {
-        path[0].insert(0, '_');
-    }
-    path
+/// The `packages` argument of [`EVAL_NIX`]: each package's name with the
+/// attribute paths it may mean, as JSON.
+pub fn lookup_requests(packages: &[String]) -> String {
+    let requests: Vec<serde_json::Value> = packages
+        .iter()
+        .map(|name| serde_json::json!({ "name": name, "paths": attributes::candidates(name) }))
+        .collect();
+    serde_json::Value::from(requests).to_string()
 }
 
 #[cfg(test)]
@@ -435,11 +434,12 @@ mod tests {
     }
 
     #[test]
-    fn attribute_paths() {
-        assert_eq!(attribute_path("hello"), ["hello"]);
-        assert_eq!(attribute_path("python3packages.numpy"), ["python3packages", "numpy"]);
-        assert_eq!(attribute_path("1password"), ["_1password"]);
-        assert_eq!(attribute_path("xorg.3dfx"), ["xorg", "3dfx"]);
+    fn each_package_is_sent_with_its_candidate_paths() {
+        let requests = lookup_requests(&["g_plus_plus".to_owned(), "python3.11".to_owned()]);
+        assert_eq!(
+            requests,
+            r#"[{"name":"g_plus_plus","paths":[["g_plus_plus"],["g++"]]},{"name":"python3.11","paths":[["python3.11"],["python3","11"]]}]"#
+        );
     }
 
     #[test]
