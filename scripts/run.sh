@@ -21,6 +21,22 @@ if [[ -f $state/nixery.pid ]] && kill -0 "$(cat "$state/nixery.pid")" 2>/dev/nul
   while kill -0 "$(cat "$state/nixery.pid")" 2>/dev/null; do sleep 0.1; done
 fi
 
+# Builds run in Nix's sandbox where the machine allows it (user namespaces),
+# so that a package cannot read this registry's files (its signing key, its
+# storage) or its environment (README, Operations, Secrets). The Debian set's
+# builders run the host's bash, awk and dpkg-deb: those folders are in the
+# sandbox, nothing else of the host. A build of a new trivial derivation in
+# that sandbox tells whether it works.
+sandboxed=$'sandbox = true\nextra-sandbox-paths = /bin /usr /lib /lib64 /etc/alternatives'
+probe='{ salt }: derivation { name = "nixery-sandbox-probe"; inherit salt; system = builtins.currentSystem;
+  builder = "/bin/sh"; args = [ "-c" "echo sandboxed > $out" ]; }'
+if NIX_CONFIG="${NIX_CONFIG:-}"$'\n'"$sandboxed" \
+  nix-build --no-out-link --argstr salt "$(date +%s%N)" -E "$probe" > /dev/null 2>&1; then
+  export NIX_CONFIG="${NIX_CONFIG:-}"$'\n'"$sandboxed"
+else
+  echo "run: Nix's sandbox does not work here: builds run unsandboxed, as $(id -un) (README, Secrets)" >&2
+fi
+
 port=${PORT:-8080}
 address=${NIXERY_LISTEN_ADDRESS:-127.0.0.1}
 pkgs=${NIXERY_PKGS_PATH:-$PWD/pkgs-debian}
