@@ -399,9 +399,11 @@ mod tests {
     async fn a_program_starts_with_only_the_inherited_environment_and_its_own() {
         let programs = Programs::default();
         let (_dir, path) = git_is_sh();
-        let dump = shell(&path, r"tr '\0' '\n' < /proc/$$/environ", Duration::from_secs(30)).env("GIT_OWN", "set");
+        let dump = shell(&path, "cat /proc/$$/environ", Duration::from_secs(30)).env("GIT_OWN", "set");
         let stdout = programs.run(dump).await.unwrap();
-        let mut got: Vec<String> = String::from_utf8(stdout).unwrap().lines().map(str::to_owned).collect();
+        let mut got: Vec<String> = (stdout.split(|b| *b == 0).filter(|entry| !entry.is_empty()))
+            .map(|entry| String::from_utf8_lossy(entry).into_owned())
+            .collect();
         got.sort();
         let mut expected: Vec<String> = inherited_env(std::env::vars_os())
             .filter(|(key, _)| key != "PATH")
