@@ -4,8 +4,11 @@
 //! evaluated, reads those variables with `builtins.getEnv`, and whose
 //! builder dumps its environment and that of every process it can see,
 //! reads the key file named in any of them, and tries the key and token
-//! files by path. With Nix's sandbox on (as the README advises where the
-//! machine allows it), none of the secrets is anywhere in the image.
+//! files by path, and tries to write to the host. With Nix as
+//! `scripts/run.sh` sets it up (in the sandbox as the nixbld users, or as
+//! those users alone where there is no sandbox), none of the secrets is
+//! anywhere in the image and nothing is written. The secret files have
+//! mode 600, as the README asks.
 
 mod common;
 
@@ -36,8 +39,14 @@ const ASKED: [&str; 8] = [
     "AWS_SESSION_TOKEN",
     "GOOGLE_APPLICATION_CREDENTIALS",
 ];
-/// Nix as `scripts/setup.sh` configures it, with the sandbox on.
-const SANDBOXED_NIX: &str = "substituters =\nexperimental-features = nix-command\nbuild-users-group =\nsandbox = true";
+/// Nix as `scripts/setup.sh` configures it (builds as root, no sandbox).
+const SETUP_NIX: &str = "substituters =\nexperimental-features = nix-command\nbuild-users-group =";
+/// What `scripts/run.sh` adds to that: the sandbox as the nixbld users, and
+/// where it does not work, the nixbld users alone.
+const RUN_NIX: [&str; 2] = [
+    "build-users-group = nixbld\nsandbox = true\nextra-sandbox-paths = /bin /usr /lib /lib64 /etc/alternatives",
+    "build-users-group = nixbld\nsandbox = false",
+];
 
 /// The shipped package set plus `snoop`, a new derivation on every call.
 const SNOOP_SET: &str = r#"{ system ? builtins.currentSystem }:
@@ -56,6 +65,7 @@ pkgs // {
     args = [ "-c" ''
       {
         echo "== builder environment"; env
+        echo "== builder user"; id
         echo "== evaluated"; echo "$evaluated"
         for environ in /proc/[0-9]*/environ; do
           echo "== $environ"; tr '\0' '\n' < "$environ" 2>&1
@@ -65,6 +75,7 @@ pkgs // {
         sed -n 's/^NIXERY_SIGNING_KEY=//p' environs | while read -r key; do cat "$key"; done
         echo "== key file"; cat "$(echo @KEY@ | base64 -d)" 2>/dev/null || echo "key: unreadable"
         echo "== token file"; cat "$(echo @TOKENS@ | base64 -d)" 2>/dev/null || echo "tokens: unreadable"
+        echo "== host"; touch @WRITE@ 2>/dev/null || echo "host: unwritable"
       } > $out 2>&1
     '' ];
   };
@@ -72,8 +83,8 @@ pkgs // {
 "#;
 
 /// A folder with [`SNOOP_SET`], trying `key` and `tokens` by path (kept out
-/// of the builder's own error messages).
-fn snoop_set(key: &Path, tokens: &Path) -> tempfile::TempDir {
+/// of the builder's own error messages) and writing `write`.
+fn snoop_set(key: &Path, tokens: &Path, write: &Path) -> tempfile::TempDir {
     use base64::Engine;
     let dir = tempfile::tempdir().unwrap();
     let encode = |path: &Path| base64::engine::general_purpose::STANDARD.encode(path.to_str().unwrap());
@@ -89,7 +100,8 @@ fn snoop_set(key: &Path, tokens: &Path) -> tempfile::TempDir {
         )
         .replace("@ASKED@", &asked.join(" "))
         .replace("@KEY@", &encode(key))
-        .replace("@TOKENS@", &encode(tokens));
+        .replace("@TOKENS@", &encode(tokens))
+        .replace("@WRITE@", write.to_str().unwrap());
     std::fs::write(dir.path().join("default.nix"), nix).unwrap();
     dir
 }
@@ -132,6 +144,20 @@ fn image_bytes(registry: &Registry, name: &str) -> Vec<u8> {
 
 #[test]
 fn builds_reach_none_of_the_registry_secrets() {
+    let run_sh = include_str!("../scripts/run.sh");
+    for nix in RUN_NIX {
+        assert!(
+            run_sh.contains(&nix.replace('\n', "\\n")),
+            "run.sh sets up Nix so:\n{nix}"
+        );
+        let config = format!("{SETUP_NIX}\n{nix}");
+        snoop_with(&config);
+    }
+}
+
+/// Builds the snooping package with Nix configured by `nix_config`, and
+/// checks it got nothing.
+fn snoop_with(nix_config: &str) {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("signing.pem");
     run(
@@ -150,10 +176,15 @@ fn builds_reach_none_of_the_registry_secrets() {
     std::fs::write(&tokens, format!("{TOKEN}\n")).unwrap();
     let credentials = dir.path().join("gcs.json");
     std::fs::write(&credentials, "{\"private_key\": \"gcs-secret-61a7d0\"}").unwrap();
-    let set = snoop_set(&key, &tokens);
+    for private in [&key, &tokens, &credentials] {
+        std::fs::set_permissions(private, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    }
+    let file_name = dir.path().file_name().unwrap().to_str().unwrap();
+    let write = Path::new("/usr/local").join(format!("nixery-snoop{file_name}"));
+    let set = snoop_set(&key, &tokens, &write);
 
     let mut env = vec![
-        ("NIX_CONFIG", SANDBOXED_NIX),
+        ("NIX_CONFIG", nix_config),
         ("NIXERY_PKGS_PATH", set.path().to_str().unwrap()),
         ("NIXERY_SIGNING_KEY", key.to_str().unwrap()),
         ("NIXERY_TOKENS", tokens.to_str().unwrap()),
@@ -162,6 +193,7 @@ fn builds_reach_none_of_the_registry_secrets() {
     env.extend(BUCKET_SECRETS);
     let registry = Registry::start_with(&env);
     let image = String::from_utf8_lossy(&image_bytes(&registry, "snoop")).into_owned();
+    let written = std::fs::remove_file(&write).is_ok();
 
     let dump_at = image.find("== builder environment").expect("the dump is in the image");
     let dump = &image[dump_at..];
@@ -178,14 +210,19 @@ fn builds_reach_none_of_the_registry_secrets() {
     secrets.extend(BUCKET_SECRETS.map(|(_, value)| value));
     for secret in secrets {
         let lines: Vec<&str> = image.lines().filter(|line| line.contains(secret)).collect();
-        assert!(lines.is_empty(), "{secret} is in the image: {lines:#?}");
+        assert!(lines.is_empty(), "{nix_config}:\n{secret} is in the image: {lines:#?}");
     }
+    assert!(!written, "{nix_config}:\nthe build wrote {}", write.display());
     for looked in [
         "== evaluated\nNIXERY_SIGNING_KEY=\n",
         "== /proc/1/environ",
         "key: unreadable",
         "tokens: unreadable",
+        "host: unwritable",
     ] {
-        assert!(dump.contains(looked), "the builder tried: {looked}\n{dump}");
+        assert!(
+            dump.contains(looked),
+            "{nix_config}:\nthe builder tried: {looked}\n{dump}"
+        );
     }
 }
