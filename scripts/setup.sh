@@ -45,8 +45,8 @@ fi
 
 # Nix: no binary cache (only the package registries are reachable), builds as
 # root (builds as the nixbld users are killed now and then on these VMs), no
-# sandbox: the tests' package sets run /bin/sh and read files in root's
-# temporary folders.
+# sandbox: the tests' package sets run /bin/sh and share files with the tests
+# in temporary folders.
 conf=/etc/nix/nix.conf
 want=$'sandbox = false\nsubstituters =\nexperimental-features = nix-command\nbuild-users-group ='
 mkdir -p /etc/nix

@@ -4,9 +4,9 @@
 //! P-256 over SHA-256, as the one layer of a manifest at the tag
 //! `sha256-<hex>.sig`, the signature in the layer's annotation. Signatures
 //! are deterministic (RFC 6979), so every replica signs alike. The key is
-//! read once, at start, from a file of at most [`MAX_KEY_BYTES`]; a file
-//! others than its owner may read is warned about. The provenance is signed too, as a DSSE envelope
-//! (the form in-toto attestations take).
+//! read once, at start, from a file of at most 64 KiB; a file its group or
+//! others may read is warned about. The provenance is signed too, as a
+//! DSSE envelope (the form in-toto attestations take).
 
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
@@ -30,7 +30,7 @@ pub const SIGNATURE_ARTIFACT: &str = "application/vnd.dev.cosign.artifact.sig.v1
 pub const DSSE_ENVELOPE: &str = "application/vnd.dsse.envelope.v1+json";
 
 /// The largest key file read: a PEM P-256 key is a few hundred bytes.
-pub const MAX_KEY_BYTES: u64 = 64 * 1024;
+const MAX_KEY_BYTES: u64 = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SigningError {
