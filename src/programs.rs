@@ -8,7 +8,7 @@
 //! and its last lines are kept for the error when it fails.
 //!
 //! A program gets a clean environment: of the registry's own variables only
-//! those Nix and git need (see [`inherited`]) and what its invocation sets.
+//! those Nix and git need (see `inherited`) and what its invocation sets.
 //! The registry's settings, which carry secrets (the signing key's path,
 //! bucket keys, credentials, URLs with tokens), never reach Nix, git or
 //! what they run: the package set's `builtins.getEnv` and a builder reading
