@@ -3,8 +3,8 @@
 //! credentials in its environment builds an image whose one package, while
 //! evaluated, reads those variables with `builtins.getEnv`, and whose
 //! builder dumps its environment and that of every process it can see,
-//! reads the key file named in any of them, and tries the key and token
-//! files by path, and tries to write to the host. With Nix as
+//! reads the key file named in any of them, tries the key and token files
+//! by path and tries to write to the host. With Nix as
 //! `scripts/run.sh` sets it up (in the sandbox as the nixbld users, or as
 //! those users alone where there is no sandbox), none of the secrets is
 //! anywhere in the image and nothing is written. The secret files have
