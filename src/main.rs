@@ -112,7 +112,7 @@ fn print_layers(args: LayersArgs) -> anyhow::Result<()> {
 }
 
 /// Logs to stderr at `RUST_LOG`'s level, else at `level`, never showing
-/// the configuration's secrets.
+/// the configuration's secrets; then warns of a signing key open to others.
 fn init_logging(format: LogFormat, level: &str, config: &ServeConfig) {
     redact::install(config.secrets.clone());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
@@ -122,6 +122,9 @@ fn init_logging(format: LogFormat, level: &str, config: &ServeConfig) {
     match format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
+    }
+    if let Some(signer) = &config.signer {
+        signer.warn_if_exposed();
     }
 }
 

@@ -6,6 +6,13 @@
 //! invocation metric (`nixery_nix_invocations_total{command}`). The
 //! program's stderr is logged line by line as it comes, without secrets,
 //! and its last lines are kept for the error when it fails.
+//!
+//! A program gets a clean environment: of the registry's own variables only
+//! those Nix and git need (see `inherited`) and what its invocation sets.
+//! The registry's settings, which carry secrets (the signing key's path,
+//! bucket keys, credentials, URLs with tokens), never reach Nix, git or
+//! what they run: the package set's `builtins.getEnv` and a builder reading
+//! `/proc/<nix>/environ` find none of them.
 
 use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
@@ -20,6 +27,65 @@ use crate::metrics::Metrics;
 
 /// How many lines of a program's stderr an error keeps.
 pub const STDERR_TAIL: usize = 20;
+
+/// The registry's variables its programs get, by name: where programs and
+/// their files are, locale and time zone, certificates, proxies, and the
+/// Debian package set's cache folder (`pkgs-debian/` reads it).
+const INHERITED: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "TMPDIR",
+    "TZ",
+    "LANG",
+    "LANGUAGE",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "SSH_AUTH_SOCK",
+    "http_proxy",
+    "https_proxy",
+    "ftp_proxy",
+    "all_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "FTP_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
+    "NIXERY_DEBIAN_CACHE",
+];
+
+/// The registry's variables its programs get, by prefix: Nix's own
+/// (`NIX_CONFIG`, `NIX_PATH`, `NIX_REMOTE`, …), git's, the locale's and the
+/// XDG folders (Nix's caches).
+const INHERITED_PREFIXES: &[&str] = &["NIX_", "GIT_", "LC_", "XDG_"];
+
+/// Variables with an inherited prefix that are the registry's settings,
+/// not Nix's: never passed on (a popularity URL may carry a token).
+const OWN_SETTINGS: &[&str] = &["NIX_TIMEOUT", "NIX_POPULARITY_URL"];
+
+/// Whether the registry's variable `key` is passed on to the programs it
+/// runs. Everything not named here is left out: `NIXERY_*` (but
+/// `NIXERY_DEBIAN_CACHE`), `S3_*`, `AWS_*`, `GCS_*`,
+/// `GOOGLE_APPLICATION_CREDENTIALS` and whatever else the registry was
+/// started with.
+fn inherited(key: &OsStr) -> bool {
+    let Some(key) = key.to_str() else {
+        return false;
+    };
+    if OWN_SETTINGS.contains(&key) {
+        return false;
+    }
+    INHERITED.contains(&key) || INHERITED_PREFIXES.iter().any(|prefix| key.starts_with(prefix))
+}
+
+/// The part of `environment` (the registry's) that its programs get.
+fn inherited_env(
+    environment: impl IntoIterator<Item = (OsString, OsString)>,
+) -> impl Iterator<Item = (OsString, OsString)> {
+    environment.into_iter().filter(|(key, _)| inherited(key))
+}
 
 /// A program the registry runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,8 +146,8 @@ impl Invocation {
         self
     }
 
-    /// Sets `key` in the program's environment (a `PATH` set here is also
-    /// where the program is looked up).
+    /// Sets `key` in the program's environment, over what it inherits (a
+    /// `PATH` set here is also where the program is looked up).
     pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
         self.env.push((key.as_ref().to_owned(), value.as_ref().to_owned()));
         self
@@ -145,6 +211,8 @@ impl Programs {
         let mut command = Command::new(program.name());
         command
             .args(args)
+            .env_clear()
+            .envs(inherited_env(std::env::vars_os()))
             .envs(env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -275,6 +343,79 @@ mod tests {
         .env("GIT_OK", "ok");
         assert_eq!(programs.run(ok).await.unwrap(), b"argument ok\n");
         assert_eq!(invocations(&metrics, "git"), "3");
+    }
+
+    fn pairs(names: &[&str]) -> Vec<(OsString, OsString)> {
+        names
+            .iter()
+            .map(|n| (OsString::from(n), OsString::from(format!("value of {n}"))))
+            .collect()
+    }
+
+    #[test]
+    fn programs_get_what_nix_and_git_need_and_none_of_the_registry_secrets() {
+        let needed = [
+            "PATH",
+            "HOME",
+            "TMPDIR",
+            "LANG",
+            "LC_ALL",
+            "NIX_CONFIG",
+            "NIX_PATH",
+            "NIX_REMOTE",
+            "NIX_SSL_CERT_FILE",
+            "SSL_CERT_FILE",
+            "XDG_CACHE_HOME",
+            "GIT_SSH_COMMAND",
+            "https_proxy",
+            "NIXERY_DEBIAN_CACHE",
+        ];
+        let secret = [
+            "NIXERY_SIGNING_KEY",
+            "NIXERY_TOKENS",
+            "NIXERY_HTPASSWD",
+            "NIXERY_PKGS_REPO",
+            "NIXERY_CHANNEL_URL",
+            "NIXERY_FLAKE",
+            "NIX_POPULARITY_URL",
+            "NIX_TIMEOUT",
+            "S3_ACCESS_KEY",
+            "S3_SECRET_KEY",
+            "S3_ENDPOINT",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "GOOGLE_APPLICATION_CREDENTIALS",
+            "GCS_BUCKET",
+            "STORAGE_PATH",
+            "RUST_LOG",
+            "ANYTHING_ELSE",
+        ];
+        let passed: Vec<_> = inherited_env(pairs(&[&needed[..], &secret[..]].concat())).collect();
+        assert_eq!(passed, pairs(&needed));
+    }
+
+    #[tokio::test]
+    async fn a_program_starts_with_only_the_inherited_environment_and_its_own() {
+        let programs = Programs::default();
+        let (_dir, path) = git_is_sh();
+        let dump = shell(&path, "cat /proc/$$/environ", Duration::from_secs(30)).env("GIT_OWN", "set");
+        let stdout = programs.run(dump).await.unwrap();
+        let mut got: Vec<String> = (stdout.split(|b| *b == 0).filter(|entry| !entry.is_empty()))
+            .map(|entry| String::from_utf8_lossy(entry).into_owned())
+            .collect();
+        got.sort();
+        let mut expected: Vec<String> = inherited_env(std::env::vars_os())
+            .filter(|(key, _)| key != "PATH")
+            .map(|(key, value)| format!("{}={}", key.to_string_lossy(), value.to_string_lossy()))
+            .chain([format!("PATH={}", path.to_string_lossy()), "GIT_OWN=set".to_owned()])
+            .collect();
+        expected.sort();
+        assert_eq!(got, expected);
+        assert!(
+            std::env::vars_os().any(|(key, _)| !inherited(&key)),
+            "the test runs with variables that are not passed on (cargo's)"
+        );
     }
 
     #[tokio::test]

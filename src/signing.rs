@@ -4,9 +4,12 @@
 //! P-256 over SHA-256, as the one layer of a manifest at the tag
 //! `sha256-<hex>.sig`, the signature in the layer's annotation. Signatures
 //! are deterministic (RFC 6979), so every replica signs alike. The key is
-//! read once, at start. The provenance is signed too, as a DSSE envelope
-//! (the form in-toto attestations take).
+//! read once, at start, from a file of at most 64 KiB; a file its group or
+//! others may read is warned about. The provenance is signed too, as a
+//! DSSE envelope (the form in-toto attestations take).
 
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -26,10 +29,15 @@ pub const SIGNATURE_ARTIFACT: &str = "application/vnd.dev.cosign.artifact.sig.v1
 /// The media type of a DSSE envelope.
 pub const DSSE_ENVELOPE: &str = "application/vnd.dsse.envelope.v1+json";
 
+/// The largest key file read: a PEM P-256 key is a few hundred bytes.
+const MAX_KEY_BYTES: u64 = 64 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SigningError {
     #[error("cannot read the signing key {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
+    #[error("the signing key {path} is larger than {} KiB: not a PEM P-256 key", MAX_KEY_BYTES / 1024)]
+    TooLarge { path: PathBuf },
     #[error(
         "the signing key {path} is not a PEM ECDSA P-256 private key (PKCS#8 \"PRIVATE KEY\" or SEC1 \"EC PRIVATE KEY\"; for example from `openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256`)"
     )]
@@ -41,6 +49,13 @@ pub struct Signer {
     key: SigningKey,
     public_pem: String,
     key_id: String,
+    file: KeyFile,
+}
+
+/// Where the key was read from, and the file's permission bits then.
+struct KeyFile {
+    path: PathBuf,
+    mode: u32,
 }
 
 impl std::fmt::Debug for Signer {
@@ -54,10 +69,7 @@ impl std::fmt::Debug for Signer {
 impl Signer {
     /// Reads a PEM P-256 private key (PKCS#8 or SEC1).
     pub fn load(path: &Path) -> Result<Self, SigningError> {
-        let pem = std::fs::read_to_string(path).map_err(|source| SigningError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let (pem, mode) = read_key_file(path)?;
         let secret = p256::SecretKey::from_pkcs8_pem(&pem)
             .or_else(|_| p256::SecretKey::from_sec1_pem(&pem))
             .map_err(|_| SigningError::NotAKey { path: path.to_owned() })?;
@@ -69,7 +81,24 @@ impl Signer {
             key: SigningKey::from(secret),
             public_pem,
             key_id: Digest::of(public_der.as_bytes()).hex().to_owned(),
+            file: KeyFile {
+                path: path.to_owned(),
+                mode,
+            },
         })
+    }
+
+    /// Logs a warning when the key's file was readable (or writable) by its
+    /// group or others. Called once logging is set up.
+    pub fn warn_if_exposed(&self) {
+        let KeyFile { path, mode } = &self.file;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                key = %path.display(),
+                mode = %format_args!("{:o}", mode & 0o777),
+                "the signing key's file is open to its group or others: `chmod 600` it"
+            );
+        }
     }
 
     /// The public key, PEM (SubjectPublicKeyInfo), as cosign and
@@ -100,6 +129,23 @@ impl Signer {
         });
         serde_json::to_vec(&envelope).expect("envelopes serialise")
     }
+}
+
+/// The text of the key file at `path`, read only up to [`MAX_KEY_BYTES`],
+/// and its permission bits.
+fn read_key_file(path: &Path) -> Result<(String, u32), SigningError> {
+    let failed = |source| SigningError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(failed)?;
+    let mode = file.metadata().map_err(failed)?.permissions().mode();
+    let mut pem = String::new();
+    file.take(MAX_KEY_BYTES + 1).read_to_string(&mut pem).map_err(failed)?;
+    if pem.len() as u64 > MAX_KEY_BYTES {
+        return Err(SigningError::TooLarge { path: path.to_owned() });
+    }
+    Ok((pem, mode))
 }
 
 /// DSSE's pre-authentication encoding: what an envelope's signature signs.
@@ -188,6 +234,23 @@ mod tests {
         let error = Signer::load(&path).unwrap_err().to_string();
         assert!(error.contains("is not a PEM ECDSA P-256 private key"), "{error}");
         assert!(Signer::load(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn a_key_file_over_the_bound_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key.pem");
+        let mut text = "x".repeat(MAX_KEY_BYTES as usize);
+        std::fs::write(&path, &text).unwrap();
+        let at_bound = Signer::load(&path).unwrap_err();
+        assert!(matches!(at_bound, SigningError::NotAKey { .. }), "read: {at_bound:?}");
+        text.push('x');
+        std::fs::write(&path, &text).unwrap();
+        let error = Signer::load(&path).unwrap_err();
+        assert!(matches!(error, SigningError::TooLarge { .. }), "{error:?}");
+        assert!(error.to_string().contains("is larger than 64 KiB"), "{error}");
+        let endless = Signer::load(Path::new("/dev/zero")).unwrap_err();
+        assert!(matches!(endless, SigningError::TooLarge { .. }), "{endless:?}");
     }
 
     #[test]

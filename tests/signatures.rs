@@ -6,8 +6,9 @@
 //! proxy that changes it), are refused. The signature is among the
 //! manifest's referrers and linked from the image's page, the provenance
 //! is a DSSE envelope that openssl verifies, and the public key is served
-//! and shown on the landing page; a bad key stops the registry with a
-//! clear message.
+//! and shown on the landing page; a bad key, or a file too large to be
+//! one, stops the registry with a clear message, and a key file open to
+//! others is warned about.
 
 mod common;
 
@@ -428,4 +429,65 @@ fn a_bad_signing_key_stops_the_registry_with_a_clear_message() {
         message.contains("NIXERY_SIGNING_KEY") && message.contains("is not a PEM ECDSA P-256 private key"),
         "{message}"
     );
+}
+
+#[test]
+fn a_key_file_too_large_to_be_a_key_stops_the_registry_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_nixery"))
+        .arg("serve")
+        .env("NIXERY_SIGNING_KEY", "/dev/zero")
+        .env("NIXERY_PKGS_PATH", Path::new(env!("CARGO_MANIFEST_DIR")).join("pkgs"))
+        .env("STORAGE_PATH", dir.path().join("storage"))
+        .env("PORT", "0")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        message.contains("NIXERY_SIGNING_KEY") && message.contains("/dev/zero is larger than 64 KiB"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_key_file_open_to_others_is_warned_about_and_a_private_one_is_not() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (private, _) = key(dir.path(), "signing");
+    let warning = "the signing key's file is open to its group or others";
+    for (mode, warned) in [(0o644, true), (0o640, true), (0o600, false), (0o400, false)] {
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(mode)).unwrap();
+        let registry = Registry::start_with(&[
+            ("NIXERY_SIGNING_KEY", private.to_str().unwrap()),
+            ("NIXERY_LOG_FORMAT", "json"),
+        ]);
+        let log = started_log(&registry);
+        let warnings: Vec<serde_json::Value> = log
+            .lines()
+            .filter(|line| line.contains(warning))
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        match warned {
+            true => {
+                assert_eq!(warnings.len(), 1, "mode {mode:o}:\n{log}");
+                assert_eq!(warnings[0]["level"], "WARN");
+                assert_eq!(warnings[0]["fields"]["mode"], format!("{mode:o}"));
+                assert_eq!(warnings[0]["fields"]["key"], private.to_str().unwrap());
+            }
+            false => assert!(warnings.is_empty(), "mode {mode:o}:\n{log}"),
+        }
+    }
+}
+
+/// The registry's log up to the line that says it serves.
+fn started_log(registry: &Registry) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let log = registry.log();
+        if log.contains("nixery is serving on") || std::time::Instant::now() > deadline {
+            return log;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }

@@ -83,16 +83,19 @@ impl Registry {
                 .next()
                 .unwrap_or_else(|| panic!("nixery exited before serving:\n{}", early.join("\n")))
                 .unwrap();
-            if let Some(rest) = line.strip_prefix("nixery is serving on http://") {
-                break rest.trim().to_owned();
-            }
+            let serving = line
+                .strip_prefix("nixery is serving on http://")
+                .map(|a| a.trim().to_owned());
             early.push(line);
+            if let Some(address) = serving {
+                break address;
+            }
         };
         let log = dir.path().join("log");
         std::thread::spawn(move || {
             use std::io::Write;
             let mut file = std::fs::File::create(log).unwrap();
-            for line in lines.map_while(Result::ok) {
+            for line in early.into_iter().chain(lines.map_while(Result::ok)) {
                 writeln!(file, "{line}").unwrap();
             }
         });
@@ -151,7 +154,7 @@ impl Registry {
         let _ = self.child.wait();
     }
 
-    /// What the registry logged so far.
+    /// What the registry logged so far, from its start.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
     }
