@@ -39,6 +39,7 @@ first pull after the drop may fail), and no storage problem. The last line
 is machine-readable.
 
 Usage: bench-churn.py NIXERY_BIN PKGS WORK [DURATION]
+       bench-churn.py --check STORAGE_PATH   (the storage check alone)
 """
 
 import asyncio
@@ -288,7 +289,7 @@ class Replica:
         env = dict(os.environ, **self.env, PORT=str(self.port))
         self.proc = subprocess.Popen([self.binary, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
         self.log = log.name
-        self.lives.append({"pid": self.proc.pid, "hwm_kib": 0, "fds": 0})
+        self.lives.append({"pid": self.proc.pid, "hwm_kib": 0, "fds": 0, "cpu_s": 0.0})
 
     async def ready(self, timeout=60):
         deadline = now() + timeout
@@ -307,8 +308,101 @@ class Replica:
                 if line.startswith("VmHWM:"):
                     life["hwm_kib"] = max(life["hwm_kib"], int(line.split()[1]))
             life["fds"] = max(life["fds"], len(os.listdir(f"/proc/{self.proc.pid}/fd")))
+            fields = open(f"/proc/{self.proc.pid}/stat").read().rsplit(")", 1)[1].split()
+            life["cpu_s"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         except (FileNotFoundError, ProcessLookupError):
             pass
+
+
+def check_storage(root, killed_wall=None):
+    """Problems in a storage folder, by kind (with an example of each); records
+    without an image record; staging files last written before `killed_wall`
+    (the time a replica was killed), which are not problems; the blob count."""
+    problems = collections.Counter()
+    examples = {}
+
+    def problem(kind, what):
+        problems[kind] += 1
+        examples.setdefault(kind, what)
+
+    def read_json(path):
+        try:
+            return json.load(open(path))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            problem("record or document that is not JSON", path)
+            return None
+
+    blob_dir = os.path.join(root, "blobs/sha256")
+    present = set(os.listdir(blob_dir))
+    for hex_digest in present:
+        h = hashlib.sha256()
+        with open(os.path.join(blob_dir, hex_digest), "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        if h.hexdigest() != hex_digest:
+            problem("blob whose bytes do not hash to its address", hex_digest)
+
+    def hexof(digest):
+        return digest.split(":", 1)[1]
+
+    def document(digest, who):
+        hex_digest = hexof(digest)
+        if hex_digest not in present:
+            problem("record naming a missing manifest or index", f"{who} -> {digest}")
+            return None
+        return read_json(os.path.join(blob_dir, hex_digest))
+
+    def manifest_blobs(digest, who):
+        doc = document(digest, who)
+        if doc is None:
+            return
+        if "manifests" in doc:
+            for m in doc["manifests"]:
+                manifest_blobs(m["digest"], f"{who} (index {digest})")
+            return
+        for blob in [doc["config"]] + doc.get("layers", []):
+            if hexof(blob["digest"]) not in present:
+                problem("manifest naming a missing config or layer", f"{digest} ({who}) -> {blob['digest']}")
+        referrers = read_json(os.path.join(root, "cache/referrers", hexof(digest))) or []
+        for referrer in referrers:
+            manifest_blobs(referrer["digest"], f"referrer of {digest}")
+
+    def records(kind):
+        folder = os.path.join(root, "cache", kind)
+        return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+    for key in records("images"):
+        record = read_json(os.path.join(root, "cache/images", key))
+        for _, m in (record or {}).get("manifests", []):
+            manifest_blobs(m["digest"], f"cache/images/{key}")
+    for key in records("indexes"):
+        record = read_json(os.path.join(root, "cache/indexes", key))
+        if record:
+            manifest_blobs(record["digest"], f"cache/indexes/{key}")
+    for key in records("layers"):
+        record = read_json(os.path.join(root, "cache/layers", key))
+        if record and hexof(record["digest"]) not in present:
+            problem("layer record naming a missing blob", f"cache/layers/{key}")
+    for key in records("referrers"):
+        for referrer in read_json(os.path.join(root, "cache/referrers", key)) or []:
+            if hexof(referrer["digest"]) not in present:
+                problem("referrers record naming a missing artifact", f"cache/referrers/{key}")
+    images = set(records("images"))
+    orphans = collections.Counter()
+    for kind in ("pulled", "plans"):
+        orphans[kind] = [key for key in records(kind) if key not in images]
+    left_by_kill = 0
+    staging = os.path.join(root, "staging")
+    for folder, _, files in os.walk(staging):
+        for file in files:
+            path = os.path.join(folder, file)
+            if killed_wall and os.stat(path).st_mtime <= killed_wall + 0.5:
+                left_by_kill += 1
+            else:
+                problem("leftover under staging/ (no upload runs now)", path)
+    return problems, examples, orphans, left_by_kill, len(present)
 
 
 class Bench:
@@ -541,6 +635,7 @@ class Bench:
             await asyncio.sleep(0.1)
         print(f"{self.idle_open} idle connections open", flush=True)
         self.t0 = now()
+        self.cpu0 = sum(os.times()[:2])
         self.stop_at = self.t0 + self.duration
         self.measuring = True
         clients = [asyncio.create_task(self.client(i)) for i in range(CLIENTS)]
@@ -561,6 +656,7 @@ class Bench:
             if task.exception():
                 raise task.exception()
         self.elapsed = now() - self.t0
+        self.cpu = sum(os.times()[:2]) - self.cpu0
         for task in idle:
             task.cancel()
         await asyncio.gather(*idle, return_exceptions=True)
@@ -595,93 +691,9 @@ class Bench:
     # ---------- afterwards ----------
 
     def check_storage(self):
-        """Problems in the storage folder, by kind; and staging files the killed replica left."""
-        root = self.storage
-        problems = collections.Counter()
-        examples = {}
+        return check_storage(self.storage, getattr(self, "killed_wall", None))
 
-        def problem(kind, what):
-            problems[kind] += 1
-            examples.setdefault(kind, what)
 
-        def read_json(path):
-            try:
-                return json.load(open(path))
-            except FileNotFoundError:
-                return None
-            except ValueError:
-                problem("record or document that is not JSON", path)
-                return None
-
-        blob_dir = os.path.join(root, "blobs/sha256")
-        present = set(os.listdir(blob_dir))
-        for hex_digest in present:
-            h = hashlib.sha256()
-            with open(os.path.join(blob_dir, hex_digest), "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-            if h.hexdigest() != hex_digest:
-                problem("blob whose bytes do not hash to its address", hex_digest)
-
-        def hexof(digest):
-            return digest.split(":", 1)[1]
-
-        def document(digest, who):
-            hex_digest = hexof(digest)
-            if hex_digest not in present:
-                problem("record naming a missing manifest or index", f"{who} -> {digest}")
-                return None
-            return read_json(os.path.join(blob_dir, hex_digest))
-
-        def manifest_blobs(digest, who):
-            doc = document(digest, who)
-            if doc is None:
-                return
-            if "manifests" in doc:
-                for m in doc["manifests"]:
-                    manifest_blobs(m["digest"], f"{who} (index {digest})")
-                return
-            for blob in [doc["config"]] + doc.get("layers", []):
-                if hexof(blob["digest"]) not in present:
-                    problem("manifest naming a missing config or layer", f"{digest} ({who}) -> {blob['digest']}")
-            referrers = read_json(os.path.join(root, "cache/referrers", hexof(digest))) or []
-            for referrer in referrers:
-                manifest_blobs(referrer["digest"], f"referrer of {digest}")
-
-        def records(kind):
-            folder = os.path.join(root, "cache", kind)
-            return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-
-        for key in records("images"):
-            record = read_json(os.path.join(root, "cache/images", key))
-            for _, m in (record or {}).get("manifests", []):
-                manifest_blobs(m["digest"], f"cache/images/{key}")
-        for key in records("indexes"):
-            record = read_json(os.path.join(root, "cache/indexes", key))
-            if record:
-                manifest_blobs(record["digest"], f"cache/indexes/{key}")
-        for key in records("layers"):
-            record = read_json(os.path.join(root, "cache/layers", key))
-            if record and hexof(record["digest"]) not in present:
-                problem("layer record naming a missing blob", f"cache/layers/{key}")
-        for key in records("referrers"):
-            for referrer in read_json(os.path.join(root, "cache/referrers", key)) or []:
-                if hexof(referrer["digest"]) not in present:
-                    problem("referrers record naming a missing artifact", f"cache/referrers/{key}")
-        images = set(records("images"))
-        orphans = collections.Counter()
-        for kind in ("pulled", "plans"):
-            orphans[kind] = [key for key in records(kind) if key not in images]
-        left_by_kill = 0
-        staging = os.path.join(root, "staging")
-        for folder, _, files in os.walk(staging):
-            for file in files:
-                path = os.path.join(folder, file)
-                if getattr(self, "killed_wall", None) and os.stat(path).st_mtime <= self.killed_wall + 0.5:
-                    left_by_kill += 1
-                else:
-                    problem("leftover under staging/ (no upload runs now)", path)
-        return problems, examples, orphans, left_by_kill, len(present)
 
     def report(self, clean_stop):
         problems, examples, orphans, left_by_kill, blob_count = self.check_storage()
@@ -729,7 +741,8 @@ class Bench:
         for replica in self.replicas:
             for n, life in enumerate(replica.lives, 1):
                 print(f"replica {replica.name} (run {n}, pid {life['pid']}): peak RSS {life['hwm_kib'] / 1024:.0f} MiB,"
-                      f" at most {life['fds']} open files")
+                      f" at most {life['fds']} open files, {life['cpu_s']:.0f} CPU s (builds before the phase included)")
+        print(f"the load generator (one python process) used {self.cpu:.0f} CPU s in the {self.elapsed:.0f} s")
         for name, text in self.metrics.items():
             wanted = ("nixery_builds_started_total", "nixery_builds_failed_total", "nixery_build_lease_takeovers_total")
             got = [line for line in text.splitlines() if line.split(" ")[0] in wanted]
@@ -758,6 +771,12 @@ class Bench:
 
 
 def main():
+    if sys.argv[1] == "--check":
+        problems, examples, orphans, _, blobs = check_storage(sys.argv[2])
+        for kind, n in problems.most_common():
+            print(f"{kind}: {n} (e.g. {examples[kind]})")
+        print(f"blobs={blobs} storage_problems={sum(problems.values())}")
+        sys.exit(1 if problems else 0)
     binary, pkgs, work = sys.argv[1], sys.argv[2], sys.argv[3]
     duration = float(sys.argv[4]) if len(sys.argv) > 4 else 90
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
