@@ -742,7 +742,8 @@ class Bench:
             oks = [t for t in self.ok_by_name.get(name, []) if t > self.dropped[name]]
             back = "record in storage again" if self.name_key[name] in records else "NO record in storage at the end"
             print(f"  dropped {name} ({back}): {len(fails)} failed pulls after the drop, {len(oks)} good ones"
-                  + (f" (first good one {oks[0] - self.dropped[name]:.1f} s after the collection began)" if oks else ""))
+                  + (f", the first good one {oks[0] - self.dropped[name]:.1f} s after the collection began" if oks else "")
+                  + (f", the last failed one {self.t0 + self.duration - fails[-1][0]:.1f} s before the phase's end" if fails else ""))
         print(f"idle connections: at least {self.idle_min} of {IDLE} open outside replica A's restart;"
               f" {self.idle_reopened} opened again")
         for replica in self.replicas:
