@@ -39,7 +39,7 @@ openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$work/signi
 start() {
   : > "$work/$1.log"
   PORT=0 NIXERY_LISTEN_ADDRESS=127.0.0.1 NIXERY_PKGS_PATH=$2 STORAGE_PATH=$work/$1-storage \
-    NIXERY_SIGNING_KEY=$work/signing.pem NO_COLOR=1 target/release/nixery serve > "$work/$1.log" 2>&1 &
+    NIXERY_SIGNING_KEY=$work/signing.pem NIXERY_SIGNING_IDENTITY=registry.example.com NO_COLOR=1 target/release/nixery serve > "$work/$1.log" 2>&1 &
   pids+=($!)
   until address=$(sed -n 's|^nixery is serving on http://||p' "$work/$1.log") && [[ -n $address ]]; do sleep 0.05; done
 }

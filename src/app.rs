@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::activity::Activity;
 use crate::auth::Auth;
 use crate::builder::Builder;
+use crate::digest::Digest;
 use crate::gc::Status;
 use crate::meta::MetaPackages;
 use crate::metrics::Metrics;
@@ -38,16 +39,38 @@ pub struct AppState {
     pub signing: Option<Arc<Signing>>,
 }
 
-/// The signing key, the name signatures give the registry, and the
+/// The signing key, the name signatures give the registry, the names and
+/// documents tags resolved to here (the only pairs signed), and the
 /// signatures made lately.
 pub struct Signing {
     pub signer: Arc<crate::signing::Signer>,
-    /// The host signatures name (`registry.example.com`); `None`: the host
-    /// a request names.
-    pub identity: Option<String>,
+    /// The host signatures name (`registry.example.com`).
+    pub identity: String,
+    /// `<name>@<digest>` of every manifest or index a tag of `name`
+    /// resolved to here lately, and of the manifests such an index names.
+    pub resolved: moka::sync::Cache<String, ()>,
     /// Signature manifests made lately, by what they sign
     /// (`<host>/<name>@<digest>`).
     pub signatures: moka::sync::Cache<String, crate::oci::Document>,
     /// Those manifests and their payloads, by digest (hex).
     pub documents: moka::sync::Cache<String, bytes::Bytes>,
+}
+
+impl Signing {
+    /// Notes that a tag of `name` resolved here to `documents` (a manifest,
+    /// or an index and the manifests it names): these pairs may be signed.
+    pub fn note_resolved<'a>(&self, name: &str, documents: impl IntoIterator<Item = &'a Digest>) {
+        for digest in documents {
+            self.resolved.insert(pair(name, digest), ());
+        }
+    }
+
+    /// Whether a tag of `name` resolved here to `digest` lately.
+    pub fn was_resolved(&self, name: &str, digest: &Digest) -> bool {
+        self.resolved.contains_key(&pair(name, digest))
+    }
+}
+
+fn pair(name: &str, digest: &Digest) -> String {
+    format!("{name}@{digest}")
 }

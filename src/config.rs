@@ -357,8 +357,9 @@ pub struct ServeArgs {
     /// with it, as cosign signs (read once, at start). Unset: nothing is signed.
     #[arg(long, env = "NIXERY_SIGNING_KEY")]
     signing_key: Option<PathBuf>,
-    /// The host signatures name images under (`registry.example.com`); by
-    /// default, the host each request names.
+    /// The host signatures name images under (`registry.example.com`, the
+    /// name clients pull from); needed with a signing key, never taken from
+    /// a request.
     #[arg(long, env = "NIXERY_SIGNING_IDENTITY")]
     signing_identity: Option<String>,
     /// Who the images' provenance names as their builder (a URI).
@@ -438,6 +439,12 @@ pub enum ConfigError {
     HalfCredentials,
     #[error("NIXERY_SIGNING_KEY: {0}")]
     SigningKey(String),
+    #[error(
+        "NIXERY_SIGNING_KEY needs NIXERY_SIGNING_IDENTITY: the host clients pull from, which signatures name (registry.example.com)"
+    )]
+    NoSigningIdentity,
+    #[error("NIXERY_SIGNING_IDENTITY {0:?} is not a host name, with a port or not (registry.example.com:5000)")]
+    SigningIdentity(String),
     #[error("NIXERY_BLOB_REDIRECT needs a bucket that can presign URLs (s3 or gcs), not {0}")]
     RedirectWithoutBucket(&'static str),
 }
@@ -476,6 +483,7 @@ pub struct ServeConfig {
     pub builder_id: String,
     /// The signing key, loaded; `None`: nothing is signed.
     pub signer: Option<std::sync::Arc<crate::signing::Signer>>,
+    /// The host signatures name; set whenever `signer` is.
     pub signing_identity: Option<String>,
     pub max_packages: usize,
     pub builds_per_client: usize,
@@ -551,7 +559,7 @@ impl ServeArgs {
                 }
                 None => None,
             },
-            signing_identity: self.signing_identity.clone(),
+            signing_identity: signing_identity(self.signing_key.is_some(), self.signing_identity.as_deref())?,
             max_packages: self.max_packages.into(),
             builds_per_client: self.client_builds.into(),
             header_timeout: Duration::from_secs(self.header_timeout),
@@ -695,6 +703,31 @@ impl GcsArgs {
     }
 }
 
+/// The signing identity, which a signing key needs: a host name or
+/// address, with a port or not, as a client's image reference names it.
+fn signing_identity(key: bool, identity: Option<&str>) -> Result<Option<String>, ConfigError> {
+    let Some(identity) = identity.filter(|i| !i.is_empty()) else {
+        return match key {
+            true => Err(ConfigError::NoSigningIdentity),
+            false => Ok(None),
+        };
+    };
+    let (host, port) = match identity.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(':') => (host, Some(port)),
+        _ => (identity, None),
+    };
+    let host_ok = !host.is_empty()
+        && (host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+            || (host.starts_with('[') && host.ends_with(']')));
+    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok());
+    match host_ok && port_ok {
+        true => Ok(Some(identity.to_owned())),
+        false => Err(ConfigError::SigningIdentity(identity.to_owned())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -705,6 +738,28 @@ mod tests {
         match cli.command {
             Command::Serve(args) => Ok(*args),
             _ => unreachable!("serve was asked for"),
+        }
+    }
+
+    #[test]
+    fn a_signing_key_needs_an_identity_that_is_a_host() {
+        assert!(matches!(
+            signing_identity(true, None),
+            Err(ConfigError::NoSigningIdentity)
+        ));
+        assert!(matches!(
+            signing_identity(true, Some("")),
+            Err(ConfigError::NoSigningIdentity)
+        ));
+        assert_eq!(signing_identity(false, None).unwrap(), None);
+        for good in ["registry.example.com", "127.0.0.1:5000", "[::1]:8080", "localhost"] {
+            assert_eq!(signing_identity(true, Some(good)).unwrap().as_deref(), Some(good));
+        }
+        for bad in ["a/b", "host:port", "a b", ":80", "x:99999", "évil"] {
+            assert!(
+                matches!(signing_identity(true, Some(bad)), Err(ConfigError::SigningIdentity(_))),
+                "{bad}"
+            );
         }
     }
 

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use nixery::activity::Activity;
 use nixery::app::{AppState, Signing};
-use nixery::builder::{Builder, Parts, Settings};
+use nixery::builder::{Builder, Parts, Settings, Want};
 use nixery::config::{Cli, Command, LayersArgs, LogFormat, ServeConfig};
 use nixery::export::{self, OutputFormat};
 use nixery::gc::{self, Outcome};
@@ -43,6 +43,8 @@ async fn main() -> std::process::ExitCode {
 
 /// Signatures (and their payloads) kept for the GETs that follow them.
 const SIGNATURES_KEPT: u64 = 10_000;
+/// Names and documents their tags resolved to, kept for signing at most.
+const RESOLVED_KEPT: u64 = 100_000;
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
@@ -266,9 +268,10 @@ async fn build(config: ServeConfig, image: &str, output: &std::path::Path, forma
     let started = std::time::Instant::now();
     let manifest = state
         .builder
-        .resolve(&request, choice, None, None)
+        .fetch(&request, choice, None, None, Want::Presence)
         .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .record;
     progress.stage(&format!(
         "built {} in {:.1} s; writing {}",
         manifest.digest,
@@ -376,7 +379,8 @@ async fn open(config: ServeConfig) -> anyhow::Result<AppState> {
     let signing = config.signer.map(|signer| {
         Arc::new(Signing {
             signer,
-            identity: config.signing_identity,
+            identity: config.signing_identity.expect("config has one with a key"),
+            resolved: moka::sync::Cache::new(RESOLVED_KEPT),
             signatures: moka::sync::Cache::new(SIGNATURES_KEPT),
             documents: moka::sync::Cache::new(2 * SIGNATURES_KEPT),
         })

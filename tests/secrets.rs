@@ -187,6 +187,7 @@ fn snoop_with(nix_config: &str) {
         ("NIX_CONFIG", nix_config),
         ("NIXERY_PKGS_PATH", set.path().to_str().unwrap()),
         ("NIXERY_SIGNING_KEY", key.to_str().unwrap()),
+        ("NIXERY_SIGNING_IDENTITY", "registry.example.com"),
         ("NIXERY_TOKENS", tokens.to_str().unwrap()),
         ("GOOGLE_APPLICATION_CREDENTIALS", credentials.to_str().unwrap()),
     ];

@@ -185,19 +185,56 @@ fn save_public_key(registry: &Registry, path: &Path) {
     run("sh", &["-c", &line]);
 }
 
-/// A registry in front of `upstream` that passes everything through but
-/// changes the signature in every signature manifest (`….sig`).
-fn tampering_proxy(upstream: &Registry) -> Proxy {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+/// What a man in the middle changes.
+#[derive(Clone, Copy)]
+enum Change {
+    /// The signature in every signature manifest (`….sig`).
+    Signature,
+    /// The answer to `shell/hello:latest`: `hello:latest`'s manifest.
+    Manifest,
+}
+
+/// A free port on loopback, for a registry that must know its address
+/// before it starts (its signing identity).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A registry signing with `private`, whose identity is its own address.
+fn signing_registry(private: &Path) -> Registry {
+    let port = free_port().to_string();
+    let identity = format!("127.0.0.1:{port}");
+    Registry::start_with(&[
+        ("PORT", &port),
+        ("NIXERY_SIGNING_KEY", private.to_str().unwrap()),
+        ("NIXERY_SIGNING_IDENTITY", &identity),
+    ])
+}
+
+/// A registry in front of `upstream` on `listener` that passes everything
+/// through but makes `change`.
+fn proxy(listener: std::net::TcpListener, upstream: &Registry, change: Change) -> Proxy {
     let address = listener.local_addr().unwrap().to_string();
     let (upstream, host) = (upstream.address.clone(), address.clone());
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let (upstream, host) = (upstream.clone(), host.clone());
-            std::thread::spawn(move || forward(stream.unwrap(), &upstream, &host));
+            std::thread::spawn(move || forward(stream.unwrap(), &upstream, &host, change));
         }
     });
     Proxy { address }
+}
+
+fn tampering_proxy(upstream: &Registry) -> Proxy {
+    proxy(
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        upstream,
+        Change::Signature,
+    )
 }
 
 /// What [`Trust`] needs of a registry: its address.
@@ -206,8 +243,8 @@ struct Proxy {
 }
 
 /// Answers one request on `stream` from `upstream`, naming `host` as the
-/// host (so that signatures name the proxy), with the signature changed.
-fn forward(mut stream: std::net::TcpStream, upstream: &str, host: &str) {
+/// host, with `change` made.
+fn forward(mut stream: std::net::TcpStream, upstream: &str, host: &str, change: Change) {
     use base64::Engine;
     use std::io::{BufRead, BufReader, Write};
     let mut reader = BufReader::new(stream.try_clone().unwrap());
@@ -232,7 +269,12 @@ fn forward(mut stream: std::net::TcpStream, upstream: &str, host: &str) {
         }
     }
     let mut parts = request_line.split(' ');
-    let (method, path) = (parts.next().unwrap_or("GET"), parts.next().unwrap_or("/"));
+    let (method, mut path) = (parts.next().unwrap_or("GET"), parts.next().unwrap_or("/"));
+    if let Change::Manifest = change
+        && path == "/v2/shell/hello/manifests/latest"
+    {
+        path = "/v2/hello/manifests/latest";
+    }
     let client = reqwest::blocking::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -247,7 +289,11 @@ fn forward(mut stream: std::net::TcpStream, upstream: &str, host: &str) {
     let status = response.status();
     let headers = response.headers().clone();
     let mut body = response.bytes().unwrap().to_vec();
-    if path.contains("/manifests/") && path.ends_with(".sig") && method == "GET" {
+    if let Change::Signature = change
+        && path.contains("/manifests/")
+        && path.ends_with(".sig")
+        && method == "GET"
+    {
         let mut manifest: serde_json::Value = serde_json::from_slice(&body).unwrap();
         let annotation = &mut manifest["layers"][0]["annotations"]["dev.cosignproject.cosign/signature"];
         // A well-formed signature, one byte off: not the payload's.
@@ -298,7 +344,7 @@ fn signed_images_are_accepted_and_others_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (private, public) = key(dir.path(), "registry");
     let (_, other_public) = key(dir.path(), "other");
-    let signed = Registry::start_with(&[("NIXERY_SIGNING_KEY", private.to_str().unwrap())]);
+    let signed = signing_registry(&private);
     let saved = dir.path().join("saved.pub");
     save_public_key(&signed, &saved);
     assert_eq!(std::fs::read(&saved).unwrap(), std::fs::read(&public).unwrap());
@@ -460,6 +506,7 @@ fn a_key_file_open_to_others_is_warned_about_and_a_private_one_is_not() {
         std::fs::set_permissions(&private, std::fs::Permissions::from_mode(mode)).unwrap();
         let registry = Registry::start_with(&[
             ("NIXERY_SIGNING_KEY", private.to_str().unwrap()),
+            ("NIXERY_SIGNING_IDENTITY", "registry.example.com"),
             ("NIXERY_LOG_FORMAT", "json"),
         ]);
         let log = started_log(&registry);
@@ -490,4 +537,136 @@ fn started_log(registry: &Registry) -> String {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+#[test]
+fn a_manifest_swapped_in_transit_is_refused_and_other_names_are_not_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (private, public) = key(dir.path(), "registry");
+    // The man in the middle stands where clients reach the registry.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let front = listener.local_addr().unwrap().to_string();
+    let registry = Registry::start_with(&[
+        ("NIXERY_SIGNING_KEY", private.to_str().unwrap()),
+        ("NIXERY_SIGNING_IDENTITY", &front),
+    ]);
+    let swapping = proxy(listener, &registry, Change::Manifest);
+    let hello = registry.get("/v2/hello/manifests/latest");
+    assert_eq!(hello.status, 200);
+    let hex = hello
+        .header("docker-content-digest")
+        .strip_prefix("sha256:")
+        .unwrap()
+        .to_owned();
+    let sig = |name: &str, hex: &str| registry.get(&format!("/v2/{name}/manifests/sha256-{hex}.sig"));
+    assert_eq!(sig("hello", &hex).status, 200, "hello's manifest is signed as hello");
+
+    for refused in pulls(&Trust::new(&swapping, &public), &swapping, "another image's manifest") {
+        assert!(!refused.status.success(), "a manifest of another name is refused");
+        assert!(says(&refused).contains("signature"), "{}", says(&refused));
+    }
+    for name in ["shell/hello", "made/up", "python3"] {
+        let refused = sig(name, &hex);
+        assert_eq!(
+            (refused.status, refused.error_code()),
+            (404, "MANIFEST_UNKNOWN".into()),
+            "{name}"
+        );
+    }
+    let referrers = registry.get(&format!("/v2/hello/referrers/sha256:{hex}")).json();
+    let artifacts: Vec<&str> = referrers["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["digest"].as_str().unwrap())
+        .collect();
+    assert!(artifacts.len() >= 3, "{referrers}");
+    for artifact in artifacts {
+        let artifact = artifact.strip_prefix("sha256:").unwrap();
+        assert_eq!(sig("hello", artifact).status, 404, "an SBOM's manifest is not signed");
+    }
+}
+
+#[test]
+fn a_flood_of_made_up_names_neither_signs_nor_evicts_real_signatures() {
+    const THREADS: usize = 8;
+    const EACH: usize = 5_000;
+    let dir = tempfile::tempdir().unwrap();
+    let (private, public) = key(dir.path(), "registry");
+    let registry = signing_registry(&private);
+    let trust = Trust::new(&registry, &public);
+    let hello = registry.get("/v2/shell/hello/manifests/latest");
+    let hex = hello
+        .header("docker-content-digest")
+        .strip_prefix("sha256:")
+        .unwrap()
+        .to_owned();
+    let flooding = std::sync::atomic::AtomicBool::new(true);
+    let (statuses, pulled) = std::thread::scope(|scope| {
+        let flood: Vec<_> = (0..THREADS)
+            .map(|thread| {
+                let (address, hex) = (&registry.address, &hex);
+                scope.spawn(move || {
+                    let client = reqwest::blocking::Client::new();
+                    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+                    for i in 0..EACH {
+                        let url = format!("http://{address}/v2/fake{thread}x{i}/manifests/sha256-{hex}.sig");
+                        let status = client.get(url).send().map_or(0, |r| r.status().as_u16());
+                        *statuses.entry(status).or_default() += 1;
+                    }
+                    statuses
+                })
+            })
+            .collect();
+        let mut pulled = vec![];
+        let pulls_during = scope.spawn(|| {
+            while flooding.load(std::sync::atomic::Ordering::SeqCst) {
+                pulled.extend(pulls(&trust, &registry, "signed, during a flood"));
+            }
+            pulled
+        });
+        let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+        for thread in flood {
+            for (status, count) in thread.join().unwrap() {
+                *statuses.entry(status).or_default() += count;
+            }
+        }
+        flooding.store(false, std::sync::atomic::Ordering::SeqCst);
+        (statuses, pulls_during.join().unwrap())
+    });
+    println!(
+        "{} made-up names: {statuses:?}; {} signed pulls during the flood",
+        THREADS * EACH,
+        pulled.len()
+    );
+    assert_eq!(statuses.into_iter().collect::<Vec<_>>(), [(404, THREADS * EACH)]);
+    assert!(!pulled.is_empty());
+    for output in &pulled {
+        assert!(
+            output.status.success(),
+            "a signed pull during the flood: {}",
+            says(output)
+        );
+    }
+}
+
+#[test]
+fn a_signing_key_without_an_identity_stops_the_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let (private, _) = key(dir.path(), "signing");
+    let output = Command::new(env!("CARGO_BIN_EXE_nixery"))
+        .arg("serve")
+        .env("NIXERY_SIGNING_KEY", &private)
+        .env_remove("NIXERY_SIGNING_IDENTITY")
+        .env("NIXERY_PKGS_PATH", Path::new(env!("CARGO_MANIFEST_DIR")).join("pkgs"))
+        .env("STORAGE_PATH", dir.path().join("storage"))
+        .env("PORT", "0")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        message.contains("NIXERY_SIGNING_KEY needs NIXERY_SIGNING_IDENTITY"),
+        "{message}"
+    );
 }

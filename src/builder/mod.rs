@@ -66,6 +66,17 @@ pub enum Want {
     Presence,
 }
 
+/// What a tag resolved to.
+#[derive(Debug)]
+pub struct Resolution {
+    /// The manifest or index.
+    pub record: ManifestRecord,
+    /// The manifests an index names (none for a manifest).
+    pub manifests: Vec<Digest>,
+    /// Its bytes, for [`Want::Bytes`].
+    pub bytes: Option<Bytes>,
+}
+
 /// What storage has of a document.
 enum Stored {
     Bytes(Bytes),
@@ -277,16 +288,17 @@ impl Builder {
         }
     }
 
-    /// The manifest or index a tag resolves to for a client's choice: from
-    /// the caches, from builds in flight, or from new builds.
-    /// `client` starts new builds only up to its share.
-    pub async fn resolve(
+    /// The manifest or index a tag resolves to for a client's choice (and
+    /// the manifests an index names): from the caches, from builds in
+    /// flight, or from new builds. `client` starts new builds only up to
+    /// its share.
+    async fn resolve(
         self: &Arc<Self>,
         request: &ImageRequest,
         choice: Choice,
         client: Option<Client>,
         question: Option<&Question>,
-    ) -> BuildResult<ManifestRecord> {
+    ) -> BuildResult<(ManifestRecord, Vec<Digest>)> {
         self.admit(request).map_err(Arc::new)?;
         let resolved = self.revision(&request.tag).await.map_err(Arc::new)?;
         let architectures = self.architectures(request);
@@ -322,12 +334,12 @@ impl Builder {
             let answer = Answer {
                 revision,
                 record: record.clone(),
-                manifests,
+                manifests: manifests.clone(),
                 marks,
             };
             self.answers.put(question.clone(), answer);
         }
-        Ok(record)
+        Ok((record, manifests))
     }
 
     /// The artifacts (SBOMs, provenance) that refer to a manifest, from
@@ -345,7 +357,7 @@ impl Builder {
     /// the same revision and the document is still stored; with its bytes
     /// for [`Want::Bytes`]. A document storage lost (a collection deleted
     /// it) forgets what names it, and [`Builder::fetch`] makes it again.
-    pub async fn recall(&self, question: &Question, tag: &str, want: Want) -> Option<(ManifestRecord, Option<Bytes>)> {
+    pub async fn recall(&self, question: &Question, tag: &str, want: Want) -> Option<Resolution> {
         let answer = self.answers.get(question)?;
         if self.source.revision(tag).await.ok()?? != answer.revision {
             return None;
@@ -362,10 +374,16 @@ impl Builder {
             mark.pulled();
             self.pipeline.metrics.cache(CacheKind::Manifest, true);
         }
-        Some((answer.record.clone(), bytes))
+        Some(Resolution {
+            record: answer.record.clone(),
+            manifests: answer.manifests.clone(),
+            bytes,
+        })
     }
 
-    /// Like [`Builder::resolve`], having looked that the document is still
+    /// What a tag resolves to for a client's choice, from the caches, from
+    /// builds in flight, or from new builds (`client` starts new builds
+    /// only up to its share), having looked that the document is still
     /// stored; with its bytes for [`Want::Bytes`]. A manifest or index
     /// that storage lost (a collection deleted it, or someone removed it)
     /// is made again first: the records that name it are forgotten, so that
@@ -378,21 +396,38 @@ impl Builder {
         client: Option<Client>,
         question: Option<&Question>,
         want: Want,
-    ) -> BuildResult<(ManifestRecord, Option<Bytes>)> {
-        let record = self.resolve(request, choice, client, question).await?;
-        match self.stored(&record.digest, want).await? {
-            Stored::Bytes(bytes) => return Ok((record, Some(bytes))),
-            Stored::Present => return Ok((record, None)),
-            Stored::Lost => {}
-        }
-        tracing::warn!(image = %request, missing = %record.digest, "a manifest or index is missing from storage: making it again");
-        self.forget(request, choice, &record.digest).await.map_err(Arc::new)?;
-        let record = self.resolve(request, choice, client, question).await?;
-        match self.stored(&record.digest, want).await? {
-            Stored::Bytes(bytes) => Ok((record, Some(bytes))),
-            Stored::Present => Ok((record, None)),
-            Stored::Lost => Err(Arc::new(BuildError::Lost(record.digest))),
-        }
+    ) -> BuildResult<Resolution> {
+        let missing = match self.resolve_stored(request, choice, client, question, want).await? {
+            Ok(found) => return Ok(found),
+            Err(missing) => missing,
+        };
+        tracing::warn!(image = %request, %missing, "a manifest or index is missing from storage: making it again");
+        self.forget(request, choice, &missing).await.map_err(Arc::new)?;
+        let again = self.resolve_stored(request, choice, client, question, want).await?;
+        again.map_err(|lost| Arc::new(BuildError::Lost(lost)))
+    }
+
+    /// What a tag resolves to, if its document is stored; else `Err` with
+    /// the document's digest.
+    async fn resolve_stored(
+        self: &Arc<Self>,
+        request: &ImageRequest,
+        choice: Choice,
+        client: Option<Client>,
+        question: Option<&Question>,
+        want: Want,
+    ) -> BuildResult<Result<Resolution, Digest>> {
+        let (record, manifests) = self.resolve(request, choice, client, question).await?;
+        let bytes = match self.stored(&record.digest, want).await? {
+            Stored::Bytes(bytes) => Some(bytes),
+            Stored::Present => None,
+            Stored::Lost => return Ok(Err(record.digest)),
+        };
+        Ok(Ok(Resolution {
+            record,
+            manifests,
+            bytes,
+        }))
     }
 
     /// Whether the document `digest` is stored, and its bytes for [`Want::Bytes`].

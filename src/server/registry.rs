@@ -17,7 +17,7 @@ use serde_json::json;
 use super::error::RegistryError;
 use super::http::{self, DOCKER_CONTENT_DIGEST, OCI_FILTERS_APPLIED};
 use crate::app::AppState;
-use crate::builder::{Question, Want};
+use crate::builder::{Question, Resolution, Want};
 use crate::client::Client;
 use crate::digest::{Digest, DigestError};
 use crate::image::ImageRequest;
@@ -53,7 +53,7 @@ pub async fn registry(
         ("tags", "list") => tags(&state, name, query.as_deref(), head).await,
         ("referrers", _) => {
             let query = query.as_deref().unwrap_or_default();
-            referrers(&state, name, reference, query, headers, head).await
+            referrers(&state, name, reference, query, head).await
         }
         _ => Err(RegistryError::unknown_route()),
     }?;
@@ -97,17 +97,17 @@ async fn manifest(
     }
     if let Some(subject) = referrers_tag(reference) {
         reference::validate_name(name)?;
-        return referrers_by_tag(state, name, &subject, headers, head).await;
+        return referrers_by_tag(state, name, &subject, head).await;
     }
     if let Some(subject) = signing::signature_tag(reference) {
         reference::validate_name(name)?;
-        return signature_by_tag(state, name, &subject, headers, head).await;
+        return signature_by_tag(state, name, &subject, head).await;
     }
     let builder = &state.builder;
     let accept = headers.get_all(header::ACCEPT).iter().map(HeaderValue::as_bytes);
     let question = Question::new(name, reference, accept);
     let want = if head { Want::Presence } else { Want::Bytes };
-    let (record, bytes) = match builder.recall(&question, reference, want).await {
+    let resolution = match builder.recall(&question, reference, want).await {
         Some(found) => found,
         None => {
             // Checks the name too.
@@ -117,6 +117,14 @@ async fn manifest(
             (builder.fetch(&request, choice, Some(client), Some(&question), want)).await?
         }
     };
+    let Resolution {
+        record,
+        manifests,
+        bytes,
+    } = resolution;
+    if let Some(signing) = &state.signing {
+        signing.note_resolved(name, std::iter::once(&record.digest).chain(&manifests));
+    }
     let body = match bytes {
         Some(bytes) => ManifestBody::Get(bytes),
         None => ManifestBody::Head(record.size),
@@ -255,13 +263,12 @@ async fn referrers(
     name: &str,
     reference: &str,
     query: &[(String, String)],
-    headers: &HeaderMap,
     head: bool,
 ) -> Result<Response, RegistryError> {
     reference::validate_name(name)?;
     let subject = reference.parse::<Digest>()?;
     let wanted = single(query, "artifactType")?;
-    let mut referrers = referrers_of(state, name, &subject, headers).await?;
+    let mut referrers = referrers_of(state, name, &subject).await?;
     if let Some(wanted) = wanted {
         referrers.retain(|r| r.artifact_type == wanted);
     }
@@ -290,37 +297,29 @@ async fn signature_by_tag(
     state: &AppState,
     name: &str,
     subject: &Digest,
-    headers: &HeaderMap,
     head: bool,
 ) -> Result<Response, RegistryError> {
     let unknown = || RegistryError::manifest_unknown(format!("no signature of {subject} here"));
-    let manifest = signature(state, name, subject, headers).await?.ok_or_else(unknown)?;
+    let manifest = signature(state, name, subject).await?.ok_or_else(unknown)?;
     Ok(made_manifest_response(oci::OCI_MANIFEST, manifest, head))
 }
 
 /// The signature manifest of `subject` (a manifest or index stored here),
-/// naming the image as `<host>/<name>`: the configured identity, else the
-/// host the request names. Made once per name and subject while it is
-/// kept, with its payload, for the GETs by digest that follow; kept in
-/// memory only, as a name in a request could be anything. `None` without
-/// a key or such a manifest.
-async fn signature(
-    state: &AppState,
-    name: &str,
-    subject: &Digest,
-    headers: &HeaderMap,
-) -> Result<Option<oci::Document>, RegistryError> {
+/// naming the image as `<identity>/<name>`, if a tag of `name` resolved to
+/// `subject` here lately (or to an index that names it). Made once per
+/// name and subject while it is kept, with its payload, for the GETs by
+/// digest that follow; kept in memory only. `None` without a key, or for
+/// any other name or subject.
+async fn signature(state: &AppState, name: &str, subject: &Digest) -> Result<Option<oci::Document>, RegistryError> {
     let Some(signing) = &state.signing else {
         return Ok(None);
     };
-    let host = match &signing.identity {
-        Some(identity) => identity.as_str(),
-        None => match headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
-            Some(host) => host,
-            None => return Ok(None),
-        },
-    };
-    let reference = format!("{host}/{name}");
+    // Only what a tag of this name resolved to here: a name that never
+    // did costs nothing, and no other name is bound to the manifest.
+    if !signing.was_resolved(name, subject) {
+        return Ok(None);
+    }
+    let reference = format!("{}/{name}", signing.identity);
     let key = format!("{reference}@{subject}");
     if let Some(manifest) = signing.signatures.get(&key) {
         return Ok(Some(manifest));
@@ -353,14 +352,9 @@ async fn signature(
 
 /// The referrers of `subject`: its documents, from their record, and its
 /// signature when there is one.
-async fn referrers_of(
-    state: &AppState,
-    name: &str,
-    subject: &Digest,
-    headers: &HeaderMap,
-) -> Result<Vec<oci::Referrer>, RegistryError> {
+async fn referrers_of(state: &AppState, name: &str, subject: &Digest) -> Result<Vec<oci::Referrer>, RegistryError> {
     let mut referrers = state.builder.referrers(subject).await?;
-    if let Some(manifest) = signature(state, name, subject, headers).await? {
+    if let Some(manifest) = signature(state, name, subject).await? {
         referrers.push(oci::Referrer {
             size: manifest.bytes.len() as u64,
             digest: manifest.digest,
@@ -386,10 +380,9 @@ async fn referrers_by_tag(
     state: &AppState,
     name: &str,
     subject: &Digest,
-    headers: &HeaderMap,
     head: bool,
 ) -> Result<Response, RegistryError> {
-    let index = oci::referrers_index(&referrers_of(state, name, subject, headers).await?);
+    let index = oci::referrers_index(&referrers_of(state, name, subject).await?);
     Ok(made_manifest_response(oci::OCI_INDEX, index, head))
 }
 
