@@ -251,8 +251,20 @@ impl Caches {
         Ok(found.map(Found::into_inner).unwrap_or_default())
     }
 
+    /// Replaces the referrers of `subject` (whose recorded ones cannot stand).
     pub async fn put_referrers(&self, subject: &Digest, referrers: Vec<Referrer>) -> Result<(), StorageError> {
         store(&self.storage, &self.referrers, REFERRERS, subject.hex(), referrers).await
+    }
+
+    /// Records the referrers of `subject` unless some are recorded: of two
+    /// builds recording at once, the first one's stay.
+    pub async fn put_referrers_if_absent(&self, subject: &Digest, referrers: &[Referrer]) -> Result<(), StorageError> {
+        let bytes = serde_json::to_vec(referrers).expect("records serialise");
+        let key = format!("{REFERRERS}/{}", subject.hex());
+        self.storage.put_record_if_absent(key, Bytes::from(bytes)).await?;
+        // Read from storage next: the record there may be the other build's.
+        self.referrers.invalidate(subject.hex()).await;
+        Ok(())
     }
 }
 

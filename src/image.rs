@@ -21,6 +21,9 @@ pub struct ImageRequest {
     /// The requested components, meta-packages included, sorted and without
     /// duplicates: `shell/htop/htop` and `htop/shell` are both `htop/shell`.
     pub name: String,
+    /// The name as the client wrote it (`shell/htop`): what pages, logs and
+    /// documents show.
+    pub asked: String,
     pub tag: String,
     /// The packages to install, meta-packages expanded and `cacert` and
     /// `iana-etc` added, sorted and without duplicates.
@@ -66,6 +69,7 @@ impl ImageRequest {
 
         Ok(ImageRequest {
             name: canonical.join("/"),
+            asked: name.to_owned(),
             tag: tag.to_owned(),
             packages,
             requested,
@@ -91,9 +95,10 @@ impl ImageRequest {
     }
 }
 
+/// The image as asked for: `shell/htop:latest`.
 impl fmt::Display for ImageRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.name, self.tag)
+        write!(f, "{}:{}", self.asked, self.tag)
     }
 }
 
@@ -107,6 +112,16 @@ mod tests {
 
     fn strings(items: &[&str]) -> Vec<String> {
         items.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn shown_as_asked_and_cached_as_canonical() {
+        let (a, b) = (parse("shell/hello"), parse("shell/hello/hello"));
+        assert_eq!(
+            (a.to_string(), b.to_string()),
+            ("shell/hello:latest".into(), "shell/hello/hello:latest".into())
+        );
+        assert_eq!((a.name, a.packages), (b.name, b.packages));
     }
 
     // The five cases of the original's builder_test.go.

@@ -13,7 +13,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
-use p256::ecdsa::signature::Signer as _;
+use p256::ecdsa::signature::{Signer as _, Verifier as _};
 use p256::ecdsa::{Signature, SigningKey};
 use p256::pkcs8::{DecodePrivateKey, EncodePublicKey, LineEnding};
 
@@ -129,6 +129,27 @@ impl Signer {
         });
         serde_json::to_vec(&envelope).expect("envelopes serialise")
     }
+
+    /// Whether `envelope` is a DSSE envelope this key signed.
+    pub fn signed_envelope(&self, envelope: &[u8]) -> bool {
+        let base64 = &base64::engine::general_purpose::STANDARD;
+        let Ok(envelope) = serde_json::from_slice::<serde_json::Value>(envelope) else {
+            return false;
+        };
+        let text = |value: &serde_json::Value| value.as_str().map(str::to_owned);
+        let (Some(payload_type), Some(payload), Some(sig)) = (
+            text(&envelope["payloadType"]),
+            text(&envelope["payload"]).and_then(|p| base64.decode(p).ok()),
+            text(&envelope["signatures"][0]["sig"]).and_then(|s| base64.decode(s).ok()),
+        ) else {
+            return false;
+        };
+        let Ok(signature) = Signature::from_der(&sig) else {
+            return false;
+        };
+        let key = p256::ecdsa::VerifyingKey::from(&self.key);
+        key.verify(&pae(&payload_type, &payload), &signature).is_ok()
+    }
 }
 
 /// The text of the key file at `path`, read only up to [`MAX_KEY_BYTES`],
@@ -179,7 +200,6 @@ pub fn signature_tag(tag: &str) -> Option<Digest> {
 mod tests {
     use super::*;
     use p256::ecdsa::VerifyingKey;
-    use p256::ecdsa::signature::Verifier as _;
     use p256::pkcs8::{DecodePublicKey, EncodePrivateKey};
 
     /// A signer loaded from a PKCS#8 file of the key whose scalar is `byte`
@@ -220,6 +240,11 @@ mod tests {
         let signed = pae("application/vnd.in-toto+json", b"{}");
         assert_eq!(signed, b"DSSEv1 28 application/vnd.in-toto+json 2 {}");
         key.verify(&signed, &Signature::from_der(&der).unwrap()).unwrap();
+        let envelope = signer.envelope("application/vnd.in-toto+json", b"{}");
+        assert!(signer.signed_envelope(&envelope));
+        let other = super::tests::signer(8);
+        assert!(!other.signed_envelope(&envelope), "another key's");
+        assert!(!signer.signed_envelope(b"{}"));
     }
 
     #[test]

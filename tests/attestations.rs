@@ -327,3 +327,40 @@ fn hostile_meta_gives_valid_documents_pulled_as_named_files() {
     );
     assert_eq!(component.get("externalReferences"), None);
 }
+
+/// The documents `subject` refers to: each artifact type and its one blob.
+fn documents(registry: &Registry, image: &str, subject: &str) -> BTreeMap<String, String> {
+    let referrers = registry.get(&format!("/v2/{image}/referrers/{subject}")).json();
+    let mut found = BTreeMap::new();
+    for descriptor in referrers["manifests"].as_array().unwrap() {
+        let digest = descriptor["digest"].as_str().unwrap();
+        let artifact = registry.get(&format!("/v2/{image}/manifests/{digest}")).json();
+        let blob = artifact["layers"][0]["digest"].as_str().unwrap();
+        found.insert(descriptor["artifactType"].as_str().unwrap().to_owned(), blob.to_owned());
+    }
+    found
+}
+
+#[test]
+fn documents_name_the_image_as_asked_and_never_change_for_another_spelling() {
+    let registry = Registry::start();
+    let (digest, _) = manifest(&registry, "shell/hello");
+    let first = documents(&registry, "shell/hello", &digest);
+    let spdx = registry.get(&format!("/v2/shell/hello/blobs/{}", first[SPDX])).json();
+    assert_eq!(spdx["name"], "shell/hello:latest", "named as asked");
+    let blobs = || {
+        std::fs::read_dir(registry.storage().join("blobs/sha256"))
+            .unwrap()
+            .count()
+    };
+    let before = blobs();
+    // Another spelling: another image record, the same manifest.
+    let (again, _) = manifest(&registry, "shell/hello.out");
+    assert_eq!(again, digest, "the same image");
+    assert_eq!(
+        documents(&registry, "shell/hello.out", &digest),
+        first,
+        "the manifest keeps its documents"
+    );
+    assert_eq!(blobs(), before, "no documents are written for the other spelling");
+}

@@ -69,7 +69,7 @@ fn the_pages_show_pulls_builds_errors_and_layer_plans() {
         "revision",
         "nonroot",
         "adds bashInteractive, coreutils, moreutils, nano",
-        "hello/shell:latest",
+        "shell/hello:latest",
         "could not find Nix packages: nosuchpackage",
     ] {
         assert!(dom.contains(text), "{text} on the landing page:\n{dom}");
@@ -94,7 +94,7 @@ fn the_pages_show_pulls_builds_errors_and_layer_plans() {
         &format!("docker pull {}/shell/git", registry.address),
         "git-2.47.1",
         first,
-        "shared with hello/shell:latest",
+        "shared with shell/hello:latest",
         "built and cached",
     ] {
         assert!(dom.contains(text), "{text} on the image page:\n{dom}");

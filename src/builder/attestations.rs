@@ -4,6 +4,15 @@
 //! referrers API answers from. With a signing key, the provenance is
 //! stored as a DSSE envelope signed by it. Pulls of a built image do none
 //! of this.
+//!
+//! A manifest has one set of documents, which never changes once it has
+//! them: those made by the first build that made it, naming the image as
+//! that build's request spelled it. Another spelling of the same image
+//! (`hello.out` for `hello`, `hello/shell` for `shell/hello`) builds the
+//! same manifests and keeps their documents, writing none; the record of
+//! a manifest's referrers is written only where there is none. Only a set
+//! that cannot stand is replaced: one whose blobs are gone, or whose
+//! provenance is not signed by the registry's key (a new key, or none).
 
 use bytes::Bytes;
 
@@ -33,6 +42,70 @@ impl Pipeline {
     /// its manifests' referrers; every blob they added (for the check
     /// before the image record is written).
     pub async fn attest(
+        &self,
+        job: &BuildJob,
+        realised: &Realised,
+        record: &ImageRecord,
+        config: &Digest,
+    ) -> Result<Vec<Digest>, BuildError> {
+        let mut kept = Vec::new();
+        for (_, manifest) in &record.manifests {
+            match self.kept_documents(&manifest.digest).await? {
+                Some(blobs) => kept.extend(blobs),
+                None => return self.make_documents(job, realised, record, config).await,
+            }
+        }
+        Ok(kept)
+    }
+
+    /// The blobs of the documents `manifest` has, if it has a set that
+    /// stands: every artifact and its blob stored, and the provenance
+    /// signed as this registry signs it now.
+    async fn kept_documents(&self, manifest: &Digest) -> Result<Option<Vec<Digest>>, BuildError> {
+        let referrers = self.caches.referrers(manifest).await?;
+        if referrers.is_empty() {
+            return Ok(None);
+        }
+        let mut blobs = Vec::new();
+        for referrer in &referrers {
+            let Some(bytes) = self.storage.read_small_blob(&referrer.digest).await? else {
+                return Ok(None);
+            };
+            let artifact: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            let layer = &artifact["layers"][0];
+            let digest = |value: &serde_json::Value| value["digest"].as_str().and_then(|d| d.parse::<Digest>().ok());
+            let (Some(config), Some(blob)) = (digest(&artifact["config"]), digest(layer)) else {
+                return Ok(None);
+            };
+            if referrer.artifact_type == IN_TOTO && !self.provenance_stands(layer, &blob).await? {
+                return Ok(None);
+            }
+            if self.storage.blob_size(&blob).await?.is_none() {
+                return Ok(None);
+            }
+            blobs.extend([referrer.digest.clone(), config, blob]);
+        }
+        Ok(Some(blobs))
+    }
+
+    /// Whether a provenance layer (`blob`) is what this registry writes
+    /// now: a DSSE envelope its key signed, or without a key a statement.
+    async fn provenance_stands(&self, layer: &serde_json::Value, blob: &Digest) -> Result<bool, BuildError> {
+        let media_type = layer["mediaType"].as_str().unwrap_or_default();
+        let Some(signer) = &self.settings.signer else {
+            return Ok(media_type == IN_TOTO);
+        };
+        if media_type != signing::DSSE_ENVELOPE {
+            return Ok(false);
+        }
+        let envelope = self.storage.read_small_blob(blob).await?;
+        Ok(envelope.is_some_and(|envelope| signer.signed_envelope(&envelope)))
+    }
+
+    /// Makes and stores the documents of the image `record` holds, and
+    /// records them as its manifests' referrers where none are recorded
+    /// (or those recorded cannot stand); every blob they added.
+    async fn make_documents(
         &self,
         job: &BuildJob,
         realised: &Realised,
@@ -117,10 +190,21 @@ impl Pipeline {
         let blobs: Vec<Digest> = documents.iter().map(|d| d.digest.clone()).collect();
         let writes = (documents.iter()).map(|d| self.storage.put_blob(&d.digest, Bytes::copy_from_slice(&d.bytes)));
         futures::future::try_join_all(writes).await?;
-        let records =
-            (recorded.iter()).map(|(subject, referrers)| self.caches.put_referrers(subject, referrers.clone()));
+        let records = (recorded.iter()).map(|(subject, referrers)| self.record_referrers(subject, referrers));
         futures::future::try_join_all(records).await?;
         Ok(blobs)
+    }
+
+    /// Records `referrers` as `subject`'s where none are recorded, and in
+    /// place of recorded ones that cannot stand.
+    async fn record_referrers(&self, subject: &Digest, referrers: &[Referrer]) -> Result<(), BuildError> {
+        match self.kept_documents(subject).await? {
+            Some(_) => Ok(()),
+            None if self.caches.referrers(subject).await?.is_empty() => {
+                Ok(self.caches.put_referrers_if_absent(subject, referrers).await?)
+            }
+            None => Ok(self.caches.put_referrers(subject, referrers.to_vec()).await?),
+        }
     }
 
     /// The settings that shaped `job`'s image, as its provenance records them.
