@@ -456,21 +456,28 @@ fn signature_and_provenance_are_referrers(registry: &Registry, public: &Path) {
     assert_eq!(verified.trim(), "Verified OK");
 }
 
+/// What `nixery serve` with the signing key `key` (and no identity) says
+/// as it refuses to start.
+fn refused_start(dir: &Path, key: &std::ffi::OsStr) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_nixery"))
+        .arg("serve")
+        .env("NIXERY_SIGNING_KEY", key)
+        .env_remove("NIXERY_SIGNING_IDENTITY")
+        .env("NIXERY_PKGS_PATH", Path::new(env!("CARGO_MANIFEST_DIR")).join("pkgs"))
+        .env("STORAGE_PATH", dir.join("storage"))
+        .env("PORT", "0")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 #[test]
 fn a_bad_signing_key_stops_the_registry_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.pem");
     std::fs::write(&bad, "not a key\n").unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_nixery"))
-        .arg("serve")
-        .env("NIXERY_SIGNING_KEY", &bad)
-        .env("NIXERY_PKGS_PATH", Path::new(env!("CARGO_MANIFEST_DIR")).join("pkgs"))
-        .env("STORAGE_PATH", dir.path().join("storage"))
-        .env("PORT", "0")
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let message = String::from_utf8_lossy(&output.stderr);
+    let message = refused_start(dir.path(), &bad.as_ref());
     assert!(
         message.contains("NIXERY_SIGNING_KEY") && message.contains("is not a PEM ECDSA P-256 private key"),
         "{message}"
@@ -480,16 +487,7 @@ fn a_bad_signing_key_stops_the_registry_with_a_clear_message() {
 #[test]
 fn a_key_file_too_large_to_be_a_key_stops_the_registry_unread() {
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_nixery"))
-        .arg("serve")
-        .env("NIXERY_SIGNING_KEY", "/dev/zero")
-        .env("NIXERY_PKGS_PATH", Path::new(env!("CARGO_MANIFEST_DIR")).join("pkgs"))
-        .env("STORAGE_PATH", dir.path().join("storage"))
-        .env("PORT", "0")
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let message = String::from_utf8_lossy(&output.stderr);
+    let message = refused_start(dir.path(), "/dev/zero".as_ref());
     assert!(
         message.contains("NIXERY_SIGNING_KEY") && message.contains("/dev/zero is larger than 64 KiB"),
         "{message}"
@@ -654,17 +652,7 @@ fn a_flood_of_made_up_names_neither_signs_nor_evicts_real_signatures() {
 fn a_signing_key_without_an_identity_stops_the_registry() {
     let dir = tempfile::tempdir().unwrap();
     let (private, _) = key(dir.path(), "signing");
-    let output = Command::new(env!("CARGO_BIN_EXE_nixery"))
-        .arg("serve")
-        .env("NIXERY_SIGNING_KEY", &private)
-        .env_remove("NIXERY_SIGNING_IDENTITY")
-        .env("NIXERY_PKGS_PATH", Path::new(env!("CARGO_MANIFEST_DIR")).join("pkgs"))
-        .env("STORAGE_PATH", dir.path().join("storage"))
-        .env("PORT", "0")
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let message = String::from_utf8_lossy(&output.stderr);
+    let message = refused_start(dir.path(), &private.as_ref());
     assert!(
         message.contains("NIXERY_SIGNING_KEY needs NIXERY_SIGNING_IDENTITY"),
         "{message}"
