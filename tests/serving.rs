@@ -160,3 +160,34 @@ fn a_buckets_blobs_are_kept_on_local_disk_and_the_bucket_stays_the_truth() {
     let lost = request("GET", &url, &[]);
     assert_eq!((lost.status, lost.error_code().as_str()), (404, "BLOB_UNKNOWN"));
 }
+
+/// The files the registry holds open.
+fn open_files(registry: &Registry) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", registry.pid()))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn blobs_asked_for_as_manifests_are_not_kept_open() {
+    let registry = Registry::start();
+    let mut blobs = std::collections::BTreeSet::new();
+    for image in ["shell/hello", "shell/git", "python3", "tools.jq/zlib"] {
+        let manifest = registry.get(&format!("/v2/{image}/manifests/latest")).json();
+        blobs.insert(manifest["config"]["digest"].as_str().unwrap().to_owned());
+        for layer in manifest["layers"].as_array().unwrap() {
+            blobs.insert(layer["digest"].as_str().unwrap().to_owned());
+        }
+    }
+    let before = open_files(&registry);
+    for blob in &blobs {
+        let response = registry.get(&format!("/v2/shell/hello/manifests/{blob}"));
+        assert_eq!(response.status, 404, "{blob} is no manifest");
+    }
+    let after = open_files(&registry);
+    println!(
+        "{} blobs asked for as manifests: {before} open files before, {after} after",
+        blobs.len()
+    );
+    assert!(after <= before + 2, "{before} open files before, {after} after");
+}

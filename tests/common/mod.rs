@@ -103,6 +103,11 @@ impl Registry {
     }
 
     /// The registry's storage folder.
+    /// The registry's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn storage(&self) -> std::path::PathBuf {
         self.dir.path().join("storage")
     }
