@@ -2,8 +2,11 @@
 //! builds a new image, a replica takes the image's lease
 //! (`cache/leases/build/<image key>`, see `leases.rs`) and renews it while
 //! it builds; the others wait for the image record instead of building,
-//! and take the lease over if it expires because its holder died. A store
-//! without conditional creates has no leases, and each replica builds.
+//! and take the lease over if it expires because its holder died. A build
+//! that fails (a package that does not exist) records nothing, so it ends
+//! its lease, deleting it, rather than leave a released one that no image
+//! record leads the collector to. A store without conditional creates has
+//! no leases, and each replica builds.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,14 +58,20 @@ impl Pipeline {
         }
     }
 
-    /// Builds while holding the image's lease, renewing it, then releases it.
+    /// Builds while holding the image's lease, renewing it, then releases
+    /// it, or ends it when the build recorded nothing.
     async fn build_holding(&self, job: &BuildJob, key: &str, mut lease: Lease) -> Result<Built, BuildError> {
         // Another replica may have recorded it between the look and the take.
-        let result = match self.recorded(key).await? {
-            Some(built) => Ok(built),
-            None => self.renewing(&mut lease, self.build(job)).await,
+        let result = match self.recorded(key).await {
+            Ok(Some(built)) => Ok(built),
+            Ok(None) => self.renewing(&mut lease, self.build(job)).await,
+            Err(error) => Err(error),
         };
-        if let Err(error) = lease.release().await {
+        let given_back = match result {
+            Ok(_) => lease.release().await,
+            Err(_) => lease.end().await,
+        };
+        if let Err(error) = given_back {
             tracing::warn!(image = %job.request, %error, "could not release the image's build lease; it expires");
         }
         result
