@@ -574,23 +574,19 @@ impl Builder {
     /// `client` may start one).
     async fn join_build(&self, key: &str, job: BuildJob, client: Option<Client>) -> BuildResult<Built> {
         let (pipeline, pulls) = (Arc::clone(&self.pipeline), Arc::clone(&self.pulls));
-        let start = move || {
-            pipeline.metrics.build_started();
-            async move {
-                let result = pipeline.build_once_everywhere(&job).await.map_err(Arc::new);
-                trim_heap();
-                pipeline.metrics.build_ended(result.is_ok());
-                match (&result, &job.cache_key) {
-                    (Err(error), _) => note_failure(&pipeline.activity, &job, error),
-                    (Ok(_), Some(key)) => {
-                        if let Err(error) = pulls.built(key).await {
-                            tracing::warn!(%error, "could not record when an image was built");
-                        }
+        let start = move || async move {
+            let result = pipeline.build_once_everywhere(&job).await.map_err(Arc::new);
+            trim_heap();
+            match (&result, &job.cache_key) {
+                (Err(error), _) => note_failure(&pipeline.activity, &job, error),
+                (Ok(_), Some(key)) => {
+                    if let Err(error) = pulls.built(key).await {
+                        tracing::warn!(%error, "could not record when an image was built");
                     }
-                    (Ok(_), None) => {}
                 }
-                result
+                (Ok(_), None) => {}
             }
+            result
         };
         self.flights
             .join(key, client, start)
