@@ -197,6 +197,10 @@ async fn run(
     }
     delete_records(storage, &records, lease).await?;
     say(&format!("gc: deleted {} records", report.records_deleted));
+    let temporary = storage.remove_stale_temp_files("").await?;
+    if temporary > 0 {
+        say(&format!("gc: deleted {temporary} temporary files of killed writes"));
+    }
 
     if let Some(held) = lease.as_mut() {
         held.settle().await?;
