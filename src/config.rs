@@ -323,6 +323,10 @@ pub struct ServeArgs {
     /// more get 429 TOOMANYREQUESTS.
     #[arg(long, env = "NIXERY_CLIENT_BUILDS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
     client_builds: u16,
+    /// New images one client may start per minute, and at once after a
+    /// minute without; more get 429 TOOMANYREQUESTS until its next one.
+    #[arg(long, env = "NIXERY_CLIENT_BUILD_RATE", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=60_000))]
+    client_build_rate: u32,
     /// Seconds a new connection has to send its first request's headers; a
     /// slower one is disconnected.
     #[arg(long, env = "NIXERY_HEADER_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
@@ -487,6 +491,7 @@ pub struct ServeConfig {
     pub signing_identity: Option<String>,
     pub max_packages: usize,
     pub builds_per_client: usize,
+    pub client_build_rate: u32,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     /// `None`: derived from the open-file limit.
@@ -562,6 +567,7 @@ impl ServeArgs {
             signing_identity: signing_identity(self.signing_key.is_some(), self.signing_identity.as_deref())?,
             max_packages: self.max_packages.into(),
             builds_per_client: self.client_builds.into(),
+            client_build_rate: self.client_build_rate,
             header_timeout: Duration::from_secs(self.header_timeout),
             idle_timeout: Duration::from_secs(self.idle_timeout),
             max_connections: self.max_connections.map(|n| n as usize),

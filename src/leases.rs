@@ -12,6 +12,18 @@
 //! from a newer object that the lease was taken over meanwhile. The winner
 //! of a new object deletes the older ones, so at most two are left.
 //!
+//! A lease whose work left nothing else in storage (a build that failed)
+//! is ended: released, then its objects deleted, so that it leaves nothing
+//! either; `nixery gc` deletes the series that are released or expired the
+//! same way. Ending restarts the series: a taker that listed it before the
+//! deletion creates the next object, one that lists it after creates the
+//! first, and both may succeed, so two hold the lease at once. For a build
+//! lease that costs one build more of the image (the same bytes; blobs are
+//! written only where nothing is, records are the same), as when a holder
+//! too slow to renew is taken over; the holder of the lower object learns
+//! it at its next renewal. Object keys are [`SEQ_DIGITS`] digits; anything
+//! else listed there (a temporary file of a folder's write) is no object.
+//!
 //! A store that cannot create conditionally (some S3 services) has no
 //! leases: [`Take::Unsupported`].
 
@@ -22,6 +34,8 @@ use bytes::Bytes;
 use crate::storage::{Created, Storage, StorageError};
 
 const PREFIX: &str = "leases";
+/// The digits of an object's sequence number in its key.
+const SEQ_DIGITS: usize = 20;
 
 /// A lease object's contents.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -126,13 +140,13 @@ impl Leases {
         let Some(seq) = self.seqs(name).await?.into_iter().max() else {
             return Ok(None);
         };
-        // Gone since the listing: deleted by a newer taker, who holds it.
+        // Gone since the listing: deleted by a newer taker, who holds it,
+        // or by its holder ending it (then free a moment later).
         Ok(Some((seq, self.read(name, seq).await?.unwrap_or_else(unknown_holder))))
     }
 
     async fn seqs(&self, name: &str) -> Result<Vec<u64>, StorageError> {
-        let listed = self.storage.list_records_meta(&format!("{PREFIX}/{name}")).await?;
-        Ok(listed.iter().filter_map(|l| l.key.parse().ok()).collect())
+        seqs(&self.storage, name).await
     }
 
     async fn read(&self, name: &str, seq: u64) -> Result<Option<State>, StorageError> {
@@ -145,11 +159,11 @@ impl Lease {
     /// Extends the lease by its time to live, with `phase`; `false` if it
     /// was taken over meanwhile (it had expired), when it is no longer ours.
     pub async fn renew(&mut self, phase: Option<&str>) -> Result<bool, StorageError> {
-        let leases = Leases {
-            storage: self.storage.clone(),
-            holder: self.state.holder.clone(),
-        };
-        if leases.seqs(&self.name).await?.into_iter().any(|seq| seq > self.seq) {
+        if seqs(&self.storage, &self.name)
+            .await?
+            .into_iter()
+            .any(|seq| seq > self.seq)
+        {
             return Ok(false);
         }
         self.state.expires_ms = unix_ms() + self.ttl.as_millis() as u64;
@@ -162,6 +176,18 @@ impl Lease {
     pub async fn release(mut self) -> Result<(), StorageError> {
         self.state.released = true;
         self.write().await
+    }
+
+    /// Releases the lease and deletes its objects (ours and any older
+    /// one; a newer one is someone else's), leaving nothing of it in
+    /// storage. See the module's doc for a taker at that moment.
+    pub async fn end(self) -> Result<(), StorageError> {
+        let (storage, name, seq) = (self.storage.clone(), self.name.clone(), self.seq);
+        self.release().await?;
+        for older in seqs(&storage, &name).await?.into_iter().filter(|&s| s <= seq) {
+            storage.delete_record(&object(&name, older)).await?;
+        }
+        Ok(())
     }
 
     /// How long the lease lasts from a renewal.
@@ -177,7 +203,7 @@ impl Lease {
 }
 
 /// The state of an object deleted between listing and reading it: held by
-/// the newer taker who deleted it, for a moment at least.
+/// the newer taker who deleted it, for a moment at least (or ended).
 fn unknown_holder() -> State {
     State {
         holder: "unknown".into(),
@@ -187,8 +213,20 @@ fn unknown_holder() -> State {
     }
 }
 
+/// The sequence numbers of the lease `name`'s objects in storage.
+async fn seqs(storage: &Storage, name: &str) -> Result<Vec<u64>, StorageError> {
+    let listed = storage.list_records_meta(&format!("{PREFIX}/{name}")).await?;
+    Ok(listed.iter().filter_map(|l| seq_of(&l.key)).collect())
+}
+
+/// The sequence number an object's key holds, if it is one.
+fn seq_of(key: &str) -> Option<u64> {
+    let digits = key.len() == SEQ_DIGITS && key.bytes().all(|b| b.is_ascii_digit());
+    digits.then(|| key.parse().ok()).flatten()
+}
+
 fn object(name: &str, seq: u64) -> String {
-    format!("{PREFIX}/{name}/{seq:020}")
+    format!("{PREFIX}/{name}/{seq:0SEQ_DIGITS$}")
 }
 
 fn encode(state: &State) -> Bytes {
@@ -251,5 +289,30 @@ mod tests {
             .count();
         assert_eq!(winners, 1, "exactly one takes it over");
         assert!(!lease.renew(None).await.unwrap(), "the old holder lost it");
+    }
+
+    #[tokio::test]
+    async fn an_ended_lease_leaves_nothing_and_can_be_taken_again() {
+        let (a, b, dir) = leases().await;
+        let ttl = Duration::from_secs(60);
+        let (first, _) = held(a.take("build/x", ttl, None).await.unwrap());
+        first.release().await.unwrap();
+        let (second, _) = held(a.take("build/x", ttl, None).await.unwrap());
+        second.end().await.unwrap();
+        assert_eq!(a.seqs("build/x").await.unwrap(), Vec::<u64>::new());
+        let folder = dir.path().join("cache/leases/build/x");
+        let left = std::fs::read_dir(&folder).map_or(0, |files| files.count());
+        assert_eq!(left, 0, "no object of the series is left in {folder:?}");
+        let (_lease, took_over) = held(b.take("build/x", ttl, None).await.unwrap());
+        assert!(!took_over, "an ended lease is free");
+    }
+
+    #[test]
+    fn only_sequence_numbers_are_objects() {
+        assert_eq!(seq_of("00000000000000000003"), Some(3));
+        assert_eq!(seq_of("00000000000000000003#1"), None, "a folder's temporary file");
+        assert_eq!(seq_of("3"), None);
+        assert_eq!(seq_of("0000000000000000000x"), None);
+        assert_eq!(object("gc", 3), "leases/gc/00000000000000000003");
     }
 }

@@ -359,6 +359,7 @@ async fn open(config: ServeConfig) -> anyhow::Result<AppState> {
         entrypoint: config.entrypoint,
         max_packages: config.max_packages,
         builds_per_client: config.builds_per_client,
+        client_build_rate: config.client_build_rate,
         lease_ttl: config.lease_ttl,
         builder_id: config.builder_id,
         signer: config.signer.clone(),

@@ -160,6 +160,61 @@ fn a_client_may_start_only_so_many_builds_at_once() {
 }
 
 #[test]
+fn a_client_may_start_only_so_many_new_images_a_minute() {
+    let registry = Registry::start_with(&[("NIXERY_CLIENT_BUILD_RATE", "6")]);
+    for i in 0..6 {
+        let missing = registry.get(&format!("/v2/nosuchpackage{i}/manifests/latest"));
+        assert_eq!(missing.status, 404, "new images within the rate start");
+    }
+    let refused = registry.get("/v2/hello/manifests/latest");
+    assert_eq!(
+        (refused.status, refused.error_code().as_str()),
+        (429, "TOOMANYREQUESTS")
+    );
+    let wait: u64 = refused.header("retry-after").parse().unwrap();
+    assert!((1..=10).contains(&wait), "the next token comes within 60 s / 6: {wait}");
+    let message = refused.json()["errors"][0]["message"].as_str().unwrap().to_owned();
+    assert!(message.contains(&format!("in {wait} s")), "{message}");
+    assert_eq!(
+        registry.get("/v2/nosuchpackage0/manifests/latest").status,
+        429,
+        "a failed image is no running flight to join"
+    );
+    std::thread::sleep(Duration::from_secs(wait));
+    assert_eq!(
+        registry.get("/v2/hello/manifests/latest").status,
+        200,
+        "after the wait it builds"
+    );
+    assert_eq!(
+        registry.get("/v2/hello/manifests/latest").status,
+        200,
+        "a cached image costs no token"
+    );
+}
+
+#[test]
+fn a_failed_build_leaves_no_lease() {
+    let registry = Registry::start();
+    let missing = registry.get("/v2/nosuchpackage/manifests/latest");
+    assert_eq!(
+        (missing.status, missing.error_code().as_str()),
+        (404, "MANIFEST_UNKNOWN")
+    );
+    let leases = registry.storage().join("cache/leases/build");
+    // The lease objects, `<image key>/<seq>`.
+    let objects = || -> Vec<String> {
+        match leases.exists() {
+            true => walk(&leases).into_iter().filter(|name| name.contains('/')).collect(),
+            false => vec![],
+        }
+    };
+    assert_eq!(objects(), Vec::<String>::new(), "nothing of the build's lease is left");
+    assert_eq!(registry.get("/v2/hello/manifests/latest").status, 200);
+    assert_eq!(objects().len(), 1, "a build that recorded its image keeps its lease");
+}
+
+#[test]
 fn slow_clients_are_cut_off_and_do_not_hold_up_others() {
     let registry = Registry::start_with(&[("NIXERY_HEADER_TIMEOUT", "1")]);
     let mut slow: Vec<TcpStream> = (0..100)

@@ -375,6 +375,26 @@ fn replicas(store: &Store) {
     println!("10 pulls over two replicas: {evaluations} Nix evaluation(s), {waits} lease wait(s)");
     assert_eq!(evaluations, 1, "one Nix evaluation in all");
     assert_eq!(waits, 1, "the other replica waited once");
+    let waited = |r: &Registry| metric(r, "nixery_build_lease_waits_total") == 1;
+    let (waiter, builder) = if waited(&a) { (&a, &b) } else { (&b, &a) };
+    let builds = |r: &Registry, counter: &str| metric(r, &format!("nixery_builds_{counter}_total"));
+    assert_eq!(
+        [
+            builds(waiter, "started"),
+            builds(waiter, "finished"),
+            builds(waiter, "failed")
+        ],
+        [0, 0, 0],
+        "a replica that waits for another's build counts none of its own"
+    );
+    assert_eq!(
+        [
+            builds(builder, "started"),
+            builds(builder, "finished"),
+            builds(builder, "failed")
+        ],
+        [1, 1, 0]
+    );
     takeover(store);
 }
 

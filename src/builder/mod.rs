@@ -52,7 +52,7 @@ use crate::redact;
 use crate::source::{PackageSource, Resolved, SourceError};
 use crate::storage::{Storage, StorageError};
 use answers::{Answer, Answers};
-use flight::{Flights, ShareUsed};
+use flight::{Flights, Limits, Refused};
 
 pub use answers::Question;
 use pipeline::{BuildJob, Built, Pipeline};
@@ -100,15 +100,29 @@ pub enum BuildError {
     TooManyPackages { count: usize, max: usize },
     #[error("this client has {0} new images building already; try again when they are done")]
     TooManyBuilds(usize),
+    #[error(
+        "this client started its {per_minute} new images of the last minute; its next may start in {retry_after_secs} s"
+    )]
+    TooManyNewImages { per_minute: u32, retry_after_secs: u64 },
     #[error("{0} is missing from storage")]
     Lost(Digest),
     #[error(transparent)]
     Oci(#[from] OciError),
 }
 
-impl From<ShareUsed> for BuildError {
-    fn from(ShareUsed(count): ShareUsed) -> Self {
-        BuildError::TooManyBuilds(count)
+impl From<Refused> for BuildError {
+    fn from(refused: Refused) -> Self {
+        match refused {
+            Refused::ShareUsed(count) => BuildError::TooManyBuilds(count),
+            Refused::RateUsed {
+                per_minute,
+                retry_after,
+            } => BuildError::TooManyNewImages {
+                per_minute,
+                // Whole seconds, rounded up: a client that waits them gets its token.
+                retry_after_secs: (retry_after.as_nanos().div_ceil(1_000_000_000) as u64).max(1),
+            },
+        }
     }
 }
 
@@ -136,6 +150,9 @@ pub struct Settings {
     pub max_packages: usize,
     /// Most new images one client may have building at once.
     pub builds_per_client: usize,
+    /// New images one client may start per minute (as many at once after
+    /// a minute without).
+    pub client_build_rate: u32,
     /// How long a replica's lease on an image it builds lasts unless renewed.
     pub lease_ttl: Duration,
     /// Who the provenance names as the builder.
@@ -231,7 +248,11 @@ pub struct PlannedLayer {
 
 impl Builder {
     pub fn new(parts: Parts, settings: Settings) -> Arc<Self> {
-        let flights = Flights::new(settings.max_builds, settings.builds_per_client);
+        let limits = Limits {
+            per_client: settings.builds_per_client,
+            per_minute: settings.client_build_rate,
+        };
+        let flights = Flights::new(settings.max_builds, limits);
         let pipeline = Pipeline {
             nix: parts.nix,
             caches: Caches::new(parts.storage.clone()),
@@ -588,23 +609,19 @@ impl Builder {
     /// `client` may start one).
     async fn join_build(&self, key: &str, job: BuildJob, client: Option<Client>) -> BuildResult<Built> {
         let (pipeline, pulls) = (Arc::clone(&self.pipeline), Arc::clone(&self.pulls));
-        let start = move || {
-            pipeline.metrics.build_started();
-            async move {
-                let result = pipeline.build_once_everywhere(&job).await.map_err(Arc::new);
-                trim_heap();
-                pipeline.metrics.build_ended(result.is_ok());
-                match (&result, &job.cache_key) {
-                    (Err(error), _) => note_failure(&pipeline.activity, &job, error),
-                    (Ok(_), Some(key)) => {
-                        if let Err(error) = pulls.built(key).await {
-                            tracing::warn!(%error, "could not record when an image was built");
-                        }
+        let start = move || async move {
+            let result = pipeline.build_once_everywhere(&job).await.map_err(Arc::new);
+            trim_heap();
+            match (&result, &job.cache_key) {
+                (Err(error), _) => note_failure(&pipeline.activity, &job, error),
+                (Ok(_), Some(key)) => {
+                    if let Err(error) = pulls.built(key).await {
+                        tracing::warn!(%error, "could not record when an image was built");
                     }
-                    (Ok(_), None) => {}
                 }
-                result
+                (Ok(_), None) => {}
             }
+            result
         };
         self.flights
             .join(key, client, start)

@@ -2,8 +2,16 @@
 //! builds a new image, a replica takes the image's lease
 //! (`cache/leases/build/<image key>`, see `leases.rs`) and renews it while
 //! it builds; the others wait for the image record instead of building,
-//! and take the lease over if it expires because its holder died. A store
-//! without conditional creates has no leases, and each replica builds.
+//! and take the lease over if it expires because its holder died. A build
+//! that fails (a package that does not exist) records nothing, so it ends
+//! its lease, deleting it, rather than leave a released one that no image
+//! record leads the collector to. A store without conditional creates has
+//! no leases, and each replica builds.
+//!
+//! The build metrics count the builds this replica runs: a replica that
+//! waits for another's record counts a lease wait
+//! (`nixery_build_lease_waits_total`), not a build started, and the record
+//! it gets is neither a build finished nor one failed here.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +30,7 @@ impl Pipeline {
     /// recorded, are built here.
     pub async fn build_once_everywhere(&self, job: &BuildJob) -> Result<Built, BuildError> {
         let Some(key) = job.cache_key.as_deref() else {
-            return self.build(job).await;
+            return self.build_counted(job).await;
         };
         let name = format!("build/{key}");
         let mut waited = false;
@@ -46,25 +54,40 @@ impl Pipeline {
                     }
                     tokio::time::sleep(POLL).await;
                 }
-                Ok(Take::Unsupported) => return self.build(job).await,
+                Ok(Take::Unsupported) => return self.build_counted(job).await,
                 Err(error) => {
                     tracing::warn!(image = %job.request, %error, "could not take the image's build lease: building without it");
-                    return self.build(job).await;
+                    return self.build_counted(job).await;
                 }
             }
         }
     }
 
-    /// Builds while holding the image's lease, renewing it, then releases it.
+    /// Builds while holding the image's lease, renewing it, then releases
+    /// it, or ends it when the build recorded nothing.
     async fn build_holding(&self, job: &BuildJob, key: &str, mut lease: Lease) -> Result<Built, BuildError> {
         // Another replica may have recorded it between the look and the take.
-        let result = match self.recorded(key).await? {
-            Some(built) => Ok(built),
-            None => self.renewing(&mut lease, self.build(job)).await,
+        let result = match self.recorded(key).await {
+            Ok(Some(built)) => Ok(built),
+            Ok(None) => self.renewing(&mut lease, self.build_counted(job)).await,
+            Err(error) => Err(error),
         };
-        if let Err(error) = lease.release().await {
+        let given_back = match result {
+            Ok(_) => lease.release().await,
+            Err(_) => lease.end().await,
+        };
+        if let Err(error) = given_back {
             tracing::warn!(image = %job.request, %error, "could not release the image's build lease; it expires");
         }
+        result
+    }
+
+    /// Builds `job`'s image here, counted as a build started and as one
+    /// finished or failed.
+    async fn build_counted(&self, job: &BuildJob) -> Result<Built, BuildError> {
+        self.metrics.build_started();
+        let result = self.build(job).await;
+        self.metrics.build_ended(result.is_ok());
         result
     }
 

@@ -197,6 +197,10 @@ async fn run(
     }
     delete_records(storage, &records, lease).await?;
     say(&format!("gc: deleted {} records", report.records_deleted));
+    let temporary = storage.remove_stale_temp_files("").await?;
+    if temporary > 0 {
+        say(&format!("gc: deleted {temporary} temporary files of killed writes"));
+    }
 
     if let Some(held) = lease.as_mut() {
         held.settle().await?;
@@ -322,15 +326,7 @@ async fn records_going(
                 .map(|o| format!("{kind}/{}", o.key)),
         );
     }
-    // Build leases go with their image, and those of builds that recorded
-    // nothing (they failed) once older than the grace.
-    for lease in storage.list_records_meta("leases/build").await? {
-        let image = lease.key.split('/').next().unwrap_or_default();
-        let orphan = !image_keys.contains(image) && lease.modified < cutoff;
-        if dropped.contains(image) || orphan {
-            records.push(format!("leases/build/{}", lease.key));
-        }
-    }
+    records.extend(build_leases_going(storage, &image_keys, &dropped).await?);
     let layers = read_all(storage, "layers", |bytes| {
         serde_json::from_slice::<LayerDigests>(bytes).ok()
     })
@@ -347,6 +343,40 @@ async fn records_going(
     // killed after them leaves only records nothing reads.
     records.sort_by_key(|r| !r.starts_with("images/"));
     Ok(records)
+}
+
+/// The objects of build leases that go: those of dropped images, and the
+/// series of builds that recorded nothing (they failed, or their replica
+/// was killed; left by versions that did not end such leases) once
+/// released or expired. A series taken again meanwhile keeps the object
+/// its new holder made, which the listing did not see.
+async fn build_leases_going(
+    storage: &Storage,
+    image_keys: &HashSet<&str>,
+    dropped: &HashSet<&str>,
+) -> Result<Vec<String>, StorageError> {
+    let mut series: HashMap<String, Vec<String>> = HashMap::new();
+    for lease in storage.list_records_meta("leases/build").await? {
+        let Some((image, object)) = lease.key.split_once('/') else {
+            continue;
+        };
+        series.entry(image.to_owned()).or_default().push(object.to_owned());
+    }
+    let leases = Leases::new(storage.clone());
+    let mut going = Vec::new();
+    for (image, objects) in series {
+        let unrecorded = !image_keys.contains(image.as_str());
+        if dropped.contains(image.as_str()) || (unrecorded && !live(&leases, &image).await?) {
+            going.extend(objects.iter().map(|object| format!("leases/build/{image}/{object}")));
+        }
+    }
+    Ok(going)
+}
+
+/// Whether the build lease of `image` is held now.
+async fn live(leases: &Leases, image: &str) -> Result<bool, StorageError> {
+    let state = leases.current(&format!("build/{image}")).await?;
+    Ok(state.is_some_and(|state| state.live()))
 }
 
 /// Deletes `records`, in their order, while the lease holds.
@@ -590,5 +620,42 @@ mod tests {
         let line = Report::default().line();
         assert!(line.starts_with("gc dry_run=false "));
         assert!(!line.contains('\n'));
+    }
+
+    #[tokio::test]
+    async fn build_leases_of_no_image_go_once_released_or_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::filesystem(dir.path()).await.unwrap();
+        let leases = Leases::new(storage.clone());
+        let hour = Duration::from_secs(3600);
+        let held = |take| match take {
+            Take::Held { lease, .. } => *lease,
+            other => panic!("{other:?}"),
+        };
+        held(leases.take("build/failed", hour, None).await.unwrap())
+            .release()
+            .await
+            .unwrap();
+        let _killed = held(
+            leases
+                .take("build/killed", Duration::from_millis(1), None)
+                .await
+                .unwrap(),
+        );
+        let _running = held(leases.take("build/running", hour, None).await.unwrap());
+        let _kept = held(leases.take("build/kept", hour, None).await.unwrap());
+        let _dropped = held(leases.take("build/dropped", hour, None).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let images = HashSet::from(["kept", "dropped"]);
+        let mut going = build_leases_going(&storage, &images, &HashSet::from(["dropped"]))
+            .await
+            .unwrap();
+        going.sort();
+        let object = |image: &str| format!("leases/build/{image}/00000000000000000001");
+        assert_eq!(
+            going,
+            [object("dropped"), object("failed"), object("killed")],
+            "a build still running keeps its lease, and so does a kept image"
+        );
     }
 }

@@ -10,7 +10,8 @@
 //!    decides from the records what is kept;
 //! 2. it deletes records first: dropped image records (and their plans,
 //!    last-pull records and build leases), indexes that name a dropped
-//!    manifest, and the layer records of blobs it will delete. From then on
+//!    manifest, and the layer records of blobs it will delete (and, in a
+//!    folder, the temporary files of writes killed half-way). From then on
 //!    no builder finds those layers packed;
 //! 3. it marks its lease `sweeping` and waits [`SETTLE`], twice the
 //!    builder's window ([`guard::WINDOW`]);

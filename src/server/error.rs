@@ -19,8 +19,9 @@ use crate::reference::NameError;
 use crate::source::{LATEST, SourceError};
 use crate::storage::StorageError;
 
-/// Seconds a client should wait after storage was unavailable.
-const RETRY_AFTER_SECONDS: &str = "5";
+/// Seconds a client should wait after storage was unavailable, or after
+/// its share of builds was used up.
+const RETRY_AFTER_SECONDS: u64 = 5;
 
 /// A registry error: a status and the spec's JSON envelope.
 #[derive(Debug)]
@@ -30,8 +31,8 @@ pub struct RegistryError {
     message: String,
     detail: serde_json::Value,
     content_range: Option<String>,
-    /// Tell the client when to try again.
-    retry_after: bool,
+    /// Seconds after which the client should try again.
+    retry_after: Option<u64>,
 }
 
 impl RegistryError {
@@ -42,7 +43,7 @@ impl RegistryError {
             message: message.into(),
             detail: json!(null),
             content_range: None,
-            retry_after: false,
+            retry_after: None,
         }
     }
 
@@ -99,7 +100,7 @@ impl RegistryError {
             "UNAVAILABLE",
             format!("storage is unavailable: {error}"),
         );
-        e.retry_after = true;
+        e.retry_after = Some(RETRY_AFTER_SECONDS);
         e
     }
 
@@ -136,13 +137,18 @@ impl From<&BuildError> for RegistryError {
                     "UNAVAILABLE",
                     format!("storage is full: {io}"),
                 );
-                e.retry_after = true;
+                e.retry_after = Some(RETRY_AFTER_SECONDS);
                 e
             }
             BuildError::TooManyPackages { .. } => Self::new(StatusCode::BAD_REQUEST, "NAME_INVALID", error.to_string()),
             BuildError::TooManyBuilds(_) => {
                 let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", error.to_string());
-                e.retry_after = true;
+                e.retry_after = Some(RETRY_AFTER_SECONDS);
+                e
+            }
+            BuildError::TooManyNewImages { retry_after_secs, .. } => {
+                let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", error.to_string());
+                e.retry_after = Some(*retry_after_secs);
                 e
             }
             BuildError::Nix(nix @ (NixError::Eval { packages, .. } | NixError::Build { packages, .. })) => {
@@ -205,10 +211,10 @@ impl IntoResponse for RegistryError {
                 .headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         }
-        if self.retry_after {
+        if let Some(seconds) = self.retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         if let Some(range) = self.content_range {
             response

@@ -99,6 +99,7 @@ pub(crate) async fn served(auth: Option<Auth>, pages: Router<Arc<AppState>>) -> 
         entrypoint: true,
         max_packages: 20,
         builds_per_client: 1,
+        client_build_rate: 30,
         lease_ttl: std::time::Duration::from_secs(30),
         builder_id: "urn:nixery:test".into(),
         signer: None,

@@ -22,7 +22,12 @@
 //! way (conditionally, or after a check where the store cannot).
 //!
 //! A crash leaves at most garbage under `staging/`, never a wrong blob at an
-//! address; staging objects older than an hour are deleted at start.
+//! address; staging objects older than an hour are deleted at start. In a
+//! folder, a write killed half-way also leaves object_store's temporary
+//! file beside its object (`<name>#<n>`, which listings skip): those older
+//! than an hour go too, under `cache/leases/` at start (a lease's renewal
+//! is the write a killed `nixery gc` was most likely in) and under all of
+//! `cache/` at each collection.
 
 mod backend;
 mod blob_cache;
@@ -217,6 +222,7 @@ impl Storage {
         tokio::fs::create_dir_all(storage.spool_dir()).await?;
         storage.ensure_layout().await?;
         storage.remove_stale_staging().await?;
+        storage.remove_stale_temp_files("leases").await?;
         Ok(storage)
     }
 
@@ -348,6 +354,22 @@ impl Storage {
             tracing::info!(count = stale.len(), "deleted stale staging objects");
         }
         Ok(())
+    }
+
+    /// In a folder, deletes the temporary files of writes killed half-way
+    /// below the records' `prefix` (`""`: all of them) that are older than
+    /// [`STALE`]; how many.
+    pub async fn remove_stale_temp_files(&self, prefix: &str) -> Result<usize, StorageError> {
+        let Some(root) = &self.folder else { return Ok(0) };
+        let dir = root.join(record_path(prefix).as_ref());
+        let cutoff = SystemTime::now() - STALE;
+        let removed = tokio::task::spawn_blocking(move || remove_temp_files(&dir, cutoff))
+            .await
+            .expect("the walk does not panic")?;
+        if removed > 0 {
+            tracing::info!(count = removed, "deleted the temporary files of killed writes");
+        }
+        Ok(removed)
     }
 
     /// Whether storage answers: its `oci-layout` file can be read.
@@ -618,6 +640,37 @@ fn remove_stale_files(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Removes the temporary files below `dir` last written before `cutoff`;
+/// how many. Entries that vanish meanwhile (a record deleted) are skipped.
+fn remove_temp_files(dir: &Path, cutoff: SystemTime) -> io::Result<usize> {
+    let entries = match std::fs::read_dir(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        entries => entries?,
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry?;
+        let Ok(meta) = entry.metadata() else { continue };
+        if meta.is_dir() {
+            removed += remove_temp_files(&entry.path(), cutoff)?;
+        } else if is_temp_file(&entry.file_name().to_string_lossy()) && meta.modified()? < cutoff {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// Whether `name` is that of object_store's temporary file for a write to
+/// a folder (`<name>#<digits>`), which listings leave out.
+fn is_temp_file(name: &str) -> bool {
+    name.rsplit_once('#')
+        .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// A blob being written to a staging file, until [`Storage::commit`].
 /// Dropped uncommitted, the file is removed.
 pub struct StagedBlob {
@@ -782,6 +835,38 @@ mod tests {
         Storage::filesystem(dir.path()).await.unwrap();
         assert!(!old.exists(), "a killed build's leftover is deleted");
         assert!(new.exists(), "a running build's file is kept");
+    }
+
+    #[tokio::test]
+    async fn temporary_files_of_killed_writes_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::filesystem(dir.path()).await.unwrap();
+        storage
+            .put_record("leases/gc/00000000000000000003", Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        storage.put_record("images/k", Bytes::from_static(b"{}")).await.unwrap();
+        let cache = dir.path().join("cache");
+        let old = |path: &str| {
+            let path = cache.join(path);
+            std::fs::write(&path, b"half").unwrap();
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(SystemTime::now() - 2 * STALE).unwrap();
+            path
+        };
+        let (lease, record) = (old("leases/gc/00000000000000000003#1"), old("images/k#1"));
+        let (young, named) = (cache.join("leases/gc/00000000000000000003#2"), old("images/k#v1"));
+        std::fs::write(&young, b"half").unwrap();
+        let listed = storage.list_records("leases/gc").await.unwrap();
+        assert_eq!(listed, ["00000000000000000003"], "listings leave them out");
+        Storage::filesystem(dir.path()).await.unwrap();
+        assert!(!lease.exists(), "a start deletes a killed lease write's file");
+        assert!(record.exists() && young.exists());
+        assert_eq!(storage.remove_stale_temp_files("").await.unwrap(), 1);
+        assert!(!record.exists(), "a collection deletes those of every record");
+        assert!(young.exists(), "a running write's file is kept");
+        assert!(named.exists(), "a record whose name has a '#' is no temporary file");
+        assert!(cache.join("images/k").exists());
     }
 
     #[tokio::test]
