@@ -15,7 +15,7 @@ mod common;
 use std::io::Read;
 use std::path::Path;
 
-use common::{Registry, request, run};
+use common::{Registry, request};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// The token pulls show.
@@ -160,18 +160,7 @@ fn builds_reach_none_of_the_registry_secrets() {
 fn snoop_with(nix_config: &str) {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("signing.pem");
-    run(
-        "openssl",
-        &[
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-out",
-            key.to_str().unwrap(),
-        ],
-    );
+    common::signing_key(&key);
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, format!("{TOKEN}\n")).unwrap();
     let credentials = dir.path().join("gcs.json");

@@ -57,22 +57,17 @@ impl Address for Proxy {
 /// A new P-256 key in `dir`: the private key's path and the public key's.
 fn key(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     let (private, public) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.pub")));
-    let private_arg = private.to_str().unwrap();
+    common::signing_key(&private);
     run(
         "openssl",
         &[
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
+            "pkey",
+            "-in",
+            private.to_str().unwrap(),
+            "-pubout",
             "-out",
-            private_arg,
+            public.to_str().unwrap(),
         ],
-    );
-    run(
-        "openssl",
-        &["pkey", "-in", private_arg, "-pubout", "-out", public.to_str().unwrap()],
     );
     (private, public)
 }

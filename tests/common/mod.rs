@@ -494,6 +494,22 @@ pub fn skopeo_copy(source: &str, destination: &str) {
     run("skopeo", &["copy", "--src-tls-verify=false", source, destination]);
 }
 
+/// Writes a new PEM P-256 private key (PKCS#8) at `path`, as the README's
+/// `openssl genpkey` makes one.
+pub fn signing_key(path: &Path) {
+    let path = path.to_str().unwrap();
+    let args = [
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        path,
+    ];
+    run("openssl", &args);
+}
+
 pub fn sha256(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
