@@ -59,9 +59,11 @@ pub struct Signing {
 impl Signing {
     /// Notes that a tag of `name` resolved here to `documents` (a manifest,
     /// or an index and the manifests it names): these pairs may be signed.
+    /// A pair noted already is only looked up, so that a cached pull
+    /// writes nothing here.
     pub fn note_resolved<'a>(&self, name: &str, documents: impl IntoIterator<Item = &'a Digest>) {
         for digest in documents {
-            self.resolved.insert(pair(name, digest), ());
+            self.resolved.entry(pair(name, digest)).or_insert(());
         }
     }
 

@@ -337,6 +337,27 @@ fn created() -> std::collections::HashMap<String, String> {
     std::collections::HashMap::from([(CREATED_ANNOTATION.to_owned(), CREATED.to_owned())])
 }
 
+/// What an artifact manifest (as [`artifact`] writes it) names: its
+/// config, and its one layer with that layer's media type.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ArtifactParts {
+    pub config: Digest,
+    pub layer: Digest,
+    pub layer_type: String,
+}
+
+/// The parts of the artifact manifest `bytes`; `None` if it is none.
+pub fn artifact_parts(bytes: &[u8]) -> Option<ArtifactParts> {
+    let artifact: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let digest = |value: &serde_json::Value| value["digest"].as_str()?.parse::<Digest>().ok();
+    let layer = &artifact["layers"][0];
+    Some(ArtifactParts {
+        config: digest(&artifact["config"])?,
+        layer: digest(layer)?,
+        layer_type: layer["mediaType"].as_str()?.to_owned(),
+    })
+}
+
 /// The media type a stored manifest declares, if the bytes are a manifest
 /// or index of a type this registry serves.
 pub fn manifest_media_type(bytes: &[u8]) -> Option<&'static str> {
@@ -529,6 +550,13 @@ mod tests {
             artifact,
             super::artifact("application/spdx+json", &blob, &subject).unwrap()
         );
+        let parts = artifact_parts(&artifact.bytes).unwrap();
+        assert_eq!(
+            (parts.layer, parts.layer_type.as_str()),
+            (document.digest.clone(), "application/spdx+json")
+        );
+        assert_eq!(parts.config, Digest::of(EMPTY_JSON));
+        assert_eq!(artifact_parts(b"{}"), None);
     }
 
     #[test]

@@ -71,34 +71,30 @@ impl Pipeline {
             let Some(bytes) = self.storage.read_small_blob(&referrer.digest).await? else {
                 return Ok(None);
             };
-            let artifact: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-            let layer = &artifact["layers"][0];
-            let digest = |value: &serde_json::Value| value["digest"].as_str().and_then(|d| d.parse::<Digest>().ok());
-            let (Some(config), Some(blob)) = (digest(&artifact["config"]), digest(layer)) else {
+            let Some(parts) = oci::artifact_parts(&bytes) else {
                 return Ok(None);
             };
-            if referrer.artifact_type == IN_TOTO && !self.provenance_stands(layer, &blob).await? {
+            if referrer.artifact_type == IN_TOTO && !self.provenance_stands(&parts).await? {
                 return Ok(None);
             }
-            if self.storage.blob_size(&blob).await?.is_none() {
+            if self.storage.blob_size(&parts.layer).await?.is_none() {
                 return Ok(None);
             }
-            blobs.extend([referrer.digest.clone(), config, blob]);
+            blobs.extend([referrer.digest.clone(), parts.config, parts.layer]);
         }
         Ok(Some(blobs))
     }
 
-    /// Whether a provenance layer (`blob`) is what this registry writes
+    /// Whether a provenance artifact's layer is what this registry writes
     /// now: a DSSE envelope its key signed, or without a key a statement.
-    async fn provenance_stands(&self, layer: &serde_json::Value, blob: &Digest) -> Result<bool, BuildError> {
-        let media_type = layer["mediaType"].as_str().unwrap_or_default();
+    async fn provenance_stands(&self, parts: &oci::ArtifactParts) -> Result<bool, BuildError> {
         let Some(signer) = &self.settings.signer else {
-            return Ok(media_type == IN_TOTO);
+            return Ok(parts.layer_type == IN_TOTO);
         };
-        if media_type != signing::DSSE_ENVELOPE {
+        if parts.layer_type != signing::DSSE_ENVELOPE {
             return Ok(false);
         }
-        let envelope = self.storage.read_small_blob(blob).await?;
+        let envelope = self.storage.read_small_blob(&parts.layer).await?;
         Ok(envelope.is_some_and(|envelope| signer.signed_envelope(&envelope)))
     }
 

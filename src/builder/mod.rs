@@ -77,13 +77,6 @@ pub struct Resolution {
     pub bytes: Option<Bytes>,
 }
 
-/// What storage has of a document.
-enum Stored {
-    Bytes(Bytes),
-    Present,
-    Lost,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error(transparent)]
@@ -383,13 +376,9 @@ impl Builder {
         if self.source.revision(tag).await.ok()?? != answer.revision {
             return None;
         }
-        let bytes = match self.stored(&answer.record.digest, want).await.ok()? {
-            Stored::Bytes(bytes) => Some(bytes),
-            Stored::Present => None,
-            Stored::Lost => {
-                self.document_missing(&answer.record.digest).await;
-                return None;
-            }
+        let Some(bytes) = self.stored(&answer.record.digest, want).await.ok()? else {
+            self.document_missing(&answer.record.digest).await;
+            return None;
         };
         for mark in &answer.marks {
             mark.pulled();
@@ -439,29 +428,25 @@ impl Builder {
         want: Want,
     ) -> BuildResult<Result<Resolution, Digest>> {
         let (record, manifests) = self.resolve(request, choice, client, question).await?;
-        let bytes = match self.stored(&record.digest, want).await? {
-            Stored::Bytes(bytes) => Some(bytes),
-            Stored::Present => None,
-            Stored::Lost => return Ok(Err(record.digest)),
-        };
-        Ok(Ok(Resolution {
-            record,
-            manifests,
-            bytes,
-        }))
+        Ok(match self.stored(&record.digest, want).await? {
+            Some(bytes) => Ok(Resolution {
+                record,
+                manifests,
+                bytes,
+            }),
+            None => Err(record.digest),
+        })
     }
 
-    /// Whether the document `digest` is stored, and its bytes for [`Want::Bytes`].
-    async fn stored(&self, digest: &Digest, want: Want) -> BuildResult<Stored> {
+    /// `None` when storage lost the document `digest`; else its bytes for
+    /// [`Want::Bytes`], nothing for [`Want::Presence`].
+    async fn stored(&self, digest: &Digest, want: Want) -> BuildResult<Option<Option<Bytes>>> {
         let storage = &self.pipeline.storage;
         let stored = match want {
-            Want::Bytes => storage.read_small_blob(digest).await.map(|b| b.map(Stored::Bytes)),
-            Want::Presence => storage
-                .has_small_blob(digest)
-                .await
-                .map(|there| there.then_some(Stored::Present)),
+            Want::Bytes => storage.read_small_blob(digest).await.map(|b| b.map(Some)),
+            Want::Presence => storage.has_small_blob(digest).await.map(|there| there.then_some(None)),
         };
-        Ok(stored.map_err(|e| Arc::new(e.into()))?.unwrap_or(Stored::Lost))
+        stored.map_err(|e| Arc::new(e.into()))
     }
 
     /// Forgets the answers and records in memory that name `document`, a
@@ -683,9 +668,8 @@ impl Builder {
             let Some(bytes) = self.pipeline.storage.read_small_blob(&referrer.digest).await? else {
                 continue;
             };
-            let artifact: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-            if let Some(blob) = artifact["layers"][0]["digest"].as_str().and_then(|d| d.parse().ok()) {
-                view.documents.push((referrer.artifact_type, blob));
+            if let Some(parts) = oci::artifact_parts(&bytes) {
+                view.documents.push((referrer.artifact_type, parts.layer));
             }
         }
         Ok(())

@@ -466,26 +466,24 @@ impl Storage {
     }
 
     /// The bytes of a blob a client asked for as a document (a manifest or
-    /// index by digest): `None` if there is none, it has more than `limit`
-    /// bytes, or `is_document` says it is no document. Only documents are
-    /// kept in memory.
+    /// index by digest): `None` if there is none, or it has more than
+    /// `limit` bytes. A folder's are kept in memory only if `is_document`
+    /// says they are one, so other blobs hold no file open; the caller
+    /// still tells what the bytes are.
     pub async fn read_document(
         &self,
         digest: &Digest,
         limit: u64,
-        is_document: impl Fn(&[u8]) -> bool,
+        is_document: impl FnOnce(&[u8]) -> bool,
     ) -> Result<Option<Bytes>, StorageError> {
-        let bytes = match &self.folder {
-            Some(root) => {
-                let path = || folder_blob(root, digest);
-                (self.documents.read(digest, path, Some(limit), &is_document)).await?
-            }
-            None => match self.blob_size(digest).await? {
-                Some(size) if size <= limit => self.get(&blob_path(digest)).await?,
-                _ => None,
-            },
-        };
-        Ok(bytes.filter(|bytes| is_document(bytes)))
+        if let Some(root) = &self.folder {
+            let path = || folder_blob(root, digest);
+            return self.documents.read(digest, path, Some(limit), is_document).await;
+        }
+        match self.blob_size(digest).await? {
+            Some(size) if size <= limit => self.get(&blob_path(digest)).await,
+            _ => Ok(None),
+        }
     }
 
     /// Whether a small blob (a manifest or an index) is at its address: for
